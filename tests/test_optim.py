@@ -1,0 +1,70 @@
+"""LARS against hand-computed steps, the learning-rate schedule, the optimizer choices."""
+import argparse
+import math
+
+import pytest
+import torch
+
+from simclr import LARS, cosine_schedule, make_optimizer
+
+
+def test_lars_hand_computed_two_steps():
+    w = torch.nn.Parameter(torch.tensor([[3.0, 4.0]], dtype=torch.float64))  # ||w|| = 5
+    b = torch.nn.Parameter(torch.tensor([1.0], dtype=torch.float64))
+    opt = LARS([w, b], lr=0.5, momentum=0.9, weight_decay=0.1, eta=0.001)
+    w.grad = torch.tensor([[0.6, 0.8]], dtype=torch.float64)
+    b.grad = torch.tensor([0.5], dtype=torch.float64)
+    opt.step()
+    # Weight: u = g + 0.1 w = (0.9, 1.2), ||u|| = 1.5, trust ratio 0.001 * 5 / 1.5 = 1/300,
+    # momentum buffer = u / 300 = (0.003, 0.004), w <- w - 0.5 * buffer.
+    assert torch.allclose(w, torch.tensor([[2.9985, 3.998]], dtype=torch.float64), atol=1e-12)
+    # Bias (1-D): no weight decay, no trust ratio: plain SGD momentum.
+    assert torch.allclose(b, torch.tensor([0.75], dtype=torch.float64), atol=1e-12)
+    opt.step()  # same gradients again
+    u = [0.6 + 0.1 * 2.9985, 0.8 + 0.1 * 3.998]
+    ratio = 0.001 * math.hypot(2.9985, 3.998) / math.hypot(*u)
+    mu = [0.9 * 0.003 + ratio * u[0], 0.9 * 0.004 + ratio * u[1]]
+    expected = [2.9985 - 0.5 * mu[0], 3.998 - 0.5 * mu[1]]
+    assert torch.allclose(w, torch.tensor([expected], dtype=torch.float64), atol=1e-12)
+    assert torch.allclose(b, torch.tensor([0.75 - 0.5 * (0.9 * 0.5 + 0.5)], dtype=torch.float64), atol=1e-12)
+
+
+def test_lars_zero_weight_uses_ratio_one():
+    w = torch.nn.Parameter(torch.zeros(2, 2))
+    opt = LARS([w], lr=1.0, momentum=0.0, weight_decay=0.0, eta=0.001)
+    w.grad = torch.ones(2, 2)
+    opt.step()
+    assert torch.allclose(w, -torch.ones(2, 2))
+
+
+def test_lars_state_round_trip():
+    w = torch.nn.Parameter(torch.randn(3, 3))
+    opt = LARS([w], lr=0.1)
+    w.grad = torch.randn(3, 3)
+    opt.step()
+    opt2 = LARS([w], lr=0.1)
+    opt2.load_state_dict(opt.state_dict())
+    assert torch.equal(opt2.state[w]["mu"], opt.state[w]["mu"])
+
+
+def test_cosine_schedule():
+    base, warm, total = 0.4, 10, 110
+    assert cosine_schedule(0, total, warm, base) == pytest.approx(base / warm)
+    assert cosine_schedule(9, total, warm, base) == pytest.approx(base)
+    assert cosine_schedule(10, total, warm, base) == pytest.approx(base)
+    assert cosine_schedule(60, total, warm, base) == pytest.approx(base / 2)
+    assert cosine_schedule(110, total, warm, base) == pytest.approx(0.0)
+    assert cosine_schedule(500, total, warm, base) == pytest.approx(0.0)
+    # BYOL/DINO use it from base to 1 without warm-up: 1 - (1 - base) (cos(pi k / K) + 1) / 2.
+    k, big_k = 30, 100
+    assert cosine_schedule(k, big_k, 0, 0.99, 1.0) == pytest.approx(1 - 0.01 * (math.cos(math.pi * k / big_k) + 1) / 2)
+
+
+@pytest.mark.parametrize("name,cls", [("lars", LARS), ("sgd", torch.optim.SGD), ("adamw", torch.optim.AdamW)])
+def test_make_optimizer_excludes_1d_from_weight_decay(name, cls):
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4))
+    opt = make_optimizer(model.parameters(), argparse.Namespace(optimizer=name, weight_decay=0.5, lars_eta=0.02))
+    assert isinstance(opt, cls)
+    decayed, plain = opt.param_groups
+    assert [p.ndim for p in decayed["params"]] == [2] and decayed["weight_decay"] == 0.5
+    assert all(p.ndim == 1 for p in plain["params"]) and len(plain["params"]) == 3 and plain["weight_decay"] == 0.0
