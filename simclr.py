@@ -217,11 +217,12 @@ def first_host(nodelist):
     return prefix + ranges.split(",")[0].split("-")[0].rstrip("]")
 
 
-def setup_distributed(device_arg):
+def setup_distributed(args):
     """Start torch.distributed from torchrun's variables (RANK, WORLD_SIZE, LOCAL_RANK,
     MASTER_ADDR/PORT) or, inside an `srun` step, from SLURM's (SLURM_PROCID, SLURM_NTASKS,
     SLURM_LOCALID; master = first host of the job, port derived from the job id); otherwise
-    run as a single process. nccl on GPUs, gloo on CPUs. Returns (rank, local_rank, world_size, device)."""
+    run as a single process. nccl on GPUs, gloo on CPUs. Returns (rank, local_rank, world_size, device).
+    The global --batch-size is checked first, so that a bad one never leaves a process waiting."""
     env = os.environ
     rank, local_rank, world_size = 0, 0, 1
     if "RANK" in env and "WORLD_SIZE" in env:
@@ -230,11 +231,13 @@ def setup_distributed(device_arg):
         rank, local_rank, world_size = int(env["SLURM_PROCID"]), int(env["SLURM_LOCALID"]), int(env["SLURM_NTASKS"])
         env.setdefault("MASTER_ADDR", first_host(env["SLURM_JOB_NODELIST"]))
         env.setdefault("MASTER_PORT", str(15000 + int(env["SLURM_JOB_ID"]) % 20000))
+        torch.set_num_threads(int(env.get("SLURM_CPUS_PER_TASK", torch.get_num_threads())))  # no oversubscription
     elif int(env.get("SLURM_NTASKS", 1)) > 1:
         print(f"warning: this SLURM job has {env['SLURM_NTASKS']} tasks but this process was not started by "
               "srun: training as a single process (start it with `srun python ...`)", file=sys.stderr)
-    if device_arg == "auto":
-        device_arg = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.batch_size % world_size:
+        common.fail(f"--batch-size {args.batch_size} (global) is not divisible by the {world_size} processes")
+    device_arg = args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
     if device_arg == "cuda" and not torch.cuda.is_available():
         common.fail("--device cuda but no GPU is visible to this process; use --device cpu or request a GPU")
     device = torch.device("cpu")
@@ -408,12 +411,13 @@ def log_row(run, args, kind, knn=None):
     if run.world_size > 1:
         dist.all_reduce(run.losses)
         run.losses /= run.world_size
-    n, since = (run.n_row, run.t_row) if kind == "step" else (run.n_epoch, run.t_epoch)
+    n = run.n_row if kind == "step" else run.n_epoch
     loss, now = run.losses[int(kind == "epoch")].item() / max(1, n), time.time()
     if not math.isfinite(loss):
         common.fail(f"the loss is {loss} at step {run.step}: stopped, the last checkpoint in {args.output_dir} "
                     "is kept; lower --lr, use --precision fp32, or check the data")
-    img_s, mem, elapsed = args.batch_size * n / (now - since), peak_memory_mb(run.device), run.elapsed + now - run.t_start
+    steps, since = (run.n_row, run.t_row) if kind == "step" else (run.step - run.epoch_step0, run.t_epoch)
+    img_s, mem, elapsed = args.batch_size * steps / (now - since), peak_memory_mb(run.device), run.elapsed + now - run.t_start
     if kind == "step":
         run.losses[0], run.n_row, run.t_row = 0.0, 0, now
     if run.is_main:
@@ -550,7 +554,7 @@ def check_resumable(ckpt, path, args):
         common.fail(f"{path} holds only a backbone; resume from a last.pt, or evaluate it with linear_eval.py")
     if ckpt.get("method") != "simclr":
         common.fail(f"{path} was written by {ckpt.get('method')}.py, not simclr.py; use another --output-dir")
-    for key in ("arch", "batch_size", "proj_layers", "proj_hidden_dim", "proj_dim", "image_size"):
+    for key in ("arch", "batch_size", "optimizer", "proj_layers", "proj_hidden_dim", "proj_dim", "image_size"):
         if ckpt["args"].get(key) != getattr(args, key):
             common.fail(f"{path} was trained with --{key.replace('_', '-')} {ckpt['args'].get(key)}, not "
                         f"{getattr(args, key)}: use the same value to resume, or another --output-dir")
@@ -558,10 +562,8 @@ def check_resumable(ckpt, path, args):
 
 def main(args):
     # 1. Processes, device, precision, seeds ------------------------------------------------
-    rank, local_rank, world_size, device = setup_distributed(args.device)
+    rank, local_rank, world_size, device = setup_distributed(args)
     is_main = rank == 0
-    if args.batch_size % world_size:
-        common.fail(f"--batch-size {args.batch_size} (global) is not divisible by the {world_size} processes")
     if args.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
@@ -634,7 +636,7 @@ def main(args):
     for epoch in range(run.step // steps_per_epoch, args.epochs):
         if run.step >= run.end_step:
             break
-        run.epoch, run.t_epoch = epoch, time.time()
+        run.epoch, run.t_epoch, run.epoch_step0 = epoch, time.time(), run.step
         loader.sampler.set_epoch(epoch, skip=(run.step - epoch * steps_per_epoch) * local_batch)
         train_one_epoch(model, loader, optimizer, scaler, run, args)
         stopping = run.preemption.requested()

@@ -11,7 +11,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import simclr  # noqa: E402
 
-rank, _, world_size, device = simclr.setup_distributed("cpu")
+rank, _, world_size, device = simclr.setup_distributed(argparse.Namespace(device="cpu", batch_size=8))
 torch.manual_seed(0)
 model = simclr.SimCLR(argparse.Namespace(arch="resnet18", proj_layers=2, proj_hidden_dim=64, proj_dim=32), cifar_stem=True)
 model = model.double()

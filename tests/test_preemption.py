@@ -1,0 +1,81 @@
+"""SIGUSR1 (time limit coming): save, requeue the SLURM job, exit 0. SIGTERM (scancel): save,
+exit 143, no requeue. A fake `scontrol` on PATH records what the script asks of SLURM."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import REPO, TINY, clean_env, load, run_script
+
+
+@pytest.fixture
+def fake_scontrol(tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path / 'scontrol.log'}\n")
+    (bin_dir / "scontrol").chmod(0o755)
+    return bin_dir, tmp_path / "scontrol.log"
+
+
+def start_and_signal(out, sig, env, script="simclr.py", extra=()):
+    """Start a long run, send `sig` once it has trained a few steps, return (returncode, output)."""
+    cmd = [sys.executable, str(REPO / script), *TINY, "--epochs", "50", "--knn-every", "0", "--output-dir", out, *extra]
+    proc = subprocess.Popen(list(map(str, cmd)), cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in proc.stdout:  # wait for the first progress line: training is under way
+        lines.append(line)
+        if line.startswith("epoch 0 step"):
+            proc.send_signal(sig)
+            break
+    rest, _ = proc.communicate(timeout=120)
+    return proc.returncode, "".join(lines) + rest
+
+
+def test_sigusr1_saves_requeues_and_exits_0(tmp_path, fake_scontrol):
+    bin_dir, log = fake_scontrol
+    env = clean_env(PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_ID="4242")
+    code, output = start_and_signal(tmp_path / "run", signal.SIGUSR1, env)
+    assert code == 0, output
+    assert "requeued SLURM job 4242" in output
+    assert log.read_text().split() == ["requeue", "4242"]
+    ckpt = load(tmp_path / "run" / "last.pt")
+    assert 2 <= ckpt["step"] < 50 * 4 and not (tmp_path / "run" / "backbone.pt").exists()
+    # The requeued job runs the same command and continues from the checkpoint.
+    proc = run_script("simclr.py", *TINY, "--epochs", "50", "--knn-every", "0", "--output-dir", tmp_path / "run",
+                      "--max-steps", ckpt["step"] + 2)
+    assert f"at step {ckpt['step']}" in proc.stdout and load(tmp_path / "run" / "last.pt")["step"] == ckpt["step"] + 2
+
+
+def test_sigterm_saves_and_exits_without_requeue(tmp_path, fake_scontrol):
+    bin_dir, log = fake_scontrol
+    env = clean_env(PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_ID="4242")
+    code, output = start_and_signal(tmp_path / "run", signal.SIGTERM, env)
+    assert code == 143, output
+    assert not log.exists(), "SIGTERM must not requeue: scancel has to stop the job for good"
+    assert load(tmp_path / "run" / "last.pt")["step"] >= 2
+
+
+def test_sigusr1_outside_slurm_saves_and_exits_0(tmp_path):
+    code, output = start_and_signal(tmp_path / "run", signal.SIGUSR1, clean_env())
+    assert code == 0, output
+    assert "requeue" not in output and (tmp_path / "run" / "last.pt").exists()
+
+
+def test_linear_eval_sigusr1(tmp_path, pretrained, fake_scontrol):
+    bin_dir, log = fake_scontrol
+    env = clean_env(PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_ID="77")
+    cmd = [sys.executable, str(REPO / "linear_eval.py"), "--ckpt", pretrained / "last.pt", "--device", "cpu",
+           "--workers", "0", "--batch-size", "32", "--epochs", "200", "--log-every", "2", "--output-dir", tmp_path / "le"]
+    proc = subprocess.Popen(list(map(str, cmd)), cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in proc.stdout:
+        if line.startswith("epoch 0 step"):
+            proc.send_signal(signal.SIGUSR1)
+            break
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    assert log.read_text().split() == ["requeue", "77"]
+    assert load(tmp_path / "le" / "last.pt")["method"] == "linear_eval"
+    assert not (tmp_path / "le" / "results.json").exists()

@@ -1,0 +1,67 @@
+"""Stopping and starting again gives bitwise the same run as not stopping (CPU, --deterministic)."""
+import csv
+
+import pytest
+import torch
+
+from conftest import TINY, load, run_script
+
+ARGS = [*TINY, "--epochs", "2", "--deterministic", "--knn-every", "0"]  # 4 steps per epoch
+
+
+def rows(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.parametrize("stop_at", [3, 4])  # in the middle of an epoch, and at its end
+def test_simclr_resume_is_exact(tmp_path, stop_at):
+    run_script("simclr.py", *ARGS, "--max-steps", 6, "--output-dir", tmp_path / "straight")
+    run_script("simclr.py", *ARGS, "--max-steps", stop_at, "--output-dir", tmp_path / "resumed")
+    proc = run_script("simclr.py", *ARGS, "--max-steps", 6, "--output-dir", tmp_path / "resumed")
+    assert f"resumed from {tmp_path / 'resumed' / 'last.pt'} at step {stop_at}" in proc.stdout
+    a, b = load(tmp_path / "straight" / "last.pt"), load(tmp_path / "resumed" / "last.pt")
+    assert a["step"] == b["step"] == 6
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    for pa, pb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert torch.equal(pa["mu"], pb["mu"])
+    # metrics.csv: every (kind, step) once, and the same epoch loss as the uninterrupted run.
+    logged = rows(tmp_path / "resumed" / "metrics.csv")
+    assert len({(r["kind"], r["step"]) for r in logged}) == len(logged)
+    epoch_rows = [[r["loss"] for r in rows(tmp_path / d / "metrics.csv") if r["kind"] == "epoch"]
+                  for d in ("straight", "resumed")]
+    assert epoch_rows[0] == epoch_rows[1] and len(epoch_rows[0]) == 1
+
+
+def test_rows_past_the_checkpoint_are_dropped_on_resume(tmp_path):
+    out = tmp_path / "run"
+    run_script("simclr.py", *ARGS, "--max-steps", 2, "--output-dir", out)
+    # A run killed after logging step 9 but before saving it leaves rows the resumed run redoes.
+    with open(out / "metrics.csv", "a") as f:
+        f.write("step,1,9,1.0,0.1,1,1,,1\n")
+    run_script("simclr.py", *ARGS, "--max-steps", 4, "--output-dir", out)
+    steps = [int(r["step"]) for r in rows(out / "metrics.csv") if r["kind"] == "step"]
+    assert steps == [2, 4] and 9 not in steps
+
+
+def test_finished_run_started_again_does_nothing_more(tmp_path):
+    run_script("simclr.py", *ARGS, "--max-steps", 2, "--output-dir", tmp_path)
+    before = load(tmp_path / "last.pt")
+    proc = run_script("simclr.py", *ARGS, "--max-steps", 2, "--output-dir", tmp_path)
+    assert "done at step 2" in proc.stdout
+    after = load(tmp_path / "last.pt")
+    assert all(torch.equal(before["model"][k], after["model"][k]) for k in before["model"])
+
+
+@pytest.mark.parametrize("mode", ["fast", "linear"])
+def test_linear_eval_resume_is_exact(tmp_path, pretrained, mode):
+    args = ["--ckpt", pretrained / "last.pt", "--mode", mode, "--epochs", "3", "--batch-size", "32",
+            "--device", "cpu", "--workers", "0", "--deterministic", "--knn-every", "0"]
+    run_script("linear_eval.py", *args, "--output-dir", tmp_path / "straight")
+    run_script("linear_eval.py", *args, "--output-dir", tmp_path / "resumed", "--max-steps", 5)
+    run_script("linear_eval.py", *args, "--output-dir", tmp_path / "resumed")
+    a, b = load(tmp_path / "straight" / "last.pt"), load(tmp_path / "resumed" / "last.pt")
+    for key in a["head"]:
+        assert torch.equal(a["head"][key], b["head"][key]), key
+    assert (tmp_path / "straight" / "results.json").read_text() != ""
