@@ -54,7 +54,8 @@ def add_data_args(parser):
                    help="imagefolder without train/ and val/: fraction held out for evaluation")
     g.add_argument("--synthetic-size", type=int, nargs=2, default=[2000, 500], metavar=("TRAIN", "TEST"),
                    help="number of synthetic train and test images")
-    g.add_argument("--workers", type=int, default=min(8, len(os.sched_getaffinity(0))),
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    g.add_argument("--workers", type=int, default=min(8, cpus),
                    help="data-loading processes per training process")
     return g
 
@@ -83,15 +84,16 @@ class ImageSet(torch.utils.data.Dataset):
         return out
 
     def load(self, i):
+        """(PIL image, index of the image actually loaded)."""
         if self.images is not None:
-            return Image.fromarray(self.images[i])
-        # A corrupt file is reported by name and replaced by the next readable one, so that one
-        # bad JPEG does not kill a three-day run.
+            return Image.fromarray(self.images[i]), i
+        # A corrupt file is reported by name and replaced by the next readable one (with its own
+        # label), so that one bad JPEG does not kill a three-day run.
         for j in range(min(len(self.files), 100)):
             path = self.files[(i + j) % len(self.files)]
             try:
                 with Image.open(path) as img:
-                    return img.convert("RGB")
+                    return img.convert("RGB"), (i + j) % len(self.files)
             except (OSError, ValueError, SyntaxError) as e:
                 if path not in self._warned:
                     self._warned.add(path)
@@ -101,11 +103,12 @@ class ImageSet(torch.utils.data.Dataset):
 
     def __getitem__(self, key):
         epoch, i = key if isinstance(key, tuple) else (0, key)
-        img = self.load(i)
+        img, i = self.load(i)
         if self.transform is not None:
             # torchvision's transforms draw from torch's global generator: fork it, seed it.
             with torch.random.fork_rng(devices=[]):
-                torch.random.default_generator.manual_seed((self.seed * 1_000_003 + epoch) * 10_000_019 + i)
+                seed = np.random.SeedSequence([self.seed, epoch, i]).generate_state(1)[0]  # any --seed, no collisions
+                torch.random.default_generator.manual_seed(int(seed))
                 img = self.transform(img)
         return img, -1 if self.labels is None else int(self.labels[i])
 
@@ -174,7 +177,7 @@ def load_data(args):
     elif pretrain.images is not None:
         image_size = pretrain.images.shape[1]
     else:  # an image folder: its first image's size, up to 224 (so a folder of 32 px images trains at 32)
-        image_size = min(224, *pretrain.load(0).size)
+        image_size = min(224, *pretrain.load(0)[0].size)
     mean, std = NORMALISATION.get(name) or _mean_std(pretrain.images)
     return Data(pretrain, train, test, num_classes, image_size, mean, std)
 
@@ -233,7 +236,7 @@ def _list_images(folder):
 
 def _scan(root):
     """(files, labels, classes) of a folder: class sub-folders, or a flat unlabeled folder."""
-    if any(p.suffix.lower() in IMAGE_EXTENSIONS for p in root.iterdir() if p.is_file()):
+    if any(p.suffix.lower() in IMAGE_EXTENSIONS for p in root.iterdir() if p.is_file() and p.name[0] != "."):
         return _list_images(root), None, None
     files, labels, classes = [], [], []
     for d in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
@@ -249,17 +252,18 @@ def _image_folder(root, val_fraction):
     root = Path(root)
     if not root.is_dir():
         fail(f"--data-dir {root} is not a folder; give a folder of images (one sub-folder per class, or flat)")
-    held_out = next((root / s for s in ("val", "test") if (root / s).is_dir()), None)
-    files, labels, classes = _scan(root / "train" if held_out and (root / "train").is_dir() else root)
+    base = root / "train" if (root / "train").is_dir() else root
+    held_out = next((root / s for s in ("val", "test") if (root / s).is_dir()), None) if base != root else None
+    files, labels, classes = _scan(base)
     if not files:
         fail(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under --data-dir {root}")
     if labels is None:  # unlabeled: train on everything, no kNN or linear probe
         return ImageSet(files=files), None, None, 0
-    if held_out and (root / "train").is_dir():
+    if held_out:
         test_files, test_labels, test_classes = _scan(held_out)
         unknown = set(test_classes or []) - set(classes)
         if test_labels is None or unknown or not test_files:
-            fail(f"{held_out} must hold the same class sub-folders as {root / 'train'} (unknown: {sorted(unknown)})")
+            fail(f"{held_out} must hold the same class sub-folders as {base} (unknown: {sorted(unknown)})")
         test_labels = np.array([classes.index(test_classes[t]) for t in test_labels])
         train = ImageSet(files=files, labels=labels)
         return train, train, ImageSet(files=test_files, labels=test_labels), len(classes)

@@ -1,0 +1,139 @@
+"""Bad input gets one clear line naming the problem and the fix, never a traceback, and never
+harms an existing run."""
+import os
+
+import pytest
+import torch
+
+from conftest import TINY, load, run_script
+
+
+def fails(script, *args, cwd=None):
+    proc = run_script(script, *args, check=False, **({"cwd": cwd} if cwd else {}))
+    assert proc.returncode != 0, proc.stdout
+    assert "Traceback" not in proc.stderr, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error:") or "error:" in last, proc.stderr
+    return last
+
+
+def test_missing_and_empty_image_folders(tmp_path):
+    assert "does-not-exist" in fails("simclr.py", *TINY, "--dataset", "imagefolder", "--data-dir", tmp_path / "does-not-exist")
+    (tmp_path / "empty" / "cats").mkdir(parents=True)
+    assert "no images" in fails("simclr.py", *TINY, "--dataset", "imagefolder", "--data-dir", tmp_path / "empty")
+
+
+def test_missing_npz(tmp_path):
+    assert "x.npz" in fails("simclr.py", *TINY, "--dataset", "npz", "--data-dir", tmp_path / "x.npz")
+
+
+def test_offline_cifar_download_explains_what_to_do(tmp_path):
+    msg = fails("simclr.py", "--dataset", "cifar10", "--data-dir", tmp_path / "data", "--device", "cpu",
+                "--output-dir", tmp_path / "out")
+    assert "could not download cifar10" in msg and "download=True" in msg
+
+
+def test_batch_sizes(tmp_path):
+    assert "larger than the 16 training images" in fails(
+        "simclr.py", *TINY, "--synthetic-size", "16", "8", "--output-dir", tmp_path)
+    # Not divisible by the number of processes: caught before any process waits for the others.
+    env_msg = run_script("simclr.py", *TINY, "--batch-size", "33", "--output-dir", tmp_path, check=False,
+                         env=__import__("conftest").clean_env(RANK="0", WORLD_SIZE="2", LOCAL_RANK="0"))
+    assert env_msg.returncode != 0 and "not divisible by the 2 processes" in env_msg.stderr
+
+
+def test_unknown_arch_and_dataset():
+    for flag, value in (("--arch", "resnet7"), ("--dataset", "mnist")):
+        proc = run_script("simclr.py", flag, value, check=False)
+        assert proc.returncode == 2 and "invalid choice" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_cuda_requested_without_gpu(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    assert "no GPU" in fails("simclr.py", *TINY, "--device", "cuda", "--output-dir", tmp_path)
+
+
+def test_output_dir_that_cannot_be_written(tmp_path):
+    (tmp_path / "a-file").write_text("x")
+    assert "cannot write to --output-dir" in fails("simclr.py", *TINY, "--output-dir", tmp_path / "a-file" / "run")
+
+
+def test_not_a_checkpoint(tmp_path):
+    (tmp_path / "notes.txt").write_text("hello")
+    assert "not a readable checkpoint" in fails("linear_eval.py", "--ckpt", tmp_path / "notes.txt", "--device", "cpu")
+    torch.save({"weights": torch.zeros(3)}, tmp_path / "other.pt")
+    assert "not a checkpoint of these scripts" in fails("linear_eval.py", "--ckpt", tmp_path / "other.pt", "--device", "cpu")
+    assert "does not exist" in fails("linear_eval.py", "--ckpt", tmp_path / "missing.pt", "--device", "cpu")
+
+
+class Payload:
+    """Unpickling this would create a file: proof that code ran."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.mkdir, (self.marker,))
+
+
+def test_pickled_code_is_refused_and_never_run(tmp_path):
+    marker = str(tmp_path / "code-ran")
+    torch.save({"backbone": {}, "backbone_meta": Payload(marker)}, tmp_path / "evil.pt")
+    assert "refused" in fails("linear_eval.py", "--ckpt", tmp_path / "evil.pt", "--device", "cpu")
+    assert "refused" in fails("simclr.py", *TINY, "--resume", tmp_path / "evil.pt", "--output-dir", tmp_path / "run")
+    assert not os.path.exists(marker)
+
+
+def test_truncated_last_pt_is_one_clear_line(tmp_path):
+    run_script("simclr.py", *TINY, "--max-steps", "1", "--epochs", "1", "--knn-every", "0", "--output-dir", tmp_path)
+    data = (tmp_path / "last.pt").read_bytes()
+    (tmp_path / "last.pt").write_bytes(data[: len(data) // 2])
+    msg = fails("simclr.py", *TINY, "--epochs", "1", "--knn-every", "0", "--output-dir", tmp_path)
+    assert "last.pt" in msg and "truncated" in msg
+
+
+def test_resume_from_another_arch_method_or_a_backbone(tmp_path, pretrained):
+    run_dir = tmp_path / "run"
+    assert "--arch resnet18" in fails("simclr.py", *TINY, "--arch", "resnet34", "--resume", pretrained / "last.pt",
+                                      "--output-dir", run_dir)
+    assert "holds only a backbone" in fails("simclr.py", *TINY, "--resume", pretrained / "backbone.pt",
+                                            "--output-dir", run_dir)
+    other = load(pretrained / "last.pt")
+    other["method"] = "byol"
+    torch.save(other, tmp_path / "byol.pt")
+    assert "written by byol.py" in fails("simclr.py", *TINY, "--resume", tmp_path / "byol.pt", "--output-dir", run_dir)
+    assert not (run_dir / "last.pt").exists()
+
+
+def test_linear_eval_needs_labels(tmp_path, pretrained):
+    from PIL import Image
+    (tmp_path / "flat").mkdir()
+    for i in range(4):
+        Image.new("RGB", (16, 16), (i * 40, 0, 0)).save(tmp_path / "flat" / f"{i}.png")
+    assert "needs labels" in fails("linear_eval.py", "--ckpt", pretrained / "backbone.pt", "--dataset", "imagefolder",
+                                   "--data-dir", tmp_path / "flat", "--device", "cpu", "--output-dir", tmp_path / "le")
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    args = [*TINY, "--epochs", "3", "--knn-every", "0", "--optimizer", "sgd", "--output-dir", tmp_path]
+    run_script("simclr.py", *args, "--max-steps", "4")
+    good = load(tmp_path / "last.pt")
+    msg = fails("simclr.py", *args, "--lr", "1e30")
+    assert "the loss is nan" in msg and "step 6" in msg
+    kept = load(tmp_path / "last.pt")
+    assert kept["step"] == 4 and all(torch.equal(good["model"][k], kept["model"][k]) for k in good["model"])
+
+
+def test_corrupt_image_is_skipped_with_its_name(tmp_path):
+    from PIL import Image
+    for c in ("a", "b"):
+        (tmp_path / "data" / c).mkdir(parents=True)
+        for i in range(20):
+            Image.new("RGB", (16, 16), (i * 10, 50, 0) if c == "a" else (0, 0, i * 10)).save(tmp_path / "data" / c / f"{i}.png")
+    (tmp_path / "data" / "a" / "broken.png").write_bytes(b"not an image at all")
+    proc = run_script("simclr.py", "--dataset", "imagefolder", "--data-dir", tmp_path / "data", "--val-fraction", "0.2",
+                      "--batch-size", "16", "--epochs", "1", "--device", "cpu", "--workers", "0", "--knn-every", "1",
+                      "--output-dir", tmp_path / "out")
+    assert "broken.png" in proc.stderr and "skipping unreadable image" in proc.stderr
+    assert (tmp_path / "out" / "backbone.pt").exists()

@@ -1,0 +1,595 @@
+"""Tests of common.py, the data module: synthetic images, load_data for every local dataset kind
+(synthetic, imagefolder, npz), ImageSet's seeded views, EpochSampler's sharding, train_loader's
+independence from the number of workers, the augmentations and the data flags.
+
+All data are built in tmp_path with numpy and PIL (images of a few pixels); nothing is downloaded.
+"""
+import argparse
+import os
+
+import numpy as np
+import pytest
+import torch
+import torchvision.transforms as T
+from PIL import Image
+
+import common
+
+MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+
+
+# ---- Helpers -------------------------------------------------------------------------------
+
+
+def make_args(dataset="synthetic", data_dir=".", image_size=None, val_fraction=0.1, synthetic_size=(40, 20),
+              seed=0, workers=0):
+    """The Namespace that load_data reads, as add_data_args (plus the script's --seed) builds it."""
+    return argparse.Namespace(dataset=dataset, data_dir=str(data_dir), image_size=image_size,
+                              val_fraction=val_fraction, synthetic_size=list(synthetic_size), seed=seed,
+                              workers=workers)
+
+
+def save_image(path, colour=(0, 0, 0), size=(8, 8)):
+    """A plain image of `colour`, size (width, height), saved in the format its extension names."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, tuple(colour)).save(path)
+    return path
+
+
+def class_folder(root, layout, size=(8, 8)):
+    """Build root/<class>/<name> images from {class: [names]}; each image gets its own colour."""
+    paths = []
+    for c, names in layout.items():
+        for name in names:
+            paths.append(save_image(root / c / name, colour=(len(paths) * 20 % 256, 40, 200), size=size))
+    return paths
+
+
+def pixels(img):
+    return np.asarray(img.convert("RGB"))
+
+
+def imageset_files(s):
+    return [os.fspath(p) for p in s.files]
+
+
+def label_of(path, root, classes):
+    """The expected label: index in `classes` of the class folder (the first folder under root)."""
+    return classes.index(path.relative_to(root).parts[0])
+
+
+def small_set(n=12, size=12, transform=None, labels=True, seed=0):
+    x, y = common.synthetic_images(n, size, seed=3)
+    return common.ImageSet(x, labels=y if labels else None, transform=transform, seed=seed)
+
+
+def simclr_views(size=16):
+    t = common.simclr_augmentation(size, MEAN, STD)
+    return common.Views(t, t)
+
+
+# ---- 1. synthetic_images -------------------------------------------------------------------
+
+
+def test_synthetic_images_deterministic_for_a_seed():
+    (x1, y1), (x2, y2) = common.synthetic_images(50, 16, seed=4), common.synthetic_images(50, 16, seed=4)
+    assert np.array_equal(x1, x2) and np.array_equal(y1, y2)
+    x3, y3 = common.synthetic_images(50, 16, seed=5)
+    assert not np.array_equal(x1, x3) and not np.array_equal(y1, y3)
+
+
+def test_synthetic_images_shapes_dtypes_and_balanced_classes():
+    x, y = common.synthetic_images(120, 20, seed=0)
+    assert x.shape == (120, 20, 20, 3) and x.dtype == np.uint8
+    assert y.shape == (120,) and y.dtype == np.int64
+    assert np.array_equal(np.bincount(y, minlength=10), np.full(10, 12))
+    assert x.std() > 20  # drawn, not blank
+
+
+def test_synthetic_colour_does_not_carry_the_class():
+    """A nearest-class-mean classifier on mean RGB is near chance (10%)."""
+    x, y = common.synthetic_images(2000, 32, seed=0)
+    x_test, y_test = common.synthetic_images(500, 32, seed=1)
+    feats, feats_test = x.reshape(len(x), -1, 3).mean(1), x_test.reshape(len(x_test), -1, 3).mean(1)
+    centroids = np.stack([feats[y == c].mean(0) for c in range(10)])
+    pred = np.argmin(((feats_test[:, None] - centroids[None]) ** 2).sum(-1), axis=1)
+    accuracy = (pred == y_test).mean()
+    assert accuracy < 0.2, accuracy
+
+
+# ---- 2. load_data: synthetic ---------------------------------------------------------------
+
+
+def test_load_synthetic_sizes_and_defaults():
+    data = common.load_data(make_args(synthetic_size=(30, 20), seed=7))
+    assert len(data.pretrain) == 30 and len(data.test) == 20
+    assert data.train is data.pretrain
+    assert data.num_classes == 10 and data.image_size == 32
+    assert data.pretrain.images.shape == (30, 32, 32, 3)
+    assert data.test.labels is not None and data.test.labels.dtype == np.int64
+    assert data.pretrain.seed == data.test.seed == 7
+    assert len(data.mean) == len(data.std) == 3
+    assert all(0.2 < m < 0.8 for m in data.mean) and all(0.1 < s < 0.5 for s in data.std)
+    img, label = data.test[0]
+    assert isinstance(img, Image.Image) and 0 <= label < 10
+
+
+def test_load_synthetic_image_size_is_settable():
+    data = common.load_data(make_args(synthetic_size=(10, 10), image_size=16))
+    assert data.image_size == 16
+    assert data.pretrain.images.shape[1:] == (16, 16, 3) and data.test.images.shape[1:] == (16, 16, 3)
+
+
+# ---- 3. load_data: imagefolder -------------------------------------------------------------
+
+
+def test_imagefolder_class_folders(tmp_path):
+    root = tmp_path / "imgs"
+    # Created out of order: labels follow the sorted class names.
+    paths = class_folder(root, {"dog": ["0.png", "1.JPG", "deep/er/2.jpeg"], "cat": ["0.png", "1.PNG", "x/3.bmp"],
+                                "emu": ["0.jpg", "1.gif"]})
+    (root / "cat" / "notes.txt").write_text("not an image")
+    (root / "dog" / "labels.csv").write_text("a,b")
+    save_image(root / "cat" / ".thumbs" / "t.png")  # hidden folder inside a class
+    save_image(root / ".cache" / "c.png")  # hidden folder at the root: not a class
+    save_image(root / "dog" / ".hidden.png")  # hidden file
+    (root / "empty_class").mkdir()  # no images: not a class
+    (root / "emu" / "album.jpg").mkdir()  # a folder with an image extension is not an image
+    data = common.load_data(make_args("imagefolder", root, val_fraction=0.25))
+    assert data.num_classes == 3 and data.train is data.pretrain
+    classes = ["cat", "dog", "emu"]
+    got = {p: int(lab) for s in (data.train, data.test) for p, lab in zip(imageset_files(s), s.labels)}
+    assert sorted(got) == sorted(map(os.fspath, paths))
+    for p in paths:
+        assert got[os.fspath(p)] == label_of(p, root, classes), p
+    assert data.mean == common.NORMALISATION["imagefolder"][0]
+
+
+def test_imagefolder_split_is_deterministic_disjoint_and_sized(tmp_path):
+    class_folder(tmp_path, {c: [f"{i}.png" for i in range(10)] for c in ("a", "b")})
+    one = common.load_data(make_args("imagefolder", tmp_path, val_fraction=0.25))
+    two = common.load_data(make_args("imagefolder", tmp_path, val_fraction=0.25))
+    assert imageset_files(one.train) == imageset_files(two.train)
+    assert imageset_files(one.test) == imageset_files(two.test)
+    assert len(one.test) == 5 and len(one.train) == 15
+    assert not set(imageset_files(one.train)) & set(imageset_files(one.test))
+    assert np.array_equal(one.test.labels, two.test.labels)
+    other = common.load_data(make_args("imagefolder", tmp_path, val_fraction=0.5))
+    assert len(other.test) == 10
+
+
+def test_imagefolder_val_fraction_that_leaves_nothing_fails(tmp_path):
+    class_folder(tmp_path, {"a": ["0.png", "1.png"]})
+    with pytest.raises(SystemExit, match=r"^error: .*val-fraction"):
+        common.load_data(make_args("imagefolder", tmp_path, val_fraction=0.0))
+
+
+@pytest.mark.parametrize("held_out", ["val", "test"])
+def test_imagefolder_train_and_held_out_folders(tmp_path, held_out):
+    train = class_folder(tmp_path / "train", {"a": ["0.png", "1.png"], "b": ["0.png"], "c": ["0.png", "1.png"]})
+    test = class_folder(tmp_path / held_out, {"c": ["0.png", "1.png", "2.png"], "a": ["0.png"]})
+    data = common.load_data(make_args("imagefolder", tmp_path))
+    assert data.num_classes == 3 and data.train is data.pretrain
+    assert sorted(imageset_files(data.train)) == sorted(map(os.fspath, train))
+    assert sorted(imageset_files(data.test)) == sorted(map(os.fspath, test))
+    # Classes are mapped by name: val/c is class 2 of train/, although it is val's class 1.
+    by_file = dict(zip(imageset_files(data.test), data.test.labels.tolist()))
+    for p in test:
+        assert by_file[os.fspath(p)] == "abc".index(p.parent.name)
+
+
+def test_imagefolder_val_class_missing_from_train_fails(tmp_path):
+    class_folder(tmp_path / "train", {"a": ["0.png"], "b": ["0.png"]})
+    class_folder(tmp_path / "val", {"a": ["0.png"], "zebra": ["0.png"]})
+    with pytest.raises(SystemExit) as e:
+        common.load_data(make_args("imagefolder", tmp_path))
+    msg = str(e.value)
+    assert msg.startswith("error:") and str(tmp_path / "val") in msg and "zebra" in msg
+
+
+def test_imagefolder_flat_folder_is_unlabeled(tmp_path):
+    paths = [save_image(tmp_path / f"{i}.png", (i * 30, 0, 0)) for i in range(4)]
+    paths.append(save_image(tmp_path / "more" / "x.jpg"))
+    (tmp_path / "readme.txt").write_text("hi")
+    data = common.load_data(make_args("imagefolder", tmp_path))
+    assert data.train is None and data.test is None and data.num_classes == 0
+    assert sorted(imageset_files(data.pretrain)) == sorted(map(os.fspath, paths))
+    assert data.pretrain.labels is None and data.pretrain[0][1] == -1
+
+
+@pytest.mark.parametrize("kind", ["missing", "empty", "no_images"])
+def test_imagefolder_missing_or_empty_folder_fails(tmp_path, kind):
+    root = tmp_path / "data"
+    if kind != "missing":
+        root.mkdir()
+    if kind == "no_images":
+        (root / "a").mkdir()
+        (root / "a" / "notes.txt").write_text("x")
+    with pytest.raises(SystemExit) as e:
+        common.load_data(make_args("imagefolder", root))
+    assert str(e.value).startswith("error:") and str(root) in str(e.value)
+
+
+@pytest.mark.parametrize("size, expected", [((12, 10), 10), ((10, 13), 10), ((300, 400), 224)])
+def test_imagefolder_default_image_size(tmp_path, size, expected):
+    for i in range(3):
+        save_image(tmp_path / f"{i}.png", size=size)
+    assert common.load_data(make_args("imagefolder", tmp_path)).image_size == expected
+    assert common.load_data(make_args("imagefolder", tmp_path, image_size=6)).image_size == 6
+
+
+def test_corrupt_image_is_skipped_with_one_warning(tmp_path, capsys):
+    save_image(tmp_path / "a.png", (255, 0, 0))
+    (tmp_path / "bad.jpg").write_bytes(b"not an image")
+    save_image(tmp_path / "c.png", (0, 0, 255))
+    data = common.load_data(make_args("imagefolder", tmp_path))
+    assert [os.path.basename(p) for p in data.pretrain.files] == ["a.png", "bad.jpg", "c.png"]
+    capsys.readouterr()
+    img, _ = data.pretrain[1]  # bad.jpg: the next readable image instead
+    assert np.array_equal(pixels(img), np.full((8, 8, 3), (0, 0, 255), np.uint8))
+    err = capsys.readouterr().err
+    assert "warning" in err and str(tmp_path / "bad.jpg") in err
+    data.pretrain[1], data.pretrain[(3, 1)]
+    data.pretrain.with_transform(T.ToTensor())[1]  # a copy for another transform: same process, no repeat
+    assert capsys.readouterr().err == ""
+
+
+def test_all_images_corrupt_raises(tmp_path):
+    for i in range(3):
+        (tmp_path / f"{i}.jpg").write_bytes(b"junk")
+    s = common.ImageSet(files=sorted(tmp_path.iterdir()))
+    with pytest.raises(RuntimeError, match="unreadable"):
+        s.load(0)
+
+
+def test_corrupt_image_replacement_keeps_its_own_label(tmp_path):
+    files = [save_image(tmp_path / "a" / "0.png", (255, 0, 0)), tmp_path / "a" / "1.jpg",
+             save_image(tmp_path / "b" / "0.png", (0, 0, 255))]
+    files[1].write_bytes(b"not an image")
+    s = common.ImageSet(files=files, labels=np.array([0, 0, 1]))
+    img, label = s[1]
+    assert np.array_equal(pixels(img)[0, 0], (0, 0, 255))  # b/0.png was returned...
+    assert label == 1  # ...so its label must be b's
+
+
+def test_imagefolder_train_folder_without_val(tmp_path):
+    class_folder(tmp_path / "train", {c: [f"{i}.png" for i in range(5)] for c in ("cat", "dog")})
+    data = common.load_data(make_args("imagefolder", tmp_path, val_fraction=0.2))
+    assert data.num_classes == 2
+    assert set(data.train.labels.tolist()) | set(data.test.labels.tolist()) == {0, 1}
+
+
+def test_imagefolder_hidden_file_at_root_is_ignored(tmp_path):
+    class_folder(tmp_path, {c: [f"{i}.png" for i in range(5)] for c in ("cat", "dog")})
+    save_image(tmp_path / "._cat.jpg")  # macOS AppleDouble file, as left by copying from a Mac
+    data = common.load_data(make_args("imagefolder", tmp_path, val_fraction=0.2))
+    assert data.num_classes == 2 and data.train is not None
+    assert not any(os.path.basename(p).startswith(".") for p in data.pretrain.files)
+
+
+# ---- 4. load_data: npz (MedMNIST layout) ---------------------------------------------------
+
+
+def write_npz(path, n=12, size=6, rgb=False, splits=("train", "val", "test"), label_cols=1, seed=0, **extra):
+    rng = np.random.default_rng(seed)
+    arrays = {}
+    for i, s in enumerate(splits):
+        shape = (n + i, size, size, 3) if rgb else (n + i, size, size)
+        arrays[f"{s}_images"] = rng.integers(0, 256, shape, dtype=np.uint8)
+        arrays[f"{s}_labels"] = rng.integers(0, 4 if label_cols == 1 else 2, (n + i, label_cols)).astype(np.uint8)
+    arrays.update(extra)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, **arrays)
+    return arrays
+
+
+def test_npz_grey_images_become_three_channels(tmp_path):
+    arrays = write_npz(tmp_path / "m.npz", n=12, size=6)
+    data = common.load_data(make_args("npz", tmp_path / "m.npz"))
+    x = data.pretrain.images
+    assert x.shape == (12, 6, 6, 3) and x.dtype == np.uint8
+    for c in range(3):
+        assert np.array_equal(x[..., c], arrays["train_images"])
+    assert data.image_size == 6 and data.train is data.pretrain
+    assert data.pretrain.labels.shape == (12,) and data.pretrain.labels.dtype == np.int64
+    assert np.array_equal(data.pretrain.labels, arrays["train_labels"][:, 0])
+    assert len(data.test) == 14 and np.array_equal(data.test.labels, arrays["test_labels"][:, 0])  # test_, not val_
+    labels = np.concatenate([arrays["train_labels"], arrays["test_labels"]])
+    assert data.num_classes == labels.max() + 1
+    assert len(data.mean) == 3 and all(0 < s < 1 for s in data.std)
+    assert pixels(data.pretrain[0][0]).shape == (6, 6, 3)
+
+
+def test_npz_rgb_and_single_channel_images(tmp_path):
+    arrays = write_npz(tmp_path / "rgb.npz", rgb=True)
+    data = common.load_data(make_args("npz", tmp_path / "rgb.npz"))
+    assert np.array_equal(data.pretrain.images, arrays["train_images"])
+    one = arrays["train_images"][..., :1]
+    np.savez(tmp_path / "one.npz", train_images=one, train_labels=arrays["train_labels"],
+             test_images=one, test_labels=arrays["train_labels"])
+    data = common.load_data(make_args("npz", tmp_path / "one.npz"))
+    assert np.array_equal(data.pretrain.images, np.repeat(one, 3, axis=-1))
+
+
+def test_npz_test_split_falls_back_to_val(tmp_path):
+    arrays = write_npz(tmp_path / "m.npz", splits=("train", "val"))
+    data = common.load_data(make_args("npz", tmp_path / "m.npz"))
+    assert len(data.test) == len(arrays["val_labels"])
+    assert np.array_equal(data.test.labels, arrays["val_labels"][:, 0])
+
+
+def test_npz_multilabel_is_unlabeled(tmp_path):
+    write_npz(tmp_path / "chest.npz", label_cols=14)
+    data = common.load_data(make_args("npz", tmp_path / "chest.npz"))
+    assert data.train is None and data.test is None and data.num_classes == 0
+    assert len(data.pretrain) == 12 and data.pretrain[0][1] == -1
+
+
+def test_npz_folder_with_one_file(tmp_path):
+    arrays = write_npz(tmp_path / "d" / "only.npz")
+    (tmp_path / "d" / "readme.txt").write_text("x")
+    data = common.load_data(make_args("npz", tmp_path / "d"))
+    assert np.array_equal(data.pretrain.images[..., 0], arrays["train_images"])
+
+
+def test_npz_errors_name_the_path(tmp_path):
+    def error(path):
+        with pytest.raises(SystemExit) as e:
+            common.load_data(make_args("npz", path))
+        assert str(e.value).startswith("error:") and str(path) in str(e.value), str(e.value)
+        return str(e.value)
+
+    error(tmp_path / "nothing.npz")
+    np.savez(tmp_path / "x.npz", images=np.zeros((2, 4, 4), np.uint8))
+    assert "train_images" in error(tmp_path / "x.npz")
+    np.savez(tmp_path / "f.npz", train_images=np.zeros((2, 4, 4), np.float32), train_labels=np.zeros((2, 1)))
+    assert "float32" in error(tmp_path / "f.npz")
+    write_npz(tmp_path / "two" / "a.npz"), write_npz(tmp_path / "two" / "b.npz")
+    assert "found 2" in error(tmp_path / "two")
+    (tmp_path / "none").mkdir()
+    assert "found 0" in error(tmp_path / "none")
+
+
+# ---- 5. ImageSet: seeded views -------------------------------------------------------------
+
+
+def test_same_key_gives_the_same_views():
+    s = small_set(transform=simclr_views(16), seed=3)
+    (a1, a2), label = s[(2, 5)]
+    (b1, b2), label_again = s[(2, 5)]
+    assert torch.equal(a1, b1) and torch.equal(a2, b2) and label == label_again
+    assert a1.shape == (3, 16, 16)
+    assert not torch.equal(a1, a2)  # the two views of one call differ
+    (c1, c2), _ = s[(3, 5)]
+    assert not torch.equal(a1, c1) and not torch.equal(a2, c2)  # another epoch: other views
+    (d1, _), _ = s[(2, 6)]
+    assert not torch.equal(a1, d1)
+    (e1, _), _ = s.with_transform(s.transform)[(2, 5)]
+    assert torch.equal(a1, e1)
+    other_seed = common.ImageSet(s.images, labels=s.labels, transform=s.transform, seed=4)
+    assert not torch.equal(a1, other_seed[(2, 5)][0][0])
+
+
+def test_int_key_is_epoch_zero():
+    s = small_set(transform=simclr_views(16))
+    assert torch.equal(s[4][0][0], s[(0, 4)][0][0])
+
+
+def test_getitem_leaves_global_rng_untouched():
+    s = small_set(transform=simclr_views(16))
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    s[(1, 3)], s[(0, 2)]
+    assert torch.equal(before, torch.get_rng_state())
+
+
+def test_with_transform_returns_a_copy():
+    s = small_set()
+    t = common.eval_transform(12, MEAN, STD)
+    s2 = s.with_transform(t)
+    assert s2 is not s and s2.transform is t and s.transform is None
+    assert s2.images is s.images and s2.seed == s.seed
+    assert isinstance(s[0][0], Image.Image) and torch.is_tensor(s2[0][0])
+
+
+def test_unlabeled_set_returns_minus_one():
+    assert small_set(labels=False)[3][1] == -1
+    assert small_set(labels=True)[3][1] >= 0
+
+
+# ---- 6. EpochSampler -----------------------------------------------------------------------
+
+
+def sampled(n, world_size, rank, epoch=0, skip=0, seed=0):
+    sampler = common.EpochSampler(range(n), world_size, rank, seed)
+    sampler.set_epoch(epoch, skip=skip)
+    return sampler
+
+
+def test_sampler_yields_epoch_index_pairs():
+    pairs = list(sampled(20, 1, 0, epoch=3))
+    assert all(e == 3 for e, _ in pairs)
+    assert sorted(i for _, i in pairs) == list(range(20))
+
+
+def test_two_ranks_split_each_global_batch():
+    n, batch = 64, 8
+    one = [i for _, i in sampled(n, 1, 0, epoch=2)]
+    ranks = [[i for _, i in sampled(n, 2, r, epoch=2)] for r in (0, 1)]
+    assert not set(ranks[0]) & set(ranks[1])
+    for b in range(n // batch):
+        local = ranks[0][b * batch // 2:(b + 1) * batch // 2] + ranks[1][b * batch // 2:(b + 1) * batch // 2]
+        assert sorted(local) == sorted(one[b * batch:(b + 1) * batch]), b
+
+
+def test_sampler_skip_drops_this_ranks_first_indices():
+    for world_size, rank in ((1, 0), (2, 1)):
+        full = list(sampled(30, world_size, rank, epoch=1))
+        skipped = sampled(30, world_size, rank, epoch=1, skip=7)
+        assert list(skipped) == full[7:]
+        assert len(skipped) == len(full) - 7
+    again = sampled(30, 1, 0, epoch=1, skip=7)
+    again.set_epoch(2)  # a new epoch starts from the beginning
+    assert len(list(again)) == len(again) == 30
+
+
+def test_sampler_permutation_depends_on_epoch_and_seed():
+    order = lambda **kw: [i for _, i in sampled(50, 1, 0, **kw)]
+    assert order(epoch=0) == order(epoch=0)
+    assert order(epoch=0) != order(epoch=1)
+    assert order(epoch=0) != order(epoch=0, seed=1)
+
+
+# ---- 7. train_loader -----------------------------------------------------------------------
+
+
+def loader_batches(workers, epochs=(0, 1), batches=2):
+    x, y = common.synthetic_images(40, 12, seed=1)
+    s = common.ImageSet(x, labels=y, transform=simclr_views(12), seed=5)
+    loader = common.train_loader(s, 8, 1, 0, workers, seed=5, pin_memory=False)
+    out = []
+    for epoch in epochs:
+        loader.sampler.set_epoch(epoch)
+        for b, batch in enumerate(loader):
+            if b == batches:
+                break
+            out.append(batch)
+    return loader, out
+
+
+def test_loader_drops_the_partial_batch():
+    x, y = common.synthetic_images(30, 8, seed=0)
+    s = common.ImageSet(x, labels=y, transform=common.eval_transform(8, MEAN, STD))
+    loader = common.train_loader(s, 8, 1, 0, 0, seed=0, pin_memory=False)
+    loader.sampler.set_epoch(0)
+    batches = list(loader)
+    assert len(batches) == len(loader) == 3
+    assert all(imgs.shape == (8, 3, 8, 8) and labels.shape == (8,) for imgs, labels in batches)
+    two = common.train_loader(s, 4, 2, 1, 0, seed=0, pin_memory=False)  # rank 1 of 2: 15 images -> 3 batches of 4
+    two.sampler.set_epoch(0)
+    assert [len(b[1]) for b in two] == [4, 4, 4]
+
+
+def test_loader_views_do_not_depend_on_workers():
+    _, serial = loader_batches(workers=0)
+    loader, parallel = loader_batches(workers=2)
+    del loader  # stop the persistent workers
+    assert len(serial) == len(parallel) == 4
+    for (v_serial, y_serial), (v_parallel, y_parallel) in zip(serial, parallel):
+        assert torch.equal(y_serial, y_parallel)
+        assert all(torch.equal(a, b) for a, b in zip(v_serial, v_parallel))
+    assert not torch.equal(serial[0][0][0], serial[2][0][0])  # epochs 0 and 1 differ
+
+
+# ---- 8. simclr_augmentation ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("size", [16, 32, 64])
+def test_simclr_augmentation_matches_the_paper_without_blur(size):
+    t = common.simclr_augmentation(size, MEAN, STD)
+    crop, flip, jitter, grey, to_tensor, norm = t.transforms
+    assert isinstance(crop, T.RandomResizedCrop) and tuple(crop.size) == (size, size)
+    assert tuple(crop.scale) == (0.08, 1.0) and tuple(crop.ratio) == pytest.approx((3 / 4, 4 / 3))
+    assert isinstance(flip, T.RandomHorizontalFlip) and flip.p == 0.5
+    assert isinstance(jitter, T.RandomApply) and jitter.p == 0.8
+    (cj,) = jitter.transforms
+    assert isinstance(cj, T.ColorJitter)
+    for interval in (cj.brightness, cj.contrast, cj.saturation):
+        assert tuple(interval) == pytest.approx((0.6, 1.4))
+    assert tuple(cj.hue) == pytest.approx((-0.1, 0.1))
+    assert isinstance(grey, T.RandomGrayscale) and grey.p == 0.2
+    assert isinstance(to_tensor, T.ToTensor)
+    assert isinstance(norm, T.Normalize) and tuple(norm.mean) == MEAN and tuple(norm.std) == STD
+    assert not any(isinstance(x, T.GaussianBlur) for x in t.transforms)
+
+
+@pytest.mark.parametrize("size", [65, 96, 224])
+def test_simclr_augmentation_blurs_large_images(size):
+    t = common.simclr_augmentation(size, MEAN, STD)
+    blur = t.transforms[4]
+    assert isinstance(blur, T.RandomApply) and blur.p == 0.5
+    (g,) = blur.transforms
+    assert isinstance(g, T.GaussianBlur)
+    k = g.kernel_size[0]
+    assert g.kernel_size[0] == g.kernel_size[1] and k % 2 == 1 and abs(k - 0.1 * size) <= 1.5, k
+    assert tuple(g.sigma) == pytest.approx((0.1, 2.0))
+    assert isinstance(t.transforms[-1], T.Normalize)
+
+
+@pytest.mark.parametrize("size", [8, 96])
+def test_simclr_augmentation_output_shape(size):
+    img = Image.fromarray(common.synthetic_images(1, 40, seed=0)[0][0])
+    torch.manual_seed(0)
+    out = common.simclr_augmentation(size, MEAN, STD)(img)
+    assert out.shape == (3, size, size) and out.dtype == torch.float32
+
+
+# ---- 9. eval_transform and probe_transform -------------------------------------------------
+
+
+def test_eval_transform_centre_crops_deterministically():
+    rng = np.random.default_rng(0)
+    arr = rng.integers(0, 256, (8, 16, 3), dtype=np.uint8)  # 8 high, 16 wide: the centre 8 x 8 is kept
+    t = common.eval_transform(8, MEAN, STD)
+    out = t(Image.fromarray(arr))
+    centre = torch.from_numpy(arr[:, 4:12]).permute(2, 0, 1).float() / 255
+    expected = (centre - torch.tensor(MEAN)[:, None, None]) / torch.tensor(STD)[:, None, None]
+    assert out.shape == (3, 8, 8)
+    assert torch.allclose(out, expected, atol=1e-5)
+    assert torch.equal(out, t(Image.fromarray(arr)))
+
+
+def test_eval_transform_large_images():
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (120, 150, 3), dtype=np.uint8))
+    t = common.eval_transform(96, MEAN, STD)
+    resize = next(x for x in t.transforms if isinstance(x, T.Resize))
+    assert resize.size in (110, [110])  # 96 / 0.875, the ImageNet centre crop
+    out = t(img)
+    assert out.shape == (3, 96, 96) and torch.equal(out, t(img))
+
+
+def test_probe_transform_output_size():
+    img = Image.fromarray(common.synthetic_images(1, 30, seed=0)[0][0])
+    t = common.probe_transform(12, MEAN, STD)
+    assert t(img).shape == (3, 12, 12)
+    assert any(isinstance(x, T.RandomHorizontalFlip) for x in t.transforms)
+
+
+# ---- 10. add_data_args ---------------------------------------------------------------------
+
+
+def data_parser():
+    parser = argparse.ArgumentParser()
+    common.add_data_args(parser)
+    return parser
+
+
+def test_data_args_defaults():
+    args = data_parser().parse_args([])
+    assert args.dataset == "cifar10" and args.data_dir == "./data" and args.image_size is None
+    assert args.val_fraction == 0.1 and args.synthetic_size == [2000, 500]
+    assert args.workers == min(8, len(os.sched_getaffinity(0))) and args.workers >= 1
+
+
+def test_data_args_parse():
+    args = data_parser().parse_args(["--dataset", "npz", "--data-dir", "/x/y.npz", "--image-size", "28",
+                                     "--val-fraction", "0.2", "--synthetic-size", "10", "5", "--workers", "3"])
+    assert (args.dataset, args.data_dir, args.image_size, args.val_fraction, args.synthetic_size, args.workers) == \
+        ("npz", "/x/y.npz", 28, 0.2, [10, 5], 3)
+    for name in common.DATASETS:
+        assert data_parser().parse_args(["--dataset", name]).dataset == name
+
+
+def test_data_args_reject_unknown_dataset(capsys):
+    with pytest.raises(SystemExit):
+        data_parser().parse_args(["--dataset", "imagenet"])
+    assert "invalid choice" in capsys.readouterr().err
+
+
+# ---- Known bugs ----------------------------------------------------------------------------
+
+
+def test_large_seed_gives_views():
+    s = small_set(transform=simclr_views(12), seed=20240501)  # a date as seed
+    (v1, v2), _ = s[(3, 5)]
+    assert v1.shape == (3, 12, 12) and not torch.equal(v1, v2)

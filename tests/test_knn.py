@@ -1,0 +1,27 @@
+"""The weighted kNN monitor on hand-made features."""
+import math
+
+import torch
+import torch.nn.functional as F
+
+from simclr import extract_features, knn_predict
+
+
+def test_knn_predict_hand_computed():
+    train = F.normalize(torch.tensor([[1.0, 0.0], [0.8, 0.6], [0.0, 1.0]]), dim=1)
+    labels = torch.tensor([0, 1, 1])
+    test = torch.tensor([[1.0, 0.0]])
+    # k=2: neighbours are train 0 (cos 1, class 0) and train 1 (cos 0.8, class 1).
+    scores = knn_predict(train, labels, test, num_classes=2, k=2, temperature=0.1)
+    assert torch.allclose(scores, torch.tensor([[math.exp(10), math.exp(8)]]))
+    # A higher temperature flattens the weights; with k=3 the two class-1 neighbours can win.
+    scores = knn_predict(train, labels, test, num_classes=2, k=3, temperature=10.0)
+    assert scores.argmax().item() == 1
+
+
+def test_extract_features_keeps_dataset_order():
+    data = [(torch.full((3, 2, 2), float(i)), i) for i in range(10)]
+    backbone = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3))
+    feats = extract_features(backbone, data, batch_size=4, workers=0, device=torch.device("cpu"), rank=0, world_size=1)
+    expected = backbone(torch.stack([x for x, _ in data]))
+    assert torch.allclose(feats, expected) and not backbone.training

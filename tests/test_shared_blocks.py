@@ -1,0 +1,49 @@
+"""The teaching blocks repeated in every script (marked '# SHARED: identical in every script')
+must stay identical, and every script must follow the same order of sections."""
+import re
+
+import pytest
+
+from conftest import REPO
+
+SCRIPTS = [p for p in ("simclr.py", "byol.py", "barlow.py", "dino.py", "linear_eval.py") if (REPO / p).exists()]
+MARK = "# SHARED: identical in every script"
+
+
+def sections(script):
+    """{title: text} of the sections that start with a '# ---- Title ----' divider."""
+    text = (REPO / script).read_text()
+    parts = re.split(r"^# ---- (.+?) -*$", text, flags=re.M)
+    return {title: body for title, body in zip(parts[1::2], parts[2::2])}
+
+
+def shared(script):
+    return {t: b for t, b in sections(script).items() if b.lstrip("\n").startswith(MARK)}
+
+
+def test_simclr_defines_the_shared_blocks():
+    assert list(shared("simclr.py")) == [
+        "Backbone", "Optimizer: LARS and schedules", "Distributed setup",
+        "Distributed: gather with gradients, global BatchNorm", "Checkpoints", "Logging", "Preemption signals",
+        "kNN monitor"]
+
+
+@pytest.mark.parametrize("script", [s for s in SCRIPTS if s != "simclr.py"])
+def test_shared_blocks_identical_to_simclr(script):
+    reference, blocks = shared("simclr.py"), shared(script)
+    assert blocks, f"{script} has no shared blocks"
+    for title, body in blocks.items():
+        assert title in reference, f"{script}: shared block '{title}' does not exist in simclr.py"
+        assert body == reference[title], f"{script}: block '{title}' differs from simclr.py; copy it back in sync"
+    # Method scripts carry every block; linear_eval.py may leave out what it does not use.
+    if script != "linear_eval.py":
+        assert list(blocks) == list(reference)
+    assert [t for t in reference if t in blocks] == list(blocks), f"{script}: shared blocks out of order"
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_script_reads_in_the_same_order(script):
+    titles = list(sections(script))
+    assert titles[0] == "Arguments" and titles[-1] == "Training"
+    text = (REPO / script).read_text()
+    assert text.startswith('"""') and text.rstrip().endswith('if __name__ == "__main__":\n    main(get_args_parser().parse_args())'.rstrip())

@@ -1,0 +1,63 @@
+"""The distributed setup read from torchrun's or SLURM's variables, with fake SLURM environments."""
+import argparse
+import random
+import subprocess
+import sys
+
+import pytest
+
+import simclr
+from conftest import REPO, TINY, clean_env, load, max_diff, run_script
+
+
+@pytest.mark.parametrize("nodelist,host", [
+    ("vm", "vm"), ("node1,node2", "node1"), ("gpu[003-005,010],cpu1", "gpu003"), ("n[5]", "n5"),
+    ("my-node[07,09-11]", "my-node07"), ("jean-zay-iam[01-04]", "jean-zay-iam01")])
+def test_first_host(nodelist, host):
+    assert simclr.first_host(nodelist) == host
+
+
+def slurm_vars(procid, ntasks, job_id, step=True):
+    env = {"SLURM_JOB_ID": str(job_id), "SLURM_PROCID": str(procid), "SLURM_NTASKS": str(ntasks),
+           "SLURM_LOCALID": str(procid), "SLURM_JOB_NODELIST": "localhost", "SLURM_CPUS_PER_TASK": "1"}
+    if step:
+        env["SLURM_STEP_ID"] = "0"  # srun sets it; the batch shell does not
+    return env
+
+
+def test_single_task_srun_step(monkeypatch):
+    for key, value in slurm_vars(0, 1, 1234).items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("MASTER_PORT", raising=False)
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    assert simclr.setup_distributed(argparse.Namespace(device="cpu", batch_size=8)) == (0, 0, 1, simclr.torch.device("cpu"))
+    import os
+    assert os.environ["MASTER_ADDR"] == "localhost" and os.environ["MASTER_PORT"] == str(15000 + 1234)
+
+
+def test_batch_shell_of_a_multi_task_job_runs_one_process_with_a_warning(monkeypatch, capsys):
+    for key, value in slurm_vars(0, 4, 99, step=False).items():
+        monkeypatch.setenv(key, value)
+    assert simclr.setup_distributed(argparse.Namespace(device="cpu", batch_size=8))[2] == 1
+    assert "not started by srun" in capsys.readouterr().err
+
+
+def test_torchrun_variables_win_over_slurm(monkeypatch):
+    for key, value in {**slurm_vars(1, 2, 5), "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}.items():
+        monkeypatch.setenv(key, value)
+    assert simclr.setup_distributed(argparse.Namespace(device="cpu", batch_size=8))[:3] == (0, 0, 1)
+
+
+def test_two_tasks_from_slurm_variables_train_together(tmp_path):
+    """Two processes started as srun would start them (only SLURM variables, no torchrun) form a
+    gloo group and train like one process with the same global batch."""
+    job_id = random.randint(1, 19999)
+    args = [*TINY, "--epochs", "1", "--max-steps", "2", "--deterministic", "--knn-every", "0"]
+    cmd = [sys.executable, str(REPO / "simclr.py"), *args, "--output-dir", str(tmp_path / "two")]
+    procs = [subprocess.Popen(cmd, cwd=REPO, env=clean_env(**slurm_vars(r, 2, job_id)), text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for r in (0, 1)]
+    outs = [p.communicate(timeout=240)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert "2 process(es)" in outs[0] and outs[1] == ""  # only rank 0 prints
+    run_script("simclr.py", *args, "--output-dir", tmp_path / "one")
+    assert max_diff(load(tmp_path / "one" / "last.pt")["model"], load(tmp_path / "two" / "last.pt")["model"]) < 1e-4

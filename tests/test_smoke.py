@@ -1,0 +1,83 @@
+"""A tiny SimCLR run and the linear evaluation of its checkpoints, as a user runs them."""
+import csv
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, TINY, clean_env, load, run_script
+
+CORE_FLAGS = ["--dataset", "--data-dir", "--output-dir", "--arch", "--epochs", "--batch-size", "--lr",
+              "--weight-decay", "--optimizer", "--warmup-epochs", "--workers", "--precision", "--device", "--seed",
+              "--save-every", "--log-every", "--knn-every", "--max-steps", "--resume", "--deterministic"]
+
+
+def test_simclr_writes_the_documented_files(pretrained):
+    assert sorted(p.name for p in pretrained.iterdir()) == ["args.json", "backbone.pt", "last.pt", "metrics.csv"]
+    ckpt = load(pretrained / "last.pt")
+    assert ckpt["method"] == "simclr" and ckpt["step"] == 8 and isinstance(ckpt["args"], dict)
+    assert set(ckpt) >= {"model", "optimizer", "scaler", "rng", "epoch", "step", "args", "backbone", "backbone_meta"}
+    assert ckpt["backbone_meta"] == {"arch": "resnet18", "cifar_stem": True, "feat_dim": 512, "image_size": 16}
+    assert not any(k.startswith(("module.", "_orig_mod.")) for k in ckpt["model"])
+    backbone = load(pretrained / "backbone.pt")
+    assert set(backbone) == {"method", "args", "backbone", "backbone_meta"}
+    assert backbone["backbone"].keys() == ckpt["backbone"].keys()
+    rows = list(csv.DictReader(open(pretrained / "metrics.csv")))
+    assert list(rows[0]) == ["kind", "epoch", "step", "loss", "lr", "img_per_s", "peak_mem_mb", "knn_top1", "time_s"]
+    epochs = [r for r in rows if r["kind"] == "epoch"]
+    assert len(epochs) == 2 and all(0 <= float(r["knn_top1"]) <= 100 for r in epochs)
+    assert all(float(r["img_per_s"]) > 0 and float(r["peak_mem_mb"]) > 0 for r in rows)
+    assert json.loads((pretrained / "args.json").read_text())["epochs"] == 2
+
+
+@pytest.mark.parametrize("ckpt,mode", [("last.pt", "fast"), ("backbone.pt", "linear")])
+def test_linear_eval_on_simclr_checkpoints(pretrained, tmp_path, ckpt, mode):
+    proc = run_script("linear_eval.py", "--ckpt", pretrained / ckpt, "--mode", mode, "--epochs", "2",
+                      "--batch-size", "32", "--device", "cpu", "--workers", "0", "--output-dir", tmp_path)
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["dataset"] == "synthetic" and results["mode"] == mode  # taken from the checkpoint
+    assert 0 <= results["top1"] <= results["top5"] <= 100 and 0 <= results["knn_top1"] <= 100
+    assert f"linear top-1 {results['top1']:.2f}%" in proc.stdout
+
+
+def test_linear_eval_default_output_dir_and_random_baseline(pretrained, tmp_path):
+    run_script("linear_eval.py", "--ckpt", pretrained / "last.pt", "--mode", "fast", "--epochs", "1",
+               "--batch-size", "32", "--device", "cpu", "--workers", "0")
+    assert json.loads((pretrained / "linear_eval" / "results.json").read_text())["ckpt"] == str(pretrained / "last.pt")
+    (pretrained / "linear_eval" / "results.json").unlink()
+    run_script("linear_eval.py", "--ckpt", "random", "--dataset", "synthetic", "--synthetic-size", "128", "64",
+               "--image-size", "16", "--mode", "fast", "--epochs", "1", "--batch-size", "32", "--device", "cpu",
+               "--workers", "0", "--output-dir", tmp_path)
+    assert json.loads((tmp_path / "results.json").read_text())["ckpt"] == "random"
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_paths(tmp_path, precision):
+    # fp16 autocast is slow on CPUs: one step on 8 px images is enough to go through GradScaler.
+    run_script("simclr.py", *TINY, "--image-size", "8", "--epochs", "1", "--max-steps", "1", "--precision", precision,
+               "--output-dir", tmp_path, "--knn-every", "0")
+    assert load(tmp_path / "last.pt")["args"]["precision"] == precision
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_other_optimizers_and_no_projector(tmp_path, optimizer):
+    run_script("simclr.py", *TINY, "--epochs", "1", "--max-steps", "2", "--optimizer", optimizer,
+               "--proj-layers", "0", "--output-dir", tmp_path, "--knn-every", "0")
+    assert not any(k.startswith("projector") for k in load(tmp_path / "last.pt")["model"])
+
+
+@pytest.mark.parametrize("script", ["simclr.py", "linear_eval.py"])
+def test_help_documents_every_core_flag(script):
+    out = run_script(script, "--help").stdout
+    for flag in CORE_FLAGS:
+        assert flag in out, f"{script} --help lacks {flag}"
+
+
+def test_import_has_no_side_effects(tmp_path):
+    code = ("import signal, simclr, linear_eval, common; "
+            "assert signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL; print('clean')")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=clean_env(PYTHONPATH=str(REPO)),
+                          capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout == "clean\n" and proc.stderr == "", proc.stderr
+    assert list(tmp_path.iterdir()) == []
