@@ -554,10 +554,10 @@ def main(args):
         check_writable(out)
     resume_from = last if last.exists() else args.resume
     ckpt = load_checkpoint(resume_from) if resume_from else None
-    if ckpt and (ckpt.get("method") != "linear_eval" or ckpt["args"].get("mode") != args.mode
-                 or ckpt["args"].get("batch_size") != args.batch_size):
-        common.fail(f"{resume_from} is not a --mode {args.mode} --batch-size {args.batch_size} probe checkpoint of "
-                    "linear_eval.py; use another --output-dir")
+    same = ("ckpt", "mode", "batch_size", "optimizer")  # a probe resumes only the same evaluation
+    if ckpt and (ckpt.get("method") != "linear_eval" or any(ckpt["args"].get(k) != getattr(args, k) for k in same)):
+        common.fail(f"{resume_from} is not a probe of {args.ckpt} with these --mode, --batch-size and --optimizer; "
+                    "use another --output-dir")
 
     # 4. Data --------------------------------------------------------------------------------
     if is_main:

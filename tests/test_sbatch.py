@@ -1,0 +1,65 @@
+"""The sbatch scripts, run by bash with a fake `srun` that starts the task as SLURM would (one
+task, SLURM variables set): argument pass-through, output folder keyed by the job id, workers
+from --cpus-per-task, and the same folder reused by a requeued job. The real-cluster tests start
+slurmctld/slurmd themselves (see test_slurm_cluster.py when present)."""
+import json
+import shutil
+import subprocess
+
+import pytest
+
+from conftest import REPO, clean_env, load
+
+FAKE_SRUN = """#!/bin/bash
+# Drop srun's own options, then run the command as task 0 of a 1-task step.
+while [[ "$1" == -* ]]; do shift; done
+export SLURM_STEP_ID=0 SLURM_PROCID=0 SLURM_LOCALID=0 SLURM_NTASKS=1
+echo "srun cpus=$SRUN_CPUS_PER_TASK" >&2
+exec "$@"
+"""
+
+
+@pytest.fixture
+def submit_dir(tmp_path):
+    for name in ("simclr.py", "linear_eval.py", "common.py"):
+        shutil.copy(REPO / name, tmp_path / name)
+    shutil.copytree(REPO / "sbatch", tmp_path / "sbatch")
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "srun").write_text(FAKE_SRUN)
+    (tmp_path / "bin" / "srun").chmod(0o755)
+    return tmp_path
+
+
+def sbatch_env(submit_dir, job_id):
+    return clean_env(PATH=f"{submit_dir / 'bin'}:{clean_env()['PATH']}", SLURM_JOB_ID=str(job_id),
+                     SLURM_SUBMIT_DIR=str(submit_dir), SLURM_CPUS_PER_TASK="3", SLURM_JOB_NODELIST="localhost")
+
+
+def test_simclr_sbatch_script(submit_dir):
+    tiny = ["--device", "cpu", "--dataset", "synthetic", "--synthetic-size", "128", "64", "--image-size", "16",
+            "--batch-size", "32", "--epochs", "1", "--knn-every", "0", "--log-every", "1"]
+    env = sbatch_env(submit_dir, 4321)
+    # Started from elsewhere (SLURM runs a spooled copy of the script): it must cd to the submit dir.
+    proc = subprocess.run(["bash", submit_dir / "sbatch" / "simclr.sh", *tiny, "--max-steps", "1"],
+                          cwd=submit_dir / "bin", env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = submit_dir / "runs" / "simclr-4321"
+    args = json.loads((out / "args.json").read_text())
+    assert args["max_steps"] == 1 and args["workers"] == 2 and "srun cpus=3" in proc.stderr
+    # The requeued job (same id) runs the script again and resumes in the same folder.
+    proc = subprocess.run(["bash", "sbatch/simclr.sh", *tiny, "--max-steps", "2"], cwd=submit_dir, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "resumed from runs/simclr-4321/last.pt at step 1" in proc.stdout
+    assert load(out / "last.pt")["step"] == 2
+
+
+def test_linear_eval_sbatch_script(submit_dir):
+    env = sbatch_env(submit_dir, 55)
+    tiny = ["--device", "cpu", "--dataset", "synthetic", "--synthetic-size", "128", "64", "--image-size", "16",
+            "--batch-size", "32", "--epochs", "1"]
+    subprocess.run(["bash", "sbatch/simclr.sh", *tiny, "--knn-every", "0", "--max-steps", "1"], cwd=submit_dir,
+                   env=env, check=True, capture_output=True, timeout=300)
+    proc = subprocess.run(["bash", "sbatch/linear_eval.sh", "--ckpt", "runs/simclr-55/backbone.pt", "--mode", "fast",
+                           *tiny], cwd=submit_dir, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "top1" in json.loads((submit_dir / "runs" / "simclr-55" / "linear_eval" / "results.json").read_text())
