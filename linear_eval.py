@@ -218,8 +218,8 @@ class GatherWithGrad(torch.autograd.Function):
 
 
 class CPUSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
-    """SyncBatchNorm for CPU processes (torch's runs on GPUs only): batch statistics of the
-    global batch, from a differentiable all_reduce of the per-channel sums."""
+    """SyncBatchNorm for CPU processes (torch's runs on GPUs only): the statistics of the global
+    batch, from every process's per-channel sums, gathered with gradients."""
 
     def _check_input_dim(self, x):
         pass
@@ -242,8 +242,8 @@ class CPUSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
 
 
 def convert_sync_batchnorm(module, device):
-    """BatchNorm over the global batch under DDP ("global BN", SimCLR section B.1); the state dict
-    keys do not change, so checkpoints load with or without it."""
+    """BatchNorm over the global batch under DDP ("global BN", SimCLR paper, section 2); the state
+    dict keys do not change, so checkpoints load with or without it."""
     if device.type == "cuda":
         return nn.SyncBatchNorm.convert_sync_batchnorm(module)
     for name, child in module.named_children():
@@ -397,8 +397,12 @@ class Preemption:
         flags = torch.tensor([self.usr1, self.term], dtype=torch.int32)
         if self.world_size > 1:
             dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.group)
-        self.usr1, self.term = bool(flags[0]), bool(flags[1])
-        return self.usr1 or self.term
+        # Only ever set flags here: writing False back could erase a signal arriving meanwhile.
+        if flags[0]:
+            self.usr1 = True
+        if flags[1]:
+            self.term = True
+        return bool(flags.any())
 
     def exit(self, is_main, message):
         """After saving: on SIGUSR1 under SLURM, requeue the job (it keeps its id, so it resumes)."""
@@ -649,7 +653,7 @@ def main(args):
         if stopping:
             break
     save_state(last, raw_head, optimizer, scaler, run, args)
-    if run.preemption.usr1 or run.preemption.term:
+    if run.preemption.requested():  # all processes agree on how to end
         run.preemption.exit(is_main, f"stopped at step {run.step}, saved {last}")
 
     # 8. Evaluate: top-1/top-5 of the probe and kNN on the test split ------------------------

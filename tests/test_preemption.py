@@ -30,7 +30,11 @@ def start_and_signal(out, sig, env, script="simclr.py", extra=()):
         if line.startswith("epoch 0 step"):
             proc.send_signal(sig)
             break
-    rest, _ = proc.communicate(timeout=120)
+    try:
+        rest, _ = proc.communicate(timeout=180)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        rest = proc.communicate()[0] + "\n(killed: no exit within 180 s of the signal)"
     return proc.returncode, "".join(lines) + rest
 
 
