@@ -196,6 +196,14 @@ def setup_distributed(args):
     return rank, local_rank, world_size, device
 
 
+def cleanup_distributed():
+    """Wait for every process, then close the group: leaving with a live group, or closing it
+    while another process still uses it, can abort the process at exit."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 # ---- Distributed: gather with gradients, global BatchNorm ---------------------------------
 # SHARED: identical in every script
 
@@ -415,6 +423,7 @@ class Preemption:
                     print(f"requeued SLURM job {job}", flush=True)
                 except (OSError, subprocess.SubprocessError) as e:
                     print(f"error: could not requeue job {job} ({e}); resubmit it to resume", file=sys.stderr)
+        cleanup_distributed()
         sys.exit(143 if self.term else 0)
 
 
@@ -676,8 +685,7 @@ def main(args):
         knn = f", kNN top-1 {results['knn_top1']:.2f}%" if results["knn_top1"] is not None else ""
         print(f"{args.ckpt}: linear top-1 {results['top1']:.2f}%, top-5 {results['top5']:.2f}%{knn} "
               f"({args.dataset} test, {args.mode} mode); written to {out / 'results.json'}", flush=True)
-    if world_size > 1:
-        dist.destroy_process_group()
+    cleanup_distributed()
 
 
 if __name__ == "__main__":

@@ -249,6 +249,14 @@ def setup_distributed(args):
     return rank, local_rank, world_size, device
 
 
+def cleanup_distributed():
+    """Wait for every process, then close the group: leaving with a live group, or closing it
+    while another process still uses it, can abort the process at exit."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 # ---- Distributed: gather with gradients, global BatchNorm ---------------------------------
 # SHARED: identical in every script
 
@@ -468,6 +476,7 @@ class Preemption:
                     print(f"requeued SLURM job {job}", flush=True)
                 except (OSError, subprocess.SubprocessError) as e:
                     print(f"error: could not requeue job {job} ({e}); resubmit it to resume", file=sys.stderr)
+        cleanup_distributed()
         sys.exit(143 if self.term else 0)
 
 
@@ -664,8 +673,7 @@ def main(args):
         save_checkpoint({"method": "simclr", "args": vars(args), "backbone": raw_model.backbone.state_dict(),
                          "backbone_meta": run.backbone_meta}, out / "backbone.pt")
         print(f"done at step {run.step}: {last} and {out / 'backbone.pt'}", flush=True)
-    if world_size > 1:
-        dist.destroy_process_group()
+    cleanup_distributed()
 
 
 if __name__ == "__main__":

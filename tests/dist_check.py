@@ -32,3 +32,4 @@ if world_size > 1:
 if rank == 0:
     torch.save({"loss": loss, "grads": {n: p.grad for n, p in model.named_parameters()},
                 "buffers": {n: b for n, b in model.named_buffers()}}, sys.argv[1])
+simclr.cleanup_distributed()  # a process leaving with a live gloo group can abort at exit

@@ -83,3 +83,27 @@ def test_linear_eval_sigusr1(tmp_path, pretrained, fake_scontrol):
     assert log.read_text().split() == ["requeue", "77"]
     assert load(tmp_path / "le" / "last.pt")["method"] == "linear_eval"
     assert not (tmp_path / "le" / "results.json").exists()
+
+
+def test_two_tasks_agree_to_stop_when_one_gets_the_signal(tmp_path, fake_scontrol):
+    """srun signals every task, but not at the same instant: a signal seen by one process must
+    stop all of them at the same step (here only rank 1 gets it)."""
+    import random
+    from test_slurm_env import slurm_vars
+    bin_dir, log = fake_scontrol
+    job_id = random.randint(1, 19999)
+    cmd = [sys.executable, str(REPO / "simclr.py"), *TINY, "--epochs", "50", "--knn-every", "0",
+           "--output-dir", str(tmp_path / "run")]
+    procs = [subprocess.Popen(cmd, cwd=REPO, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              env=clean_env(PATH=f"{bin_dir}:{os.environ['PATH']}", **slurm_vars(r, 2, job_id)))
+             for r in (0, 1)]
+    lines = []
+    for line in procs[0].stdout:
+        lines.append(line)
+        if line.startswith("epoch 0 step"):
+            procs[1].send_signal(signal.SIGUSR1)
+            break
+    outs = [procs[0].communicate(timeout=180)[0], procs[1].communicate(timeout=180)[0]]
+    assert [p.returncode for p in procs] == [0, 0], "".join(lines) + outs[0] + outs[1]
+    assert log.read_text().split() == ["requeue", str(job_id)]  # rank 0 requeues, once
+    assert load(tmp_path / "run" / "last.pt")["step"] < 200
