@@ -53,3 +53,16 @@ def test_cpu_sync_batchnorm_matches_batchnorm_single_process():
     assert torch.allclose(g1, g2, atol=1e-9)
     assert torch.allclose(bn.running_var, sync.running_var) and torch.allclose(bn.running_mean, sync.running_mean)
     dist.destroy_process_group()
+
+
+def test_linear_eval_two_processes_matches_one(tmp_path, pretrained):
+    from conftest import run_script as run
+    args = ["--ckpt", pretrained / "last.pt", "--mode", "fast", "--epochs", "2", "--batch-size", "32",
+            "--device", "cpu", "--workers", "0", "--deterministic"]
+    run("linear_eval.py", *args, "--output-dir", tmp_path / "one")
+    torchrun("linear_eval.py", *args, "--output-dir", tmp_path / "two")
+    one, two = load(tmp_path / "one" / "last.pt"), load(tmp_path / "two" / "last.pt")
+    assert max_diff(one["head"], two["head"]) < 1e-5
+    import json
+    r1, r2 = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("one", "two"))
+    assert r1["knn_top1"] == r2["knn_top1"] and abs(r1["top1"] - r2["top1"]) < 1e-9

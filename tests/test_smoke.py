@@ -81,3 +81,26 @@ def test_import_has_no_side_effects(tmp_path):
                           capture_output=True, text=True)
     assert proc.returncode == 0 and proc.stdout == "clean\n" and proc.stderr == "", proc.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("arch,feat_dim", [("resnet18", 512), ("resnet34", 512), ("resnet50", 2048)])
+@pytest.mark.parametrize("cifar_stem,size,spatial", [(True, 32, 4), (False, 64, 2)])
+def test_backbones(arch, feat_dim, cifar_stem, size, spatial):
+    import torch
+    from simclr import build_backbone
+    net, dim = build_backbone(arch, cifar_stem)
+    assert dim == feat_dim and net(torch.randn(2, 3, size, size)).shape == (2, feat_dim)
+    # The CIFAR stem keeps the resolution (32 px -> 4x4 before pooling); the ImageNet stem divides by 32.
+    trunk = torch.nn.Sequential(*list(net.children())[:-2])
+    assert trunk(torch.randn(1, 3, size, size)).shape[-1] == spatial
+
+
+def test_unlabeled_folder_trains_without_knn(tmp_path):
+    from PIL import Image
+    (tmp_path / "flat").mkdir()
+    for i in range(40):
+        Image.new("RGB", (20, 24), (i * 6, 100, 255 - i * 6)).save(tmp_path / "flat" / f"{i}.png")
+    proc = run_script("simclr.py", "--dataset", "imagefolder", "--data-dir", tmp_path / "flat", "--batch-size", "16",
+                      "--epochs", "1", "--device", "cpu", "--workers", "0", "--knn-every", "1", "--output-dir", tmp_path / "out")
+    assert "40 images" in proc.stdout and "knn" not in proc.stdout
+    assert load(tmp_path / "out" / "backbone.pt")["backbone_meta"]["image_size"] == 20  # the images' smaller side
