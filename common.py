@@ -135,7 +135,9 @@ def download_data(args):
     if cls is None:
         return
     try:
-        for kw in ([{"split": "train+unlabeled"}, {"split": "test"}] if cls == "STL10" else [{"train": True}, {"train": False}]):
+        stl = cls == "STL10"
+        splits = [{"split": "train+unlabeled"}, {"split": "test"}] if stl else [{"train": True}, {"train": False}]
+        for kw in splits:
             getattr(torchvision.datasets, cls)(args.data_dir, download=True, **kw)
     except Exception as e:  # torchvision raises URLError, HTTPError, RuntimeError... all mean the same here
         fail(f"could not download {args.dataset} into {args.data_dir} ({type(e).__name__}: {e}). Without internet, run "
@@ -220,7 +222,8 @@ def _npz(path):
         x = np.repeat(x, 3, axis=-1) if x.shape[-1] == 1 else x
         y = arrays.get(f"{name}_labels")
         # Multi-label sets (ChestMNIST: N x 14) have no single class: treated as unlabeled.
-        y = y.reshape(len(y), -1)[:, 0].astype(np.int64) if y is not None and y.reshape(len(y), -1).shape[1] == 1 else None
+        y = None if y is None else y.reshape(len(y), -1)
+        y = y[:, 0].astype(np.int64) if y is not None and y.shape[1] == 1 else None
         return ImageSet(np.ascontiguousarray(x), labels=y)
 
     train, test = split("train"), split("test") or split("val")

@@ -54,7 +54,7 @@ def get_args_parser():
     parser.set_defaults(dataset=None, data_dir=None)  # None: the ones the checkpoint was trained on
     g = parser.add_argument_group("evaluation")
     g.add_argument("--ckpt", required=True, help="last.pt or backbone.pt of any method script, or 'random'")
-    g.add_argument("--arch", default="resnet18", choices=ARCHS, help="backbone for --ckpt random (else from the checkpoint)")
+    g.add_argument("--arch", default="resnet18", choices=ARCHS, help="backbone of --ckpt random")
     g.add_argument("--mode", default="linear", choices=["linear", "fast"],
                    help="linear: probe on augmented images; fast: probe on features computed once")
     g = parser.add_argument_group("optimisation")
@@ -66,7 +66,7 @@ def get_args_parser():
     g.add_argument("--lars-eta", type=float, default=0.02, help="LARS trust coefficient")
     g.add_argument("--warmup-epochs", type=int, default=0, help="linear warm-up epochs before the cosine decay")
     g = parser.add_argument_group("run")
-    g.add_argument("--output-dir", default=None, help="results and probe checkpoints (default: linear_eval/ beside --ckpt)")
+    g.add_argument("--output-dir", default=None, help="results and probe checkpoints (default: beside --ckpt)")
     g.add_argument("--resume", default=None, help="probe checkpoint to start from when --output-dir has no last.pt")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to train")
     g.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
@@ -75,7 +75,7 @@ def get_args_parser():
     g.add_argument("--deterministic", action="store_true", help="deterministic algorithms (bitwise resume on CPU)")
     g.add_argument("--save-every", type=int, default=1, help="write last.pt every N epochs")
     g.add_argument("--log-every", type=int, default=50, help="log and print every N steps")
-    g.add_argument("--knn-every", type=int, default=1, help="run the kNN evaluation (0 = skip; the backbone is frozen, so once)")
+    g.add_argument("--knn-every", type=int, default=1, help="kNN evaluation (0 = skip; run once)")
     g.add_argument("--max-steps", type=int, default=None, help="stop after N optimisation steps in all")
     return parser
 
@@ -256,7 +256,8 @@ def convert_sync_batchnorm(module, device):
         return nn.SyncBatchNorm.convert_sync_batchnorm(module)
     for name, child in module.named_children():
         if isinstance(child, nn.modules.batchnorm._BatchNorm):
-            sync = CPUSyncBatchNorm(child.num_features, child.eps, child.momentum, child.affine, child.track_running_stats)
+            sync = CPUSyncBatchNorm(child.num_features, child.eps, child.momentum, child.affine,
+                                    child.track_running_stats)
             sync.load_state_dict(child.state_dict())
             setattr(module, name, sync.to(child.running_mean))  # same dtype and device
         else:
@@ -372,12 +373,14 @@ def log_row(run, args, kind, knn=None):
         common.fail(f"the loss is {loss} at step {run.step}: stopped, the last checkpoint in {args.output_dir} "
                     "is kept; lower --lr, use --precision fp32, or check the data")
     steps, since = (run.n_row, run.t_row) if kind == "step" else (run.step - run.epoch_step0, run.t_epoch)
-    img_s, mem, elapsed = args.batch_size * steps / (now - since), peak_memory_mb(run.device), run.elapsed + now - run.t_start
+    img_s, mem = args.batch_size * steps / (now - since), peak_memory_mb(run.device)
+    elapsed = run.elapsed + now - run.t_start
     if kind == "step":
         run.losses[0], run.n_row, run.t_row = 0.0, 0, now
     if run.is_main:
-        print(f"epoch {run.epoch}{' done' if kind == 'epoch' else ''} step {run.step}/{run.total_steps} loss {loss:.4f} lr {run.lr:.4g} {img_s:.0f} img/s "
-              f"mem {mem:.0f} MB" + (f" knn {knn:.2f}%" if knn is not None else "") + f" time {elapsed:.0f}s", flush=True)
+        print(f"epoch {run.epoch}{' done' if kind == 'epoch' else ''} step {run.step}/{run.total_steps} "
+              f"loss {loss:.4f} lr {run.lr:.4g} {img_s:.0f} img/s mem {mem:.0f} MB"
+              + (f" knn {knn:.2f}%" if knn is not None else "") + f" time {elapsed:.0f}s", flush=True)
         run.logger.log(kind=kind, epoch=run.epoch, step=run.step, loss=f"{loss:.6f}", lr=f"{run.lr:.6g}",
                        img_per_s=f"{img_s:.1f}", peak_mem_mb=f"{mem:.0f}", time_s=f"{elapsed:.1f}",
                        knn_top1="" if knn is None else f"{knn:.2f}")
@@ -520,9 +523,10 @@ def save_state(path, raw_head, optimizer, scaler, run, args):
         log_row(run, args, "step")
     if run.is_main:
         save_checkpoint({
-            "method": "linear_eval", "args": vars(args), "step": run.step, "epoch": run.epoch, "head": raw_head.state_dict(),
-            "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "rng": rng_states(),
-            "elapsed": run.elapsed + time.time() - run.t_start, "epoch_loss": [run.losses[1].item(), run.n_epoch],
+            "method": "linear_eval", "args": vars(args), "step": run.step, "epoch": run.epoch,
+            "head": raw_head.state_dict(), "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict(), "rng": rng_states(), "elapsed": run.elapsed + time.time() - run.t_start,
+            "epoch_loss": [run.losses[1].item(), run.n_epoch],
             "backbone": run.backbone.state_dict(), "backbone_meta": run.backbone_meta}, path)
 
 
@@ -613,7 +617,8 @@ def main(args):
     train_feats = train_labels = loader = None
     local_batch = args.batch_size // world_size
     if args.mode == "fast":
-        train_feats = extract_features(backbone, data.train.with_transform(eval_t), 256, args.workers, device, rank, world_size)
+        train_feats = extract_features(backbone, data.train.with_transform(eval_t), 256, args.workers, device, rank,
+                                       world_size)
         train_labels = torch.as_tensor(data.train.labels, device=device)
         steps_per_epoch = len(data.train) // args.batch_size
     else:
@@ -626,7 +631,8 @@ def main(args):
     run = argparse.Namespace(  # what changes during the run, shared by the loop and the logger
         device=device, amp_dtype=amp_dtype, memory_format=memory_format, is_main=is_main, world_size=world_size,
         rank=rank, step=0, epoch=0, lr=0.0, elapsed=0.0, n_row=0, n_epoch=0, losses=torch.zeros(2, device=device),
-        base_lr=args.lr * args.batch_size / 256, total_steps=args.epochs * steps_per_epoch, steps_per_epoch=steps_per_epoch,
+        base_lr=args.lr * args.batch_size / 256, total_steps=args.epochs * steps_per_epoch,
+        steps_per_epoch=steps_per_epoch,
         warmup_steps=args.warmup_epochs * steps_per_epoch, preemption=Preemption(world_size, device),
         backbone=backbone, backbone_meta={"arch": meta["arch"], "cifar_stem": cifar_stem, "feat_dim": feat_dim,
                                           "image_size": data.image_size})
@@ -666,7 +672,8 @@ def main(args):
         run.preemption.exit(is_main, f"stopped at step {run.step}, saved {last}")
 
     # 8. Evaluate: top-1/top-5 of the probe and kNN on the test split ------------------------
-    test_feats = extract_features(backbone, data.test.with_transform(eval_t), 256, args.workers, device, rank, world_size)
+    test_feats = extract_features(backbone, data.test.with_transform(eval_t), 256, args.workers, device, rank,
+                                  world_size)
     test_labels = torch.as_tensor(data.test.labels, device=device)
     with torch.no_grad():
         top = raw_head.eval()(test_feats).topk(min(5, data.num_classes), dim=1).indices == test_labels[:, None]

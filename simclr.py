@@ -150,7 +150,8 @@ def info_nce_loss(z1, z2, temperature):
     own = torch.arange(n, device=z1.device) + rank * n  # this process's images in the global batch
     self_idx = torch.cat([own, own + big_n])
     pos_idx = torch.cat([own + big_n, own])
-    logits = logits.masked_fill(F.one_hot(self_idx, 2 * big_n).bool(), float("-inf"))  # an anchor is not its own negative
+    # An anchor is not its own negative: its similarity with itself is masked out.
+    logits = logits.masked_fill(F.one_hot(self_idx, 2 * big_n).bool(), float("-inf"))
     return F.cross_entropy(logits, pos_idx)
 
 
@@ -309,7 +310,8 @@ def convert_sync_batchnorm(module, device):
         return nn.SyncBatchNorm.convert_sync_batchnorm(module)
     for name, child in module.named_children():
         if isinstance(child, nn.modules.batchnorm._BatchNorm):
-            sync = CPUSyncBatchNorm(child.num_features, child.eps, child.momentum, child.affine, child.track_running_stats)
+            sync = CPUSyncBatchNorm(child.num_features, child.eps, child.momentum, child.affine,
+                                    child.track_running_stats)
             sync.load_state_dict(child.state_dict())
             setattr(module, name, sync.to(child.running_mean))  # same dtype and device
         else:
@@ -425,12 +427,14 @@ def log_row(run, args, kind, knn=None):
         common.fail(f"the loss is {loss} at step {run.step}: stopped, the last checkpoint in {args.output_dir} "
                     "is kept; lower --lr, use --precision fp32, or check the data")
     steps, since = (run.n_row, run.t_row) if kind == "step" else (run.step - run.epoch_step0, run.t_epoch)
-    img_s, mem, elapsed = args.batch_size * steps / (now - since), peak_memory_mb(run.device), run.elapsed + now - run.t_start
+    img_s, mem = args.batch_size * steps / (now - since), peak_memory_mb(run.device)
+    elapsed = run.elapsed + now - run.t_start
     if kind == "step":
         run.losses[0], run.n_row, run.t_row = 0.0, 0, now
     if run.is_main:
-        print(f"epoch {run.epoch}{' done' if kind == 'epoch' else ''} step {run.step}/{run.total_steps} loss {loss:.4f} lr {run.lr:.4g} {img_s:.0f} img/s "
-              f"mem {mem:.0f} MB" + (f" knn {knn:.2f}%" if knn is not None else "") + f" time {elapsed:.0f}s", flush=True)
+        print(f"epoch {run.epoch}{' done' if kind == 'epoch' else ''} step {run.step}/{run.total_steps} "
+              f"loss {loss:.4f} lr {run.lr:.4g} {img_s:.0f} img/s mem {mem:.0f} MB"
+              + (f" knn {knn:.2f}%" if knn is not None else "") + f" time {elapsed:.0f}s", flush=True)
         run.logger.log(kind=kind, epoch=run.epoch, step=run.step, loss=f"{loss:.6f}", lr=f"{run.lr:.6g}",
                        img_per_s=f"{img_s:.1f}", peak_mem_mb=f"{mem:.0f}", time_s=f"{elapsed:.1f}",
                        knn_top1="" if knn is None else f"{knn:.2f}")
@@ -556,9 +560,10 @@ def save_state(path, raw_model, optimizer, scaler, run, args):
         log_row(run, args, "step")
     if run.is_main:
         save_checkpoint({
-            "method": "simclr", "args": vars(args), "step": run.step, "epoch": run.epoch, "model": raw_model.state_dict(),
-            "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "rng": rng_states(),
-            "elapsed": run.elapsed + time.time() - run.t_start, "epoch_loss": [run.losses[1].item(), run.n_epoch],
+            "method": "simclr", "args": vars(args), "step": run.step, "epoch": run.epoch,
+            "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict(), "rng": rng_states(), "elapsed": run.elapsed + time.time() - run.t_start,
+            "epoch_loss": [run.losses[1].item(), run.n_epoch],
             "backbone": raw_model.backbone.state_dict(), "backbone_meta": run.backbone_meta}, path)
 
 
@@ -641,8 +646,9 @@ def main(args):
     if is_main:
         run.logger = CSVLogger(out / "metrics.csv", FIELDS, resume_step=run.step if ckpt else None)
         (out / "args.json").write_text(json.dumps(vars(args), indent=2))
-        print(f"{f'resumed from {resume_from} at step {run.step}' if ckpt else 'new run'}: {len(data.pretrain)} images, "
-              f"{world_size} process(es) on {device.type}, {args.precision}, {steps_per_epoch} steps/epoch", flush=True)
+        print(f"{f'resumed from {resume_from} at step {run.step}' if ckpt else 'new run'}: "
+              f"{len(data.pretrain)} images, {world_size} process(es) on {device.type}, {args.precision}, "
+              f"{steps_per_epoch} steps/epoch", flush=True)
 
     # 6. Train -------------------------------------------------------------------------------
     run.t_start = run.t_row = time.time()
@@ -655,9 +661,11 @@ def main(args):
         stopping = run.preemption.requested()
         if run.step == (epoch + 1) * steps_per_epoch:  # the epoch is complete
             knn, t_knn = None, time.time()
-            if data.train and args.knn_every and not stopping and ((epoch + 1) % args.knn_every == 0 or epoch + 1 == args.epochs):
+            knn_due = args.knn_every and ((epoch + 1) % args.knn_every == 0 or epoch + 1 == args.epochs)
+            if data.train and knn_due and not stopping:
                 knn = knn_accuracy(raw_model.backbone, data, args, device, rank, world_size)
-            run.t_epoch, run.t_row = run.t_epoch + time.time() - t_knn, run.t_row + time.time() - t_knn  # img/s: training only
+            t_knn = time.time() - t_knn
+            run.t_epoch, run.t_row = run.t_epoch + t_knn, run.t_row + t_knn  # img/s counts training time only
             log_row(run, args, "epoch", knn)
             run.losses[1], run.n_epoch = 0.0, 0
             if (epoch + 1) % args.save_every == 0 and not stopping:
