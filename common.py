@@ -335,6 +335,28 @@ def simclr_augmentation(image_size, mean, std):
     ])
 
 
+def byol_augmentations(image_size, mean, std):
+    """BYOL's two asymmetric views (Grill et al. 2020, table 6), also used by Barlow Twins: crop
+    scale (0.08, 1), flip, colour jitter 0.4/0.4/0.2/0.1 (p=0.8), grayscale p=0.2, Gaussian blur
+    p=1.0 / 0.1 and solarisation p=0 / 0.2. At 64 px or less, no blur (solo-learn's CIFAR recipe)."""
+    views = []
+    for blur_p, solarize_p in ((1.0, 0.0), (0.1, 0.2)):
+        blur = []
+        if image_size > 64:
+            blur = [T.RandomApply([T.GaussianBlur(image_size // 20 * 2 + 1, sigma=(0.1, 2.0))], p=blur_p)]
+        views.append(T.Compose([
+            T.RandomResizedCrop(image_size, scale=(0.08, 1.0)),
+            T.RandomHorizontalFlip(),
+            T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
+            T.RandomGrayscale(p=0.2),
+            *blur,
+            T.RandomSolarize(128, p=solarize_p),
+            T.ToTensor(),
+            T.Normalize(mean, std),
+        ]))
+    return views
+
+
 class Views:
     """Applies one transform per view: Views(t, t) for SimCLR, Views(t1, t2) for asymmetric ones."""
 

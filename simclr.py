@@ -188,11 +188,13 @@ class LARS(torch.optim.Optimizer):
 
 
 def make_optimizer(params, args):
-    """--optimizer lars|sgd|adamw; the learning rate is set every step by cosine_schedule.
-    Biases and norm weights (1-D) get no weight decay with any optimizer."""
+    """--optimizer lars|sgd|adamw. Every step, each group's lr is the scheduled lr times its
+    "lr_scale". Biases and norm weights (1-D) get no weight decay with any optimizer, and their own
+    learning rate where the script has --lr-biases (Barlow Twins, section 4 of the paper)."""
     params = [p for p in params if p.requires_grad]
-    groups = [{"params": [p for p in params if p.ndim > 1]},
-              {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
+    bias_scale = args.lr_biases / args.lr if getattr(args, "lr_biases", None) else 1.0
+    groups = [{"params": [p for p in params if p.ndim > 1], "lr_scale": 1.0},
+              {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0, "lr_scale": bias_scale}]
     if args.optimizer == "lars":
         return LARS(groups, lr=0.0, weight_decay=args.weight_decay, eta=args.lars_eta)
     if args.optimizer == "sgd":
@@ -311,9 +313,11 @@ def convert_sync_batchnorm(module, device):
     for name, child in module.named_children():
         if isinstance(child, nn.modules.batchnorm._BatchNorm):
             sync = CPUSyncBatchNorm(child.num_features, child.eps, child.momentum, child.affine,
-                                    child.track_running_stats)
+                                    child.track_running_stats).to(child.running_mean)  # same dtype, device
             sync.load_state_dict(child.state_dict())
-            setattr(module, name, sync.to(child.running_mean))  # same dtype and device
+            if child.affine:  # the same parameters, as torch's converter: a frozen one stays frozen
+                sync.weight, sync.bias = child.weight, child.bias
+            setattr(module, name, sync)
         else:
             convert_sync_batchnorm(child, device)
     return module
@@ -535,7 +539,7 @@ def train_one_epoch(model, loader, optimizer, scaler, run, args):
     for (x1, x2), _ in loader:
         run.lr = cosine_schedule(run.step, run.total_steps, run.warmup_steps, run.base_lr)
         for g in optimizer.param_groups:
-            g["lr"] = run.lr
+            g["lr"] = run.lr * g["lr_scale"]
         # Both views in one forward pass: BatchNorm sees all 2N views, as in the official code.
         x = torch.cat([x1, x2]).to(run.device, non_blocking=True, memory_format=run.memory_format)
         with torch.autocast(run.device.type, dtype=run.amp_dtype, enabled=run.amp_dtype is not None):

@@ -1,38 +1,52 @@
 """2 processes (torchrun, gloo) against 1 process with the same global batch: the gathered
 NT-Xent loss, synchronised BatchNorm and DDP must give the same loss, gradients and weights."""
+import pytest
 import torch
 import torch.nn as nn
 
 from conftest import TINY, load, max_diff, run_script, torchrun
 
 
-def test_loss_and_gradients_match_one_process(tmp_path):
-    run_script("tests/dist_check.py", tmp_path / "one.pt")
-    torchrun("tests/dist_check.py", tmp_path / "two.pt")
+@pytest.mark.parametrize("method", ["simclr", "byol", "barlow"])
+def test_loss_and_gradients_match_one_process(tmp_path, method):
+    run_script("tests/dist_check.py", method, tmp_path / "one.pt")
+    torchrun("tests/dist_check.py", method, tmp_path / "two.pt")
     one, two = load(tmp_path / "one.pt"), load(tmp_path / "two.pt")
     assert torch.allclose(one["loss"], two["loss"], rtol=1e-10)
+    assert len(one["grads"]) > 60
     for name, g in one["grads"].items():
         assert torch.allclose(g, two["grads"][name], rtol=1e-7, atol=1e-10), name
     for name, b in one["buffers"].items():
         assert torch.allclose(b.double(), two["buffers"][name].double(), rtol=1e-7, atol=1e-10), name
 
 
-def test_training_two_processes_matches_one(tmp_path):
-    args = [*TINY, "--epochs", "2", "--max-steps", "5", "--deterministic", "--knn-every", "1"]
-    run_script("simclr.py", *args, "--output-dir", tmp_path / "one")
-    proc = torchrun("simclr.py", *args, "--output-dir", tmp_path / "two")
+SMALL_HEADS = {"simclr.py": [], "byol.py": ["--proj-hidden-dim", "256", "--pred-hidden-dim", "256"],
+               "barlow.py": ["--proj-hidden-dim", "256", "--proj-dim", "256"]}
+
+
+@pytest.mark.parametrize("script", ["simclr.py", "byol.py", "barlow.py"])
+def test_training_two_processes_matches_one(tmp_path, script):
+    """The whole training step (data sharding, DDP, SyncBN, the loss, BYOL's target update) with 2
+    processes against 1. float32 sums in another order make runs drift apart a little (two
+    1-process Barlow runs with 1 and 2 threads differ by 6e-4 after 5 steps, 1 and 2 processes
+    by 3e-3), so the sharp check is the loss of the first two steps: a plain all_reduce in
+    barlow_twins_loss (gradients / world size) moves the second one by 4e-4 relative, against
+    1e-6 here. The exact gradient check is test_loss_and_gradients_match_one_process (float64)."""
+    args = [*TINY, *SMALL_HEADS[script], "--epochs", "2", "--max-steps", "5", "--deterministic",
+            "--knn-every", "1", "--log-every", "1"]
+    run_script(script, *args, "--output-dir", tmp_path / "one")
+    proc = torchrun(script, *args, "--output-dir", tmp_path / "two")
     assert "2 process(es)" in proc.stdout
     one, two = load(tmp_path / "one" / "last.pt"), load(tmp_path / "two" / "last.pt")
     assert one["step"] == two["step"] == 5
-    # Same images, views and global batches; only the order of float32 sums differs (two
-    # 1-process runs with 1 and 2 threads already differ by about 5e-5 after these 5 steps).
-    # The exact check is test_loss_and_gradients_match_one_process, in float64.
-    assert max_diff(one["model"], two["model"]) < 5e-4
-    rows = [(tmp_path / d / "metrics.csv").read_text().splitlines() for d in ("one", "two")]
+    assert max_diff(one["model"], two["model"]) < 1e-2
+    rows = [(tmp_path / d / "metrics.csv").read_text().splitlines()[1:] for d in ("one", "two")]
     assert len(rows[0]) == len(rows[1])
-    for a, b in zip(rows[0][1:], rows[1][1:]):
-        assert abs(float(a.split(",")[3]) - float(b.split(",")[3])) < 1e-4  # the logged loss
-        assert a.split(",")[7] == b.split(",")[7]  # kNN accuracy: features computed in two shards
+    losses = [[float(r.split(",")[3]) for r in rs] for rs in rows]
+    for a, b in zip(losses[0][:2], losses[1][:2]):
+        assert abs(a - b) / abs(a) < 2e-5
+    knn = [[r.split(",")[7] for r in rs] for rs in rows]
+    assert knn[0] == knn[1] and any(knn[0])  # kNN accuracy: features computed in two shards
 
 
 def test_cpu_sync_batchnorm_matches_batchnorm_single_process():
@@ -66,3 +80,14 @@ def test_linear_eval_two_processes_matches_one(tmp_path, pretrained):
     import json
     r1, r2 = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("one", "two"))
     assert r1["knn_top1"] == r2["knn_top1"] and abs(r1["top1"] - r2["top1"]) < 1e-9
+
+
+def test_convert_sync_batchnorm_keeps_parameters_and_frozen_ones_frozen():
+    from simclr import CPUSyncBatchNorm, convert_sync_batchnorm
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Sequential(nn.BatchNorm1d(4)))
+    model[2].requires_grad_(False)  # like BYOL's target network
+    params = list(model.parameters())
+    model = convert_sync_batchnorm(model, torch.device("cpu"))
+    assert isinstance(model[1], CPUSyncBatchNorm) and isinstance(model[2][0], CPUSyncBatchNorm)
+    assert [id(p) for p in model.parameters()] == [id(p) for p in params]
+    assert not any(p.requires_grad for p in model[2].parameters())

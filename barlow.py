@@ -1,0 +1,714 @@
+"""Barlow Twins: Self-Supervised Learning via Redundancy Reduction.
+Zbontar, Jing, Misra, LeCun, Deny, ICML 2021, https://arxiv.org/abs/2103.03230
+
+Two views of each image go through the same backbone and projector; the loss pushes the
+cross-correlation matrix of the two batches of embeddings towards the identity: each embedding
+dimension agrees across views (diagonal 1) and carries information the others do not
+(off-diagonal 0). No negatives, no momentum network, no stop-gradient.
+
+Launch (the batch size is global, whatever the number of processes):
+    python barlow.py                                    # CIFAR-10, ResNet-18, one GPU or the CPU
+    torchrun --nproc_per_node=4 barlow.py               # 4 GPUs of one machine
+    sbatch sbatch/barlow.sh --epochs 200                # SLURM: srun starts one task per GPU
+    python barlow.py --dataset synthetic --device cpu --epochs 2 --batch-size 64   # offline demo
+    python linear_eval.py --ckpt runs/barlow/last.pt    # evaluate the backbone afterwards
+Starting the same command again resumes from <output-dir>/last.pt.
+
+Defaults follow solo-learn's CIFAR recipe (scripts/pretrain/cifar/barlow.yaml): ResNet-18 with the
+CIFAR stem, batch 256, LARS (eta 0.02, lr 0.3 x batch/256 for weights and biases alike, weight
+decay 1e-4, 10 warm-up epochs, cosine), projector 2048-2048-2048, lambda 0.0051, loss scaled by
+0.1, 1000 epochs; BYOL's asymmetric augmentations (as the paper), without blur at 32 px. The
+paper's ImageNet settings: --proj-hidden-dim 8192 --proj-dim 8192 --lr 0.2 --lr-biases 0.0048
+--weight-decay 1.5e-6 --scale-loss 1 --batch-size 2048. Expected, from the sources, not measured
+here: about 92.1% top-1 (solo-learn, online linear probe, 1000 epochs; 91.6% offline) and about
+82% kNN after 200 epochs (lightly's benchmark, batch 512). Measured with this script: see README.md.
+"""
+import argparse
+import csv
+import json
+import math
+import os
+import pickle
+import random
+import re
+import resource
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+
+import common
+
+
+# ---- Arguments -----------------------------------------------------------------------------
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser("Barlow Twins", description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    common.add_data_args(parser)  # --dataset --data-dir --image-size --val-fraction --synthetic-size --workers
+    g = parser.add_argument_group("model")
+    g.add_argument("--arch", default="resnet18", choices=ARCHS, help="backbone")
+    g.add_argument("--proj-hidden-dim", type=int, default=2048, help="width of the projector's two hidden layers")
+    g.add_argument("--proj-dim", type=int, default=2048, help="output dimension of the projector")
+    g.add_argument("--lambd", type=float, default=0.0051, help="weight of the off-diagonal (redundancy) term")
+    g.add_argument("--scale-loss", type=float, default=0.1, help="factor on the loss (solo-learn's CIFAR setting)")
+    g = parser.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=int, default=1000, help="training epochs")
+    g.add_argument("--batch-size", type=int, default=256, help="global batch size, over all processes")
+    g.add_argument("--optimizer", default="lars", choices=["lars", "sgd", "adamw"], help="optimizer")
+    g.add_argument("--lr", type=float, default=0.3, help="learning rate of the weights for a batch of 256 (x batch/256)")
+    g.add_argument("--lr-biases", type=float, default=None,
+                   help="learning rate of biases and norm weights for a batch of 256 (default: --lr)")
+    g.add_argument("--weight-decay", type=float, default=1e-4, help="weight decay (not on biases and norms)")
+    g.add_argument("--lars-eta", type=float, default=0.02, help="LARS trust coefficient")
+    g.add_argument("--warmup-epochs", type=int, default=10, help="linear warm-up epochs before the cosine decay")
+    g = parser.add_argument_group("run")
+    g.add_argument("--output-dir", default="runs/barlow", help="checkpoints and logs; resumed from if it holds last.pt")
+    g.add_argument("--resume", default=None, help="checkpoint to start from when --output-dir has no last.pt")
+    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to train")
+    g.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="autocast precision (auto: bf16 on GPUs that support it, else fp32)")
+    g.add_argument("--seed", type=int, default=0, help="random seed")
+    g.add_argument("--deterministic", action="store_true", help="deterministic algorithms (bitwise resume on CPU)")
+    g.add_argument("--save-every", type=int, default=1, help="write last.pt every N epochs")
+    g.add_argument("--log-every", type=int, default=50, help="log and print every N steps")
+    g.add_argument("--knn-every", type=int, default=5, help="kNN accuracy every N epochs (0 = never)")
+    g.add_argument("--max-steps", type=int, default=None, help="stop after N optimisation steps in all")
+    return parser
+
+
+# ---- Backbone ------------------------------------------------------------------------------
+# SHARED: identical in every script
+
+ARCHS = ("resnet18", "resnet34", "resnet50")
+
+
+def build_backbone(arch, cifar_stem):
+    """A torchvision ResNet without its classifier. Returns (module, feature dimension).
+
+    cifar_stem: a 3x3 stride-1 first convolution and no max-pool, for images of 64 px or less
+    (SimCLR paper, appendix B.9): the ImageNet stem would shrink 32 px to 8 px at once.
+    """
+    net = getattr(torchvision.models, arch)()
+    if cifar_stem:
+        net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        net.maxpool = nn.Identity()
+    feat_dim = net.fc.in_features
+    net.fc = nn.Identity()
+    return net, feat_dim
+
+
+# ---- Model ---------------------------------------------------------------------------------
+
+
+def projector(in_dim, hidden_dim, out_dim):
+    """Three linear layers with BatchNorm and ReLU between them (section 2; 8192 wide on ImageNet,
+    2048 on CIFAR), without biases as in the official code."""
+    return nn.Sequential(
+        nn.Linear(in_dim, hidden_dim, bias=False), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True),
+        nn.Linear(hidden_dim, hidden_dim, bias=False), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True),
+        nn.Linear(hidden_dim, out_dim, bias=False))
+
+
+class BarlowTwins(nn.Module):
+    def __init__(self, args, cifar_stem):
+        super().__init__()
+        self.backbone, self.feat_dim = build_backbone(args.arch, cifar_stem)
+        self.projector = projector(self.feat_dim, args.proj_hidden_dim, args.proj_dim)
+
+    def forward(self, x1, x2):
+        """Embeddings of both views; each view goes through the network on its own, as in the
+        official code (BatchNorm statistics per view)."""
+        return self.projector(self.backbone(x1)), self.projector(self.backbone(x2))
+
+
+# ---- Loss ----------------------------------------------------------------------------------
+
+
+class AllReduceSum(torch.autograd.Function):
+    """Sum over processes whose backward sums the gradients over processes too. Every process
+    computes the same loss from the sum, so each one's inputs get the gradient of all the losses;
+    DDP's averaging then gives exactly the 1-process gradient. A plain dist.all_reduce passes no
+    gradient from the other processes and divides the gradient by the world size (lightly #1977)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        x = x.clone()
+        dist.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
+def barlow_twins_loss(z1, z2, lambd):
+    """Barlow Twins' loss (section 2, eq. 1) over the global batch of N images.
+
+    Each embedding dimension is standardised over the batch (as BatchNorm without affine
+    parameters: mean 0, biased variance 1), then C = z1n^T z2n / N is the D x D cross-correlation
+    matrix of the two views and
+        loss = sum_i (1 - C_ii)^2 + lambd * sum_i sum_{j != i} C_ij^2.
+    Under DDP the batch statistics and C are sums over all processes (AllReduceSum), so every
+    process computes the loss of the global batch, as one process would.
+    """
+    distributed = dist.is_initialized() and dist.get_world_size() > 1
+    global_sum = AllReduceSum.apply if distributed else (lambda x: x)
+    n = len(z1) * (dist.get_world_size() if distributed else 1)
+
+    def standardise(z):
+        mean = global_sum(z.sum(0)) / n
+        var = global_sum(((z - mean) ** 2).sum(0)) / n
+        return (z - mean) / torch.sqrt(var + 1e-5)  # BatchNorm's eps
+
+    c = global_sum(standardise(z1).T @ standardise(z2)) / n
+    on_diag = (torch.diagonal(c) - 1).pow(2).sum()
+    off_diag = c.pow(2).sum() - torch.diagonal(c).pow(2).sum()
+    return on_diag + lambd * off_diag
+
+
+# ---- Optimizer: LARS and schedules ---------------------------------------------------------
+# SHARED: identical in every script
+
+
+class LARS(torch.optim.Optimizer):
+    """LARS (You et al. 2017) as in the official Barlow Twins and BYOL code. For each weight
+    matrix the update g + wd * w is rescaled by the trust ratio eta * ||w|| / ||g + wd * w||, then
+    fed to SGD momentum. Parameters with one dimension (biases, norm weights) get neither weight
+    decay nor the trust ratio."""
+
+    def __init__(self, params, lr, momentum=0.9, weight_decay=0.0, eta=0.001):
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for g in self.param_groups:
+            for p in g["params"]:
+                if p.grad is None:
+                    continue
+                update = p.grad
+                if p.ndim > 1:
+                    update = update.add(p, alpha=g["weight_decay"])
+                    w_norm, u_norm = torch.linalg.norm(p), torch.linalg.norm(update)
+                    ratio = torch.where((w_norm > 0) & (u_norm > 0), g["eta"] * w_norm / u_norm, 1.0)
+                    update = update * ratio
+                if "mu" not in self.state[p]:
+                    self.state[p]["mu"] = torch.zeros_like(p)
+                mu = self.state[p]["mu"]
+                mu.mul_(g["momentum"]).add_(update)
+                p.add_(mu, alpha=-g["lr"])
+
+
+def make_optimizer(params, args):
+    """--optimizer lars|sgd|adamw. Every step, each group's lr is the scheduled lr times its
+    "lr_scale". Biases and norm weights (1-D) get no weight decay with any optimizer, and their own
+    learning rate where the script has --lr-biases (Barlow Twins, section 4 of the paper)."""
+    params = [p for p in params if p.requires_grad]
+    bias_scale = args.lr_biases / args.lr if getattr(args, "lr_biases", None) else 1.0
+    groups = [{"params": [p for p in params if p.ndim > 1], "lr_scale": 1.0},
+              {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0, "lr_scale": bias_scale}]
+    if args.optimizer == "lars":
+        return LARS(groups, lr=0.0, weight_decay=args.weight_decay, eta=args.lars_eta)
+    if args.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=0.0, momentum=0.9, weight_decay=args.weight_decay)
+    return torch.optim.AdamW(groups, lr=0.0, weight_decay=args.weight_decay)
+
+
+def cosine_schedule(step, total_steps, warmup_steps, base, final=0.0):
+    """Linear warm-up to `base` over warmup_steps, then cosine decay to `final` at total_steps."""
+    if step < warmup_steps:
+        return base * (step + 1) / warmup_steps
+    t = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return final + (base - final) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+# ---- Distributed setup ---------------------------------------------------------------------
+# SHARED: identical in every script
+
+
+def first_host(nodelist):
+    """First host of a SLURM node list: 'gpu[003-005,010],cpu1' -> 'gpu003'."""
+    prefix, _, ranges = re.match(r"[^,\[]+(\[[^\]]*\])?", nodelist).group(0).partition("[")
+    return prefix + ranges.split(",")[0].split("-")[0].rstrip("]")
+
+
+def setup_distributed(args):
+    """Start torch.distributed from torchrun's variables (RANK, WORLD_SIZE, LOCAL_RANK,
+    MASTER_ADDR/PORT) or, inside an `srun` step, from SLURM's (SLURM_PROCID, SLURM_NTASKS,
+    SLURM_LOCALID; master = first host of the job, port derived from the job id); otherwise
+    run as a single process. nccl on GPUs, gloo on CPUs. Returns (rank, local_rank, world_size, device).
+    The global --batch-size is checked first, so that a bad one never leaves a process waiting."""
+    env = os.environ
+    rank, local_rank, world_size = 0, 0, 1
+    if "RANK" in env and "WORLD_SIZE" in env:
+        rank, local_rank, world_size = int(env["RANK"]), int(env.get("LOCAL_RANK", 0)), int(env["WORLD_SIZE"])
+    elif "SLURM_STEP_ID" in env and "SLURM_PROCID" in env:  # an srun step (the batch shell has no step id)
+        rank, local_rank, world_size = int(env["SLURM_PROCID"]), int(env["SLURM_LOCALID"]), int(env["SLURM_NTASKS"])
+        env.setdefault("MASTER_ADDR", first_host(env["SLURM_JOB_NODELIST"]))
+        env.setdefault("MASTER_PORT", str(15000 + int(env["SLURM_JOB_ID"]) % 20000))
+        torch.set_num_threads(int(env.get("SLURM_CPUS_PER_TASK", torch.get_num_threads())))  # no oversubscription
+    elif int(env.get("SLURM_NTASKS", 1)) > 1:
+        print(f"warning: this SLURM job has {env['SLURM_NTASKS']} tasks but this process was not started by "
+              "srun: training as a single process (start it with `srun python ...`)", file=sys.stderr)
+    if args.batch_size % world_size:
+        common.fail(f"--batch-size {args.batch_size} (global) is not divisible by the {world_size} processes")
+    device_arg = args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
+    if device_arg == "cuda" and not torch.cuda.is_available():
+        common.fail("--device cuda but no GPU is visible to this process; use --device cpu or request a GPU")
+    device = torch.device("cpu")
+    if device_arg == "cuda":
+        device = torch.device("cuda", local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+    if world_size > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world_size)
+    return rank, local_rank, world_size, device
+
+
+def cleanup_distributed():
+    """Wait for every process, then close the group: leaving with a live group, or closing it
+    while another process still uses it, can abort the process at exit."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+# ---- Distributed: gather with gradients, global BatchNorm ---------------------------------
+# SHARED: identical in every script
+
+
+class GatherWithGrad(torch.autograd.Function):
+    """all_gather that lets gradients flow back: every process's loss depends on every process's
+    embeddings, so each one receives the sum over processes of the gradient of its own slice."""
+
+    @staticmethod
+    def forward(ctx, x):
+        out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(out, x.contiguous())
+        return torch.cat(out)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        return grad.chunk(dist.get_world_size())[dist.get_rank()]
+
+
+class CPUSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """SyncBatchNorm for CPU processes (torch's runs on GPUs only): the statistics of the global
+    batch, from every process's per-channel sums, gathered with gradients."""
+
+    def _check_input_dim(self, x):
+        pass
+
+    def forward(self, x):
+        if not self.training:
+            return super().forward(x)
+        dims, c = [0] + list(range(2, x.dim())), x.shape[1]
+        count = torch.full((1,), x.numel() / c, dtype=x.dtype)
+        stats = GatherWithGrad.apply(torch.cat([x.sum(dims), (x * x).sum(dims), count])[None]).sum(0)
+        n = stats[-1]
+        mean, var = stats[:c] / n, stats[c:2 * c] / n - (stats[:c] / n) ** 2
+        with torch.no_grad():
+            self.running_mean.lerp_(mean, self.momentum)
+            self.running_var.lerp_(var * n / (n - 1), self.momentum)
+            self.num_batches_tracked += 1
+        shape = (1, c) + (1,) * (x.dim() - 2)
+        y = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
+        return y * self.weight.view(shape) + self.bias.view(shape) if self.affine else y
+
+
+def convert_sync_batchnorm(module, device):
+    """BatchNorm over the global batch under DDP ("global BN", SimCLR paper, section 2); the state
+    dict keys do not change, so checkpoints load with or without it."""
+    if device.type == "cuda":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    for name, child in module.named_children():
+        if isinstance(child, nn.modules.batchnorm._BatchNorm):
+            sync = CPUSyncBatchNorm(child.num_features, child.eps, child.momentum, child.affine,
+                                    child.track_running_stats).to(child.running_mean)  # same dtype, device
+            sync.load_state_dict(child.state_dict())
+            if child.affine:  # the same parameters, as torch's converter: a frozen one stays frozen
+                sync.weight, sync.bias = child.weight, child.bias
+            setattr(module, name, sync)
+        else:
+            convert_sync_batchnorm(child, device)
+    return module
+
+
+# ---- Checkpoints ---------------------------------------------------------------------------
+# SHARED: identical in every script
+
+
+def save_checkpoint(obj, path):
+    """Write atomically: to a temporary file, flushed to disk, then renamed over `path`. A kill at
+    any moment leaves the old file or the new one, never half of one."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path):
+    """torch.load with weights_only=True: tensors and plain containers only, so a file holding
+    pickled code is refused, never run. Any failure is one clear line."""
+    if not os.path.isfile(path):
+        common.fail(f"checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        common.fail(f"{path} holds pickled Python objects, not only tensors: refused (loading it could run code); "
+                    "give a checkpoint written by these scripts")
+    except Exception as e:
+        common.fail(f"{path} is not a readable checkpoint ({type(e).__name__}); it may be truncated or corrupt: "
+                    "delete it to start again, or give another with --resume")
+    if not isinstance(ckpt, dict) or "backbone" not in ckpt or "backbone_meta" not in ckpt:
+        common.fail(f"{path} is not a checkpoint of these scripts (no backbone and backbone_meta entries)")
+    return ckpt
+
+
+def check_writable(folder):
+    """Fail at start, before any training, if checkpoints cannot be written to `folder`."""
+    try:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        with open(Path(folder) / ".write_test", "wb") as f:
+            f.write(b"0" * 65536)
+        os.remove(Path(folder) / ".write_test")
+    except OSError as e:
+        common.fail(f"cannot write to --output-dir {folder} ({e.strerror}); choose a writable folder with free space")
+
+
+def rng_states():
+    np_state = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": [torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]]}
+
+
+def set_rng_states(s):
+    torch.set_rng_state(s["torch"])
+    random.setstate(s["python"])
+    if s["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"][: torch.cuda.device_count()])
+    np.random.set_state(("MT19937", s["numpy"][0].numpy().astype(np.uint32), *s["numpy"][1:]))
+
+
+# ---- Logging -------------------------------------------------------------------------------
+# SHARED: identical in every script
+
+
+FIELDS = ["kind", "epoch", "step", "loss", "lr", "img_per_s", "peak_mem_mb", "knn_top1", "time_s"]
+
+
+class CSVLogger:
+    """metrics.csv, one row per log step and per epoch. On resume the rows past the checkpoint's
+    step are dropped, so every step appears once however often the run was interrupted."""
+
+    def __init__(self, path, fields, resume_step=None):
+        self.path, self.fields = path, fields
+        rows = []
+        if resume_step is not None and os.path.exists(path):
+            with open(path, newline="") as f:
+                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
+        with open(f"{path}.tmp", "w", newline="") as f:
+            writer = csv.DictWriter(f, fields, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(rows)
+        os.replace(f"{path}.tmp", path)
+
+    def log(self, **row):
+        with open(self.path, "a", newline="") as f:
+            csv.DictWriter(f, self.fields, extrasaction="ignore").writerow(row)
+
+
+def peak_memory_mb(device):
+    """Peak GPU memory allocated by tensors, or the process's peak resident memory on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def log_row(run, args, kind, knn=None):
+    """Mean loss since the last row ("step") or over the epoch ("epoch"), averaged over processes;
+    a NaN stops the run before anything is saved. Rank 0 prints it and writes it to metrics.csv."""
+    if kind == "epoch" and run.n_row:
+        log_row(run, args, "step")  # the last steps of the epoch get their own step row first
+    if run.world_size > 1:
+        dist.all_reduce(run.losses)
+        run.losses /= run.world_size
+    n = run.n_row if kind == "step" else run.n_epoch
+    loss, now = run.losses[int(kind == "epoch")].item() / max(1, n), time.time()
+    if not math.isfinite(loss):
+        common.fail(f"the loss is {loss} at step {run.step}: stopped, the last checkpoint in {args.output_dir} "
+                    "is kept; lower --lr, use --precision fp32, or check the data")
+    steps, since = (run.n_row, run.t_row) if kind == "step" else (run.step - run.epoch_step0, run.t_epoch)
+    img_s, mem = args.batch_size * steps / (now - since), peak_memory_mb(run.device)
+    elapsed = run.elapsed + now - run.t_start
+    if kind == "step":
+        run.losses[0], run.n_row, run.t_row = 0.0, 0, now
+    if run.is_main:
+        print(f"epoch {run.epoch}{' done' if kind == 'epoch' else ''} step {run.step}/{run.total_steps} "
+              f"loss {loss:.4f} lr {run.lr:.4g} {img_s:.0f} img/s mem {mem:.0f} MB"
+              + (f" knn {knn:.2f}%" if knn is not None else "") + f" time {elapsed:.0f}s", flush=True)
+        run.logger.log(kind=kind, epoch=run.epoch, step=run.step, loss=f"{loss:.6f}", lr=f"{run.lr:.6g}",
+                       img_per_s=f"{img_s:.1f}", peak_mem_mb=f"{mem:.0f}", time_s=f"{elapsed:.1f}",
+                       knn_top1="" if knn is None else f"{knn:.2f}")
+
+
+# ---- Preemption signals --------------------------------------------------------------------
+# SHARED: identical in every script
+
+
+class Preemption:
+    """SIGUSR1 (SLURM's warning before the time limit, `#SBATCH --signal=USR1@120`): finish the
+    step, save, requeue the job, exit 0. SIGTERM (scancel, or a preemption SLURM requeues itself):
+    finish the step, save, exit 143 without requeueing, so that scancel stops a job for good.
+    The handlers only set flags; the training loop acts on them between steps."""
+
+    def __init__(self, world_size, device):
+        self.usr1 = self.term = False
+        self.world_size = world_size
+        signal.signal(signal.SIGUSR1, lambda *_: setattr(self, "usr1", True))
+        signal.signal(signal.SIGTERM, lambda *_: setattr(self, "term", True))
+        # Processes agree on stopping through a CPU (gloo) all-reduce: no GPU sync per step.
+        self.group = dist.new_group(backend="gloo") if world_size > 1 and device.type == "cuda" else None
+
+    def requested(self):
+        flags = torch.tensor([self.usr1, self.term], dtype=torch.int32)
+        if self.world_size > 1:
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.group)
+        # Only ever set flags here: writing False back could erase a signal arriving meanwhile.
+        if flags[0]:
+            self.usr1 = True
+        if flags[1]:
+            self.term = True
+        return bool(flags.any())
+
+    def exit(self, is_main, message):
+        """After saving: on SIGUSR1 under SLURM, requeue the job (it keeps its id, so it resumes)."""
+        job = os.environ.get("SLURM_JOB_ID")
+        if is_main:
+            print(f"{'SIGTERM' if self.term else 'SIGUSR1'}: {message}", flush=True)
+            if self.usr1 and not self.term and job:
+                try:
+                    subprocess.run(["scontrol", "requeue", job], check=True, timeout=60)
+                    print(f"requeued SLURM job {job}", flush=True)
+                except (OSError, subprocess.SubprocessError) as e:
+                    print(f"error: could not requeue job {job} ({e}); resubmit it to resume", file=sys.stderr)
+        cleanup_distributed()
+        sys.exit(143 if self.term else 0)
+
+
+# ---- kNN monitor ---------------------------------------------------------------------------
+# SHARED: identical in every script
+
+
+@torch.no_grad()
+def extract_features(backbone, dataset, batch_size, workers, device, rank, world_size):
+    """Backbone features (eval mode, fp32) of every image of `dataset`, in order. Each process
+    computes every world_size-th image and all_gather puts them back in place."""
+    backbone.eval()
+    shard = torch.utils.data.Subset(dataset, range(rank, len(dataset), world_size))
+    loader = torch.utils.data.DataLoader(shard, batch_size=batch_size, num_workers=workers,
+                                         pin_memory=device.type == "cuda")
+    feats = torch.cat([backbone(x.to(device, non_blocking=True)).float() for x, _ in loader])
+    if world_size > 1:
+        feats = F.pad(feats, (0, 0, 0, math.ceil(len(dataset) / world_size) - len(feats)))
+        gathered = [torch.empty_like(feats) for _ in range(world_size)]
+        dist.all_gather(gathered, feats)
+        feats = torch.stack(gathered, 1).flatten(0, 1)[: len(dataset)]  # image j*W + r is gathered[r][j]
+    return feats
+
+
+@torch.no_grad()
+def knn_predict(train_feats, train_labels, test_feats, num_classes, k=200, temperature=0.1):
+    """Weighted kNN (Wu et al. 2018, as in DINO's eval_knn.py): the k nearest training features
+    (cosine similarity) vote for their class with weight exp(similarity / temperature).
+    Returns the class scores, n_test x num_classes."""
+    scores = []
+    for chunk in test_feats.split(1024):
+        sim, idx = (chunk @ train_feats.T).topk(min(k, len(train_feats)), dim=1)
+        votes = torch.zeros(len(chunk), num_classes, device=chunk.device)
+        scores.append(votes.scatter_add_(1, train_labels[idx], (sim / temperature).exp()))
+    return torch.cat(scores)
+
+
+def knn_accuracy(backbone, data, args, device, rank, world_size):
+    """Top-1 (%) of the weighted kNN classifier on the test split, train split as memory bank."""
+    t = common.eval_transform(data.image_size, data.mean, data.std)
+    bank, test = (F.normalize(extract_features(backbone, s.with_transform(t), 256, args.workers, device, rank,
+                                               world_size), dim=1) for s in (data.train, data.test))
+    scores = knn_predict(bank, torch.as_tensor(data.train.labels, device=device), test, data.num_classes)
+    return (scores.argmax(1).cpu() == torch.as_tensor(data.test.labels)).float().mean().item() * 100
+
+
+# ---- Training ------------------------------------------------------------------------------
+
+def train_one_epoch(model, loader, optimizer, scaler, run, args):
+    """Train on the rest of this epoch; return early on a stop signal or at run.end_step."""
+    model.train()
+    for (x1, x2), _ in loader:
+        run.lr = cosine_schedule(run.step, run.total_steps, run.warmup_steps, run.base_lr)
+        for g in optimizer.param_groups:
+            g["lr"] = run.lr * g["lr_scale"]
+        x1, x2 = (x.to(run.device, non_blocking=True, memory_format=run.memory_format) for x in (x1, x2))
+        with torch.autocast(run.device.type, dtype=run.amp_dtype, enabled=run.amp_dtype is not None):
+            z1, z2 = model(x1, x2)
+        loss = args.scale_loss * barlow_twins_loss(z1.float(), z2.float(), args.lambd)  # the loss in fp32
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        run.step += 1
+        run.losses += loss.detach()  # [since the last row, this epoch]: read back only when logging
+        run.n_row, run.n_epoch = run.n_row + 1, run.n_epoch + 1
+        if run.step % args.log_every == 0:
+            log_row(run, args, "step")
+        if run.preemption.requested() or run.step >= run.end_step:
+            return
+
+
+def save_state(path, raw_model, optimizer, scaler, run, args):
+    """Every process calls it (pending losses are averaged and checked first); rank 0 writes."""
+    if run.n_row:
+        log_row(run, args, "step")
+    if run.is_main:
+        save_checkpoint({
+            "method": "barlow", "args": vars(args), "step": run.step, "epoch": run.epoch,
+            "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict(), "rng": rng_states(), "elapsed": run.elapsed + time.time() - run.t_start,
+            "epoch_loss": [run.losses[1].item(), run.n_epoch],
+            "backbone": raw_model.backbone.state_dict(), "backbone_meta": run.backbone_meta}, path)
+
+
+def check_resumable(ckpt, path, args):
+    if "model" not in ckpt:
+        common.fail(f"{path} holds only a backbone; resume from a last.pt, or evaluate it with linear_eval.py")
+    if ckpt.get("method") != "barlow":
+        common.fail(f"{path} was written by {ckpt.get('method')}.py, not barlow.py; use another --output-dir")
+    for key in ("arch", "batch_size", "optimizer", "proj_hidden_dim", "proj_dim", "image_size"):
+        if ckpt["args"].get(key) != getattr(args, key):
+            common.fail(f"{path} was trained with --{key.replace('_', '-')} {ckpt['args'].get(key)}, not "
+                        f"{getattr(args, key)}: use the same value to resume, or another --output-dir")
+
+
+def main(args):
+    # 1. Processes, device, precision, seeds ------------------------------------------------
+    rank, local_rank, world_size, device = setup_distributed(args)
+    is_main = rank == 0
+    if args.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = not args.deterministic
+    if args.precision == "auto":
+        args.precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
+    torch.manual_seed(args.seed)
+    np.random.seed(args.seed)
+    random.seed(args.seed)
+
+    # 2. Output directory, and the checkpoint to resume from --------------------------------
+    out, last = Path(args.output_dir), Path(args.output_dir) / "last.pt"
+    if is_main:
+        check_writable(out)
+    resume_from = last if last.exists() else args.resume  # last.pt first: a requeued job continues its own run
+    ckpt = load_checkpoint(resume_from) if resume_from else None
+
+    # 3. Data --------------------------------------------------------------------------------
+    if is_main:
+        common.download_data(args)  # rank 0 downloads while the others wait
+    if world_size > 1:
+        dist.barrier()
+    data = common.load_data(args)
+    args.image_size = data.image_size
+    if ckpt:
+        check_resumable(ckpt, resume_from, args)
+    views = common.Views(*common.byol_augmentations(data.image_size, data.mean, data.std))  # as the paper
+    local_batch = args.batch_size // world_size
+    loader = common.train_loader(data.pretrain.with_transform(views), local_batch,
+                                 world_size, rank, args.workers, args.seed, pin_memory=device.type == "cuda")
+    steps_per_epoch = len(loader)
+    if args.batch_size > len(data.pretrain) or steps_per_epoch == 0:
+        common.fail(f"--batch-size {args.batch_size} is larger than the {len(data.pretrain)} training images; lower it")
+
+    # 4. Model, optimizer, mixed precision ----------------------------------------------------
+    raw_model = BarlowTwins(args, cifar_stem=data.image_size <= 64).to(device)
+    if world_size > 1:
+        raw_model = convert_sync_batchnorm(raw_model, device)
+    memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    model = raw_model = raw_model.to(memory_format=memory_format)
+    if world_size > 1:
+        model = nn.parallel.DistributedDataParallel(raw_model)
+    optimizer = make_optimizer(raw_model.parameters(), args)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+
+    # 5. Run state, resumed from the checkpoint ----------------------------------------------
+    run = argparse.Namespace(  # what changes during the run, shared by the loop and the logger
+        device=device, amp_dtype=amp_dtype, memory_format=memory_format, is_main=is_main, world_size=world_size,
+        step=0, epoch=0, lr=0.0, elapsed=0.0, n_row=0, n_epoch=0, losses=torch.zeros(2, device=device),
+        base_lr=args.lr * args.batch_size / 256, total_steps=args.epochs * steps_per_epoch,
+        warmup_steps=args.warmup_epochs * steps_per_epoch, preemption=Preemption(world_size, device),
+        backbone_meta={"arch": args.arch, "cifar_stem": data.image_size <= 64, "feat_dim": raw_model.feat_dim,
+                       "image_size": data.image_size})
+    run.end_step = min(run.total_steps, args.max_steps or run.total_steps)
+    if ckpt:
+        raw_model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+        set_rng_states(ckpt["rng"])
+        run.step, run.elapsed, (run.losses[1], run.n_epoch) = ckpt["step"], ckpt["elapsed"], ckpt["epoch_loss"]
+    if is_main:
+        run.logger = CSVLogger(out / "metrics.csv", FIELDS, resume_step=run.step if ckpt else None)
+        (out / "args.json").write_text(json.dumps(vars(args), indent=2))
+        print(f"{f'resumed from {resume_from} at step {run.step}' if ckpt else 'new run'}: "
+              f"{len(data.pretrain)} images, {world_size} process(es) on {device.type}, {args.precision}, "
+              f"{steps_per_epoch} steps/epoch", flush=True)
+
+    # 6. Train -------------------------------------------------------------------------------
+    run.t_start = run.t_row = time.time()
+    for epoch in range(run.step // steps_per_epoch, args.epochs):
+        if run.step >= run.end_step:
+            break
+        run.epoch, run.t_epoch, run.epoch_step0 = epoch, time.time(), run.step
+        loader.sampler.set_epoch(epoch, skip=(run.step - epoch * steps_per_epoch) * local_batch)
+        train_one_epoch(model, loader, optimizer, scaler, run, args)
+        stopping = run.preemption.requested()
+        if run.step == (epoch + 1) * steps_per_epoch:  # the epoch is complete
+            knn, t_knn = None, time.time()
+            knn_due = args.knn_every and ((epoch + 1) % args.knn_every == 0 or epoch + 1 == args.epochs)
+            if data.train and knn_due and not stopping:
+                knn = knn_accuracy(raw_model.backbone, data, args, device, rank, world_size)
+            t_knn = time.time() - t_knn
+            run.t_epoch, run.t_row = run.t_epoch + t_knn, run.t_row + t_knn  # img/s counts training time only
+            log_row(run, args, "epoch", knn)
+            run.losses[1], run.n_epoch = 0.0, 0
+            if (epoch + 1) % args.save_every == 0 and not stopping:
+                save_state(last, raw_model, optimizer, scaler, run, args)
+        if stopping:
+            break
+
+    # 7. Save last.pt; on a signal exit (and requeue), at the end also write backbone.pt ----
+    save_state(last, raw_model, optimizer, scaler, run, args)
+    if run.preemption.requested():  # all processes agree on how to end
+        run.preemption.exit(is_main, f"stopped at step {run.step}, saved {last}")
+    if is_main:
+        save_checkpoint({"method": "barlow", "args": vars(args), "backbone": raw_model.backbone.state_dict(),
+                         "backbone_meta": run.backbone_meta}, out / "backbone.pt")
+        print(f"done at step {run.step}: {last} and {out / 'backbone.pt'}", flush=True)
+    cleanup_distributed()
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())
