@@ -15,6 +15,10 @@ sys.path.insert(0, str(REPO))
 TINY = ["--dataset", "synthetic", "--synthetic-size", "128", "64", "--image-size", "16", "--batch-size", "32",
         "--device", "cpu", "--workers", "0", "--log-every", "2"]
 
+# Narrower heads than the defaults (4096, 2048) keep the BYOL and Barlow Twins test runs quick.
+METHODS = {"simclr.py": [], "byol.py": ["--proj-hidden-dim", "256", "--pred-hidden-dim", "256"],
+           "barlow.py": ["--proj-hidden-dim", "256", "--proj-dim", "256"]}
+
 
 def clean_env(**extra):
     """The environment of a user's shell: no torchrun or SLURM variables leaking in from outside."""

@@ -137,3 +137,8 @@ def test_corrupt_image_is_skipped_with_its_name(tmp_path):
                       "--output-dir", tmp_path / "out")
     assert "broken.png" in proc.stderr and "skipping unreadable image" in proc.stderr
     assert (tmp_path / "out" / "backbone.pt").exists()
+
+
+def test_resume_a_checkpoint_of_another_method_script(tmp_path, pretrained):
+    msg = fails("byol.py", *TINY, "--resume", pretrained / "last.pt", "--output-dir", tmp_path / "run")
+    assert "written by simclr.py, not byol.py" in msg

@@ -2,7 +2,9 @@
 import json
 import shutil
 
-from conftest import REPO, TINY, run_script
+import pytest
+
+from conftest import METHODS, REPO, TINY, run_script
 
 
 def test_simclr_and_linear_eval_run_alone(tmp_path):
@@ -14,3 +16,11 @@ def test_simclr_and_linear_eval_run_alone(tmp_path):
                "--batch-size", "32", "--device", "cpu", "--workers", "0", cwd=tmp_path)
     assert "top1" in json.loads((tmp_path / "runs" / "simclr" / "linear_eval" / "results.json").read_text())
     assert sorted(p.name for p in tmp_path.iterdir()) == ["common.py", "linear_eval.py", "runs", "simclr.py"]
+
+
+@pytest.mark.parametrize("script", ["byol.py", "barlow.py"])
+def test_other_methods_run_alone(tmp_path, script):
+    for name in (script, "common.py"):
+        shutil.copy(REPO / name, tmp_path / name)
+    run_script(script, *TINY, *METHODS[script], "--epochs", "1", "--max-steps", "2", "--knn-every", "0", cwd=tmp_path)
+    assert (tmp_path / "runs" / script[:-3] / "backbone.pt").exists()

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from conftest import TINY, load, max_diff, run_script, torchrun
+from conftest import METHODS, TINY, load, max_diff, run_script, torchrun
 
 
 @pytest.mark.parametrize("method", ["simclr", "byol", "barlow"])
@@ -20,10 +20,6 @@ def test_loss_and_gradients_match_one_process(tmp_path, method):
         assert torch.allclose(b.double(), two["buffers"][name].double(), rtol=1e-7, atol=1e-10), name
 
 
-SMALL_HEADS = {"simclr.py": [], "byol.py": ["--proj-hidden-dim", "256", "--pred-hidden-dim", "256"],
-               "barlow.py": ["--proj-hidden-dim", "256", "--proj-dim", "256"]}
-
-
 @pytest.mark.parametrize("script", ["simclr.py", "byol.py", "barlow.py"])
 def test_training_two_processes_matches_one(tmp_path, script):
     """The whole training step (data sharding, DDP, SyncBN, the loss, BYOL's target update) with 2
@@ -32,7 +28,7 @@ def test_training_two_processes_matches_one(tmp_path, script):
     by 3e-3), so the sharp check is the loss of the first two steps: a plain all_reduce in
     barlow_twins_loss (gradients / world size) moves the second one by 4e-4 relative, against
     1e-6 here. The exact gradient check is test_loss_and_gradients_match_one_process (float64)."""
-    args = [*TINY, *SMALL_HEADS[script], "--epochs", "2", "--max-steps", "5", "--deterministic",
+    args = [*TINY, *METHODS[script], "--epochs", "2", "--max-steps", "5", "--deterministic",
             "--knn-every", "1", "--log-every", "1"]
     run_script(script, *args, "--output-dir", tmp_path / "one")
     proc = torchrun(script, *args, "--output-dir", tmp_path / "two")

@@ -68,3 +68,12 @@ def test_make_optimizer_excludes_1d_from_weight_decay(name, cls):
     decayed, plain = opt.param_groups
     assert [p.ndim for p in decayed["params"]] == [2] and decayed["weight_decay"] == 0.5
     assert all(p.ndim == 1 for p in plain["params"]) and len(plain["params"]) == 3 and plain["weight_decay"] == 0.0
+
+
+def test_lr_biases_scales_the_1d_group():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4))
+    args = argparse.Namespace(optimizer="lars", weight_decay=1e-4, lars_eta=0.02, lr=0.2, lr_biases=0.0048)
+    weights, biases = make_optimizer(model.parameters(), args).param_groups
+    assert weights["lr_scale"] == 1.0 and biases["lr_scale"] == pytest.approx(0.024)
+    del args.lr_biases  # scripts without the flag: one learning rate for all
+    assert [g["lr_scale"] for g in make_optimizer(model.parameters(), args).param_groups] == [1.0, 1.0]

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, TINY, clean_env, load, run_script
+from conftest import METHODS, REPO, TINY, clean_env, load, run_script
 
 
 @pytest.fixture
@@ -37,18 +37,19 @@ def start_and_signal(out, sig, env, script="simclr.py", extra=()):
     return proc.returncode, "".join(lines) + rest
 
 
-def test_sigusr1_saves_requeues_and_exits_0(tmp_path, fake_scontrol):
+@pytest.mark.parametrize("script", ["simclr.py", "byol.py", "barlow.py"])
+def test_sigusr1_saves_requeues_and_exits_0(tmp_path, fake_scontrol, script):
     bin_dir, log = fake_scontrol
     env = clean_env(PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_ID="4242")
-    code, output = start_and_signal(tmp_path / "run", signal.SIGUSR1, env)
+    code, output = start_and_signal(tmp_path / "run", signal.SIGUSR1, env, script, METHODS[script])
     assert code == 0, output
     assert "requeued SLURM job 4242" in output
     assert log.read_text().split() == ["requeue", "4242"]
     ckpt = load(tmp_path / "run" / "last.pt")
     assert 2 <= ckpt["step"] < 50 * 4 and not (tmp_path / "run" / "backbone.pt").exists()
     # The requeued job runs the same command and continues from the checkpoint.
-    proc = run_script("simclr.py", *TINY, "--epochs", "50", "--knn-every", "0", "--output-dir", tmp_path / "run",
-                      "--max-steps", ckpt["step"] + 2)
+    proc = run_script(script, *TINY, *METHODS[script], "--epochs", "50", "--knn-every", "0",
+                      "--output-dir", tmp_path / "run", "--max-steps", ckpt["step"] + 2)
     assert f"at step {ckpt['step']}" in proc.stdout and load(tmp_path / "run" / "last.pt")["step"] == ckpt["step"] + 2
 
 

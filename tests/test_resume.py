@@ -4,7 +4,7 @@ import csv
 import pytest
 import torch
 
-from conftest import TINY, load, run_script
+from conftest import METHODS, TINY, load, run_script
 
 ARGS = [*TINY, "--epochs", "2", "--deterministic", "--knn-every", "0"]  # 4 steps per epoch
 
@@ -14,14 +14,18 @@ def rows(path):
         return list(csv.DictReader(f))
 
 
-@pytest.mark.parametrize("stop_at", [3, 4])  # in the middle of an epoch, and at its end
-def test_simclr_resume_is_exact(tmp_path, stop_at):
-    run_script("simclr.py", *ARGS, "--max-steps", 6, "--output-dir", tmp_path / "straight")
-    run_script("simclr.py", *ARGS, "--max-steps", stop_at, "--output-dir", tmp_path / "resumed")
-    proc = run_script("simclr.py", *ARGS, "--max-steps", 6, "--output-dir", tmp_path / "resumed")
+@pytest.mark.parametrize("script,stop_at", [("simclr.py", 3), ("simclr.py", 4), ("byol.py", 3), ("barlow.py", 3)])
+def test_resume_is_exact(tmp_path, script, stop_at):
+    """Stopped in the middle of an epoch (3) or at its end (4). BYOL: the target network and the
+    momentum schedule (a function of the saved step) continue exactly too."""
+    args = [*ARGS, *METHODS[script]]
+    run_script(script, *args, "--max-steps", 6, "--output-dir", tmp_path / "straight")
+    run_script(script, *args, "--max-steps", stop_at, "--output-dir", tmp_path / "resumed")
+    proc = run_script(script, *args, "--max-steps", 6, "--output-dir", tmp_path / "resumed")
     assert f"resumed from {tmp_path / 'resumed' / 'last.pt'} at step {stop_at}" in proc.stdout
     a, b = load(tmp_path / "straight" / "last.pt"), load(tmp_path / "resumed" / "last.pt")
     assert a["step"] == b["step"] == 6
+    assert any(k.startswith("target.") for k in a["model"]) == (script == "byol.py")
     for key in a["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), key
     for pa, pb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):

@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from conftest import REPO, clean_env, load
+from conftest import METHODS, REPO, clean_env, load
 
 FAKE_SRUN = """#!/bin/bash
 # Drop srun's own options, then run the command as task 0 of a 1-task step.
@@ -21,7 +21,7 @@ exec "$@"
 
 @pytest.fixture
 def submit_dir(tmp_path):
-    for name in ("simclr.py", "linear_eval.py", "common.py"):
+    for name in ("simclr.py", "byol.py", "barlow.py", "linear_eval.py", "common.py"):
         shutil.copy(REPO / name, tmp_path / name)
     shutil.copytree(REPO / "sbatch", tmp_path / "sbatch")
     (tmp_path / "bin").mkdir()
@@ -63,3 +63,13 @@ def test_linear_eval_sbatch_script(submit_dir):
                            *tiny], cwd=submit_dir, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "top1" in json.loads((submit_dir / "runs" / "simclr-55" / "linear_eval" / "results.json").read_text())
+
+
+@pytest.mark.parametrize("method", ["byol", "barlow"])
+def test_other_method_sbatch_scripts(submit_dir, method):
+    tiny = ["--device", "cpu", "--dataset", "synthetic", "--synthetic-size", "128", "64", "--image-size", "16",
+            "--batch-size", "32", "--epochs", "1", "--knn-every", "0", "--max-steps", "1", *METHODS[f"{method}.py"]]
+    proc = subprocess.run(["bash", f"sbatch/{method}.sh", *tiny], cwd=submit_dir, env=sbatch_env(submit_dir, 8),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert load(submit_dir / "runs" / f"{method}-8" / "last.pt")["method"] == method

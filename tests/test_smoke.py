@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, TINY, clean_env, load, run_script
+from conftest import METHODS, REPO, TINY, clean_env, load, run_script
 
 CORE_FLAGS = ["--dataset", "--data-dir", "--output-dir", "--arch", "--epochs", "--batch-size", "--lr",
               "--weight-decay", "--optimizer", "--warmup-epochs", "--workers", "--precision", "--device", "--seed",
@@ -67,7 +67,7 @@ def test_other_optimizers_and_no_projector(tmp_path, optimizer):
     assert not any(k.startswith("projector") for k in load(tmp_path / "last.pt")["model"])
 
 
-@pytest.mark.parametrize("script", ["simclr.py", "linear_eval.py"])
+@pytest.mark.parametrize("script", ["simclr.py", "byol.py", "barlow.py", "linear_eval.py"])
 def test_help_documents_every_core_flag(script):
     out = run_script(script, "--help").stdout
     for flag in CORE_FLAGS:
@@ -75,7 +75,7 @@ def test_help_documents_every_core_flag(script):
 
 
 def test_import_has_no_side_effects(tmp_path):
-    code = ("import signal, simclr, linear_eval, common; "
+    code = ("import signal, simclr, byol, barlow, linear_eval, common; "
             "assert signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL; print('clean')")
     proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=clean_env(PYTHONPATH=str(REPO)),
                           capture_output=True, text=True)
@@ -104,3 +104,18 @@ def test_unlabeled_folder_trains_without_knn(tmp_path):
                       "--epochs", "1", "--device", "cpu", "--workers", "0", "--knn-every", "1", "--output-dir", tmp_path / "out")
     assert "40 images" in proc.stdout and "knn" not in proc.stdout
     assert load(tmp_path / "out" / "backbone.pt")["backbone_meta"]["image_size"] == 20  # the images' smaller side
+
+
+@pytest.mark.parametrize("script,target", [("byol.py", True), ("barlow.py", False)])
+def test_method_then_linear_eval(tmp_path, script, target):
+    run_script(script, *TINY, *METHODS[script], "--epochs", "1", "--knn-every", "1", "--output-dir", tmp_path)
+    ckpt = load(tmp_path / "last.pt")
+    assert ckpt["method"] == script[:-3] and ckpt["step"] == 4
+    assert any(k.startswith("target.") for k in ckpt["model"]) == target
+    assert load(tmp_path / "backbone.pt")["backbone"].keys() == ckpt["backbone"].keys()
+    rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
+    assert rows[-1]["kind"] == "epoch" and rows[-1]["knn_top1"] != ""
+    run_script("linear_eval.py", "--ckpt", tmp_path / "last.pt", "--mode", "fast", "--epochs", "1",
+               "--batch-size", "32", "--device", "cpu", "--workers", "0")
+    results = json.loads((tmp_path / "linear_eval" / "results.json").read_text())
+    assert 0 <= results["top1"] <= 100 and results["dataset"] == "synthetic"
