@@ -10,7 +10,7 @@ Launch (the batch size is global, whatever the number of processes):
     python byol.py                                      # CIFAR-10, ResNet-18, one GPU or the CPU
     torchrun --nproc_per_node=4 byol.py                 # 4 GPUs of one machine
     sbatch sbatch/byol.sh --epochs 200                  # SLURM: srun starts one task per GPU
-    python byol.py --dataset synthetic --device cpu --epochs 2 --batch-size 64   # offline demo
+    python byol.py --dataset synthetic --device cpu --epochs 2 --batch-size 64   # offline demo (CPU, minutes)
     python linear_eval.py --ckpt runs/byol/last.pt      # evaluate the online backbone afterwards
 Starting the same command again resumes from <output-dir>/last.pt.
 
