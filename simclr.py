@@ -39,6 +39,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 import torchvision
 
 import common
@@ -53,6 +54,8 @@ def get_args_parser():
     common.add_data_args(parser)  # --dataset --data-dir --image-size --val-fraction --synthetic-size --workers
     g = parser.add_argument_group("model")
     g.add_argument("--arch", default="resnet18", choices=ARCHS, help="backbone")
+    g.add_argument("--patch-size", type=int, default=None,
+                   help="ViT patch size (default: 4 up to 32 px, 8 up to 64 px, else 16)")
     g.add_argument("--proj-layers", type=int, default=2, help="linear layers in the projection head (0 = none)")
     g.add_argument("--proj-hidden-dim", type=int, default=2048, help="hidden width of the projection head")
     g.add_argument("--proj-dim", type=int, default=256, help="output dimension of the projection head")
@@ -83,22 +86,105 @@ def get_args_parser():
 # ---- Backbone ------------------------------------------------------------------------------
 # SHARED: identical in every script
 
-ARCHS = ("resnet18", "resnet34", "resnet50")
+VIT_SIZES = {"vit_tiny": (192, 12, 3), "vit_small": (384, 12, 6), "vit_base": (768, 12, 12),
+             "vit_large": (1024, 24, 16)}  # width, depth, attention heads (DeiT / ViT papers)
+ARCHS = ("resnet18", "resnet34", "resnet50", *VIT_SIZES)
 
 
-def build_backbone(arch, cifar_stem):
-    """A torchvision ResNet without its classifier. Returns (module, feature dimension).
+def drop_path(x, p, training):
+    """Stochastic depth (Huang et al. 2016): drop a residual branch for a random subset of the
+    samples and scale the kept ones by 1 / (1 - p), so that the expected output is unchanged."""
+    if p == 0.0 or not training:
+        return x
+    keep = x.new_empty(x.shape[0], *(1,) * (x.dim() - 1)).bernoulli_(1.0 - p)
+    return x * keep / (1.0 - p)
 
-    cifar_stem: a 3x3 stride-1 first convolution and no max-pool, for images of 64 px or less
-    (SimCLR paper, appendix B.9): the ImageNet stem would shrink 32 px to 8 px at once.
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attention(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, dim, heads, drop_path):
+        super().__init__()
+        self.heads, self.drop_path = heads, drop_path
+        self.norm1, self.norm2 = nn.LayerNorm(dim, eps=1e-6), nn.LayerNorm(dim, eps=1e-6)
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+
+    def forward(self, x):
+        b, n, d = x.shape
+        q, k, v = self.qkv(self.norm1(x)).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        attn = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, d)  # softmax(qk^T/sqrt(d))v
+        x = x + drop_path(self.proj(attn), self.drop_path, self.training)
+        return x + drop_path(self.mlp(self.norm2(x)), self.drop_path, self.training)
+
+
+class VisionTransformer(nn.Module):
+    """ViT (Dosovitskiy et al. 2021) as in DINO's vision_transformer.py: non-overlapping patches
+    become tokens, a CLS token is prepended, learned position embeddings are added, pre-norm blocks
+    follow; the output is the final CLS token. Drop path rises linearly with depth from 0."""
+
+    def __init__(self, image_size, patch_size, dim, depth, heads, drop_path=0.0):
+        super().__init__()
+        self.grad_checkpointing = False  # set True to recompute each block in the backward pass
+        self.patch_embed = nn.Conv2d(3, dim, kernel_size=patch_size, stride=patch_size)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + (image_size // patch_size) ** 2, dim))
+        self.blocks = nn.ModuleList(Block(dim, heads, drop_path * i / max(1, depth - 1)) for i in range(depth))
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        for p in (self.pos_embed, self.cls_token):
+            nn.init.trunc_normal_(p, std=0.02)
+        for m in self.blocks.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+
+    def position_embeddings(self, h, w):
+        """The learned grid of position embeddings, resized (bicubic) for an input with another
+        number of patches: global and local crops go through the same network (DINO, section 3.1)."""
+        n = math.isqrt(self.pos_embed.shape[1] - 1)
+        if (h, w) == (n, n):
+            return self.pos_embed
+        grid = self.pos_embed[:, 1:].reshape(1, n, n, -1).permute(0, 3, 1, 2)
+        grid = F.interpolate(grid, size=(h, w), mode="bicubic", align_corners=False)
+        return torch.cat([self.pos_embed[:, :1], grid.flatten(2).transpose(1, 2)], dim=1)
+
+    def forward(self, x):
+        x = self.patch_embed(x)  # batch, dim, h, w: one token per patch
+        pos = self.position_embeddings(*x.shape[2:])
+        x = torch.cat([self.cls_token.expand(len(x), -1, -1).to(x.dtype), x.flatten(2).transpose(1, 2)], 1) + pos
+        for block in self.blocks:
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                # keep only the block's input; its activations are recomputed during backward
+                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
+        return self.norm(x)[:, 0]
+
+
+def build_backbone(arch, image_size, patch_size=None, drop_path=0.0):
+    """The backbone without a classifier, and its metadata (arch, image_size, feat_dim, and
+    cifar_stem or patch_size), which checkpoints store so that linear_eval.py can rebuild it.
+
+    ResNets (torchvision) get the CIFAR stem at 64 px or less: a 3x3 stride-1 first convolution and
+    no max-pool (SimCLR paper, appendix B.9), as the ImageNet stem would shrink 32 px to 8 px at once.
+    ViTs take a patch size of 4 up to 32 px, 8 up to 64 px, else 16 unless told (ViT-S/16 on 224 px
+    gives 196 tokens; a 32 px image needs small patches to give more than a handful).
     """
+    meta = {"arch": arch, "image_size": image_size}
+    if arch in VIT_SIZES:
+        patch_size = patch_size or (4 if image_size <= 32 else 8 if image_size <= 64 else 16)
+        if patch_size > image_size:
+            common.fail(f"--patch-size {patch_size} is larger than the {image_size} px images; lower it")
+        dim, depth, heads = VIT_SIZES[arch]
+        net = VisionTransformer(image_size, patch_size, dim, depth, heads, drop_path)
+        return net, dict(meta, patch_size=patch_size, feat_dim=dim)
     net = getattr(torchvision.models, arch)()
-    if cifar_stem:
+    if image_size <= 64:
         net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
         net.maxpool = nn.Identity()
     feat_dim = net.fc.in_features
     net.fc = nn.Identity()
-    return net, feat_dim
+    return net, dict(meta, cifar_stem=image_size <= 64, feat_dim=feat_dim)
 
 
 # ---- Model ---------------------------------------------------------------------------------
@@ -117,9 +203,10 @@ def projection_head(in_dim, hidden_dim, out_dim, layers):
 
 
 class SimCLR(nn.Module):
-    def __init__(self, args, cifar_stem):
+    def __init__(self, args, image_size):
         super().__init__()
-        self.backbone, self.feat_dim = build_backbone(args.arch, cifar_stem)
+        self.backbone, self.backbone_meta = build_backbone(args.arch, image_size, args.patch_size)
+        self.feat_dim = self.backbone_meta["feat_dim"]
         self.projector = projection_head(self.feat_dim, args.proj_hidden_dim, args.proj_dim, args.proj_layers)
 
     def forward(self, x):
@@ -622,7 +709,7 @@ def main(args):
         common.fail(f"--batch-size {args.batch_size} is larger than the {len(data.pretrain)} training images; lower it")
 
     # 4. Model, optimizer, mixed precision ----------------------------------------------------
-    raw_model = SimCLR(args, cifar_stem=data.image_size <= 64).to(device)
+    raw_model = SimCLR(args, data.image_size).to(device)
     if world_size > 1:
         raw_model = convert_sync_batchnorm(raw_model, device)
     memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
@@ -638,8 +725,7 @@ def main(args):
         step=0, epoch=0, lr=0.0, elapsed=0.0, n_row=0, n_epoch=0, losses=torch.zeros(2, device=device),
         base_lr=args.lr * args.batch_size / 256, total_steps=args.epochs * steps_per_epoch,
         warmup_steps=args.warmup_epochs * steps_per_epoch, preemption=Preemption(world_size, device),
-        backbone_meta={"arch": args.arch, "cifar_stem": data.image_size <= 64, "feat_dim": raw_model.feat_dim,
-                       "image_size": data.image_size})
+        backbone_meta=raw_model.backbone_meta)
     run.end_step = min(run.total_steps, args.max_steps or run.total_steps)
     if ckpt:
         raw_model.load_state_dict(ckpt["model"])

@@ -15,9 +15,9 @@ method, out = sys.argv[1], sys.argv[2]
 m = importlib.import_module(method)
 rank, _, world_size, device = m.setup_distributed(argparse.Namespace(device="cpu", batch_size=8))
 torch.manual_seed(0)
-args = argparse.Namespace(arch="resnet18", proj_layers=2, proj_hidden_dim=64, proj_dim=32, pred_hidden_dim=64)
+args = argparse.Namespace(arch="resnet18", patch_size=None, proj_layers=2, proj_hidden_dim=64, proj_dim=32, pred_hidden_dim=64)
 model = {"simclr": m.SimCLR if method == "simclr" else None, "byol": getattr(m, "BYOL", None),
-         "barlow": getattr(m, "BarlowTwins", None)}[method](args, cifar_stem=True).double()
+         "barlow": getattr(m, "BarlowTwins", None)}[method](args, 16).double()
 ddp = model
 if world_size > 1:
     model = m.convert_sync_batchnorm(model, device)

@@ -45,8 +45,8 @@ def test_ema_tau_schedule():
 
 
 def test_target_is_an_ema_of_the_online_network_parameters():
-    args = argparse.Namespace(arch="resnet18", proj_hidden_dim=32, proj_dim=16, pred_hidden_dim=32)
-    model = BYOL(args, cifar_stem=True)
+    args = argparse.Namespace(arch="resnet18", patch_size=None, proj_hidden_dim=32, proj_dim=16, pred_hidden_dim=32)
+    model = BYOL(args, 32)
     assert all(not p.requires_grad for p in model.target.parameters())
     for o, t in zip(model.online.parameters(), model.target.parameters()):
         assert torch.equal(o, t)  # starts as a copy

@@ -18,7 +18,7 @@ def test_simclr_writes_the_documented_files(pretrained):
     ckpt = load(pretrained / "last.pt")
     assert ckpt["method"] == "simclr" and ckpt["step"] == 8 and isinstance(ckpt["args"], dict)
     assert set(ckpt) >= {"model", "optimizer", "scaler", "rng", "epoch", "step", "args", "backbone", "backbone_meta"}
-    assert ckpt["backbone_meta"] == {"arch": "resnet18", "cifar_stem": True, "feat_dim": 512, "image_size": 16}
+    assert ckpt["backbone_meta"] == {"arch": "resnet18", "image_size": 16, "cifar_stem": True, "feat_dim": 512}
     assert not any(k.startswith(("module.", "_orig_mod.")) for k in ckpt["model"])
     backbone = load(pretrained / "backbone.pt")
     assert set(backbone) == {"method", "args", "backbone", "backbone_meta"}
@@ -84,12 +84,13 @@ def test_import_has_no_side_effects(tmp_path):
 
 
 @pytest.mark.parametrize("arch,feat_dim", [("resnet18", 512), ("resnet34", 512), ("resnet50", 2048)])
-@pytest.mark.parametrize("cifar_stem,size,spatial", [(True, 32, 4), (False, 64, 2)])
+@pytest.mark.parametrize("cifar_stem,size,spatial", [(True, 32, 4), (False, 96, 3)])
 def test_backbones(arch, feat_dim, cifar_stem, size, spatial):
     import torch
     from simclr import build_backbone
-    net, dim = build_backbone(arch, cifar_stem)
-    assert dim == feat_dim and net(torch.randn(2, 3, size, size)).shape == (2, feat_dim)
+    net, meta = build_backbone(arch, size)
+    assert meta == {"arch": arch, "image_size": size, "cifar_stem": cifar_stem, "feat_dim": feat_dim}
+    assert net(torch.randn(2, 3, size, size)).shape == (2, feat_dim)
     # The CIFAR stem keeps the resolution (32 px -> 4x4 before pooling); the ImageNet stem divides by 32.
     trunk = torch.nn.Sequential(*list(net.children())[:-2])
     assert trunk(torch.randn(1, 3, size, size)).shape[-1] == spatial
