@@ -68,7 +68,7 @@ def get_args_parser():
     g.add_argument("--epochs", type=int, default=1000, help="training epochs")
     g.add_argument("--batch-size", type=int, default=256, help="global batch size, over all processes")
     g.add_argument("--optimizer", default="lars", choices=["lars", "sgd", "adamw"], help="optimizer")
-    g.add_argument("--lr", type=float, default=0.3, help="learning rate of the weights for a batch of 256 (x batch/256)")
+    g.add_argument("--lr", type=float, default=0.3, help="learning rate of the weights, batch 256 (x batch/256)")
     g.add_argument("--lr-biases", type=float, default=None,
                    help="learning rate of biases and norm weights for a batch of 256 (default: --lr)")
     g.add_argument("--weight-decay", type=float, default=1e-4, help="weight decay (not on biases and norms)")
@@ -680,7 +680,7 @@ def save_state(path, raw_model, optimizer, scaler, run, args):
             "backbone": raw_model.backbone.state_dict(), "backbone_meta": run.backbone_meta}, path)
 
 
-def check_resumable(ckpt, path, args):
+def check_resumable(ckpt, path, args, backbone_meta):
     if "model" not in ckpt:
         common.fail(f"{path} holds only a backbone; resume from a last.pt, or evaluate it with linear_eval.py")
     if ckpt.get("method") != "barlow":
@@ -689,6 +689,9 @@ def check_resumable(ckpt, path, args):
         if ckpt["args"].get(key) != getattr(args, key):
             common.fail(f"{path} was trained with --{key.replace('_', '-')} {ckpt['args'].get(key)}, not "
                         f"{getattr(args, key)}: use the same value to resume, or another --output-dir")
+    if ckpt["backbone_meta"] != backbone_meta:
+        common.fail(f"{path} holds a backbone {ckpt['backbone_meta']}, not {backbone_meta}: use the same --arch, "
+                    "--patch-size and --image-size to resume, or another --output-dir")
 
 
 def main(args):
@@ -697,7 +700,7 @@ def main(args):
     is_main = rank == 0
     if args.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True)
+        torch.use_deterministic_algorithms(True, warn_only=True)  # warn where CUDA has no such kernel
     torch.backends.cudnn.benchmark = not args.deterministic
     if args.precision == "auto":
         args.precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
@@ -720,8 +723,6 @@ def main(args):
         dist.barrier()
     data = common.load_data(args)
     args.image_size = data.image_size
-    if ckpt:
-        check_resumable(ckpt, resume_from, args)
     views = common.Views(*common.byol_augmentations(data.image_size, data.mean, data.std))  # as the paper
     local_batch = args.batch_size // world_size
     loader = common.train_loader(data.pretrain.with_transform(views), local_batch,
@@ -732,6 +733,8 @@ def main(args):
 
     # 4. Model, optimizer, mixed precision ----------------------------------------------------
     raw_model = BarlowTwins(args, data.image_size).to(device)
+    if ckpt:
+        check_resumable(ckpt, resume_from, args, raw_model.backbone_meta)
     if world_size > 1:
         raw_model = convert_sync_batchnorm(raw_model, device)
     memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
@@ -768,6 +771,8 @@ def main(args):
         if run.step >= run.end_step:
             break
         run.epoch, run.t_epoch, run.epoch_step0 = epoch, time.time(), run.step
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)  # the logged peak memory is this epoch's
         loader.sampler.set_epoch(epoch, skip=(run.step - epoch * steps_per_epoch) * local_batch)
         train_one_epoch(model, loader, optimizer, scaler, run, args)
         stopping = run.preemption.requested()

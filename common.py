@@ -335,26 +335,40 @@ def simclr_augmentation(image_size, mean, std):
     ])
 
 
+def _view(size, scale, blur_p, solarize_p, blur, mean, std):
+    """One view of the BYOL / DINO recipe: crop to `size` px with area `scale`, flip, colour jitter
+    0.4/0.4/0.2/0.1 (p=0.8), grayscale p=0.2, Gaussian blur (sigma 0.1-2, p=blur_p) if `blur`,
+    solarisation p=solarize_p."""
+    blurs = [T.RandomApply([T.GaussianBlur(size // 20 * 2 + 1, sigma=(0.1, 2.0))], p=blur_p)] if blur else []
+    return T.Compose([
+        T.RandomResizedCrop(size, scale=scale),
+        T.RandomHorizontalFlip(),
+        T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
+        T.RandomGrayscale(p=0.2),
+        *blurs,
+        T.RandomSolarize(128, p=solarize_p),
+        T.ToTensor(),
+        T.Normalize(mean, std),
+    ])
+
+
 def byol_augmentations(image_size, mean, std):
     """BYOL's two asymmetric views (Grill et al. 2020, table 6), also used by Barlow Twins: crop
     scale (0.08, 1), flip, colour jitter 0.4/0.4/0.2/0.1 (p=0.8), grayscale p=0.2, Gaussian blur
     p=1.0 / 0.1 and solarisation p=0 / 0.2. At 64 px or less, no blur (solo-learn's CIFAR recipe)."""
-    views = []
-    for blur_p, solarize_p in ((1.0, 0.0), (0.1, 0.2)):
-        blur = []
-        if image_size > 64:
-            blur = [T.RandomApply([T.GaussianBlur(image_size // 20 * 2 + 1, sigma=(0.1, 2.0))], p=blur_p)]
-        views.append(T.Compose([
-            T.RandomResizedCrop(image_size, scale=(0.08, 1.0)),
-            T.RandomHorizontalFlip(),
-            T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
-            T.RandomGrayscale(p=0.2),
-            *blur,
-            T.RandomSolarize(128, p=solarize_p),
-            T.ToTensor(),
-            T.Normalize(mean, std),
-        ]))
-    return views
+    return [_view(image_size, (0.08, 1.0), blur_p, solarize_p, image_size > 64, mean, std)
+            for blur_p, solarize_p in ((1.0, 0.0), (0.1, 0.2))]
+
+
+def dino_augmentations(image_size, mean, std, local_crops, local_size, global_scale, local_scale):
+    """DINO's multi-crop (Caron et al. 2021, section 3.1, appendix D): two global crops at
+    image_size px with area global_scale, BYOL's asymmetric recipe (blur p=1.0 / 0.1, solarisation
+    p=0 / 0.2), then `local_crops` small crops at local_size px with area local_scale (blur p=0.5).
+    No blur at 64 px or less, as for BYOL on CIFAR. Global crops come first: the teacher sees them only."""
+    blur = image_size > 64
+    views = [_view(image_size, global_scale, 1.0, 0.0, blur, mean, std),
+             _view(image_size, global_scale, 0.1, 0.2, blur, mean, std)]
+    return views + [_view(local_size, local_scale, 0.5, 0.0, blur, mean, std)] * local_crops
 
 
 class Views:

@@ -658,7 +658,7 @@ def save_state(path, raw_model, optimizer, scaler, run, args):
             "backbone": raw_model.backbone.state_dict(), "backbone_meta": run.backbone_meta}, path)
 
 
-def check_resumable(ckpt, path, args):
+def check_resumable(ckpt, path, args, backbone_meta):
     if "model" not in ckpt:
         common.fail(f"{path} holds only a backbone; resume from a last.pt, or evaluate it with linear_eval.py")
     if ckpt.get("method") != "simclr":
@@ -667,6 +667,9 @@ def check_resumable(ckpt, path, args):
         if ckpt["args"].get(key) != getattr(args, key):
             common.fail(f"{path} was trained with --{key.replace('_', '-')} {ckpt['args'].get(key)}, not "
                         f"{getattr(args, key)}: use the same value to resume, or another --output-dir")
+    if ckpt["backbone_meta"] != backbone_meta:
+        common.fail(f"{path} holds a backbone {ckpt['backbone_meta']}, not {backbone_meta}: use the same --arch, "
+                    "--patch-size and --image-size to resume, or another --output-dir")
 
 
 def main(args):
@@ -675,7 +678,7 @@ def main(args):
     is_main = rank == 0
     if args.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True)
+        torch.use_deterministic_algorithms(True, warn_only=True)  # warn where CUDA has no such kernel
     torch.backends.cudnn.benchmark = not args.deterministic
     if args.precision == "auto":
         args.precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
@@ -698,8 +701,6 @@ def main(args):
         dist.barrier()
     data = common.load_data(args)
     args.image_size = data.image_size
-    if ckpt:
-        check_resumable(ckpt, resume_from, args)
     augment = common.simclr_augmentation(data.image_size, data.mean, data.std)
     local_batch = args.batch_size // world_size
     loader = common.train_loader(data.pretrain.with_transform(common.Views(augment, augment)), local_batch,
@@ -710,6 +711,8 @@ def main(args):
 
     # 4. Model, optimizer, mixed precision ----------------------------------------------------
     raw_model = SimCLR(args, data.image_size).to(device)
+    if ckpt:
+        check_resumable(ckpt, resume_from, args, raw_model.backbone_meta)
     if world_size > 1:
         raw_model = convert_sync_batchnorm(raw_model, device)
     memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
@@ -746,6 +749,8 @@ def main(args):
         if run.step >= run.end_step:
             break
         run.epoch, run.t_epoch, run.epoch_step0 = epoch, time.time(), run.step
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)  # the logged peak memory is this epoch's
         loader.sampler.set_epoch(epoch, skip=(run.step - epoch * steps_per_epoch) * local_batch)
         train_one_epoch(model, loader, optimizer, scaler, run, args)
         stopping = run.preemption.requested()

@@ -15,9 +15,13 @@ sys.path.insert(0, str(REPO))
 TINY = ["--dataset", "synthetic", "--synthetic-size", "128", "64", "--image-size", "16", "--batch-size", "32",
         "--device", "cpu", "--workers", "0", "--log-every", "2"]
 
-# Narrower heads than the defaults (4096, 2048) keep the BYOL and Barlow Twins test runs quick.
+# Narrower heads than the defaults (4096, 2048) keep the BYOL, Barlow Twins and DINO test runs
+# quick; DINO runs with 2 local crops (8 px), so that multi-crop is part of every test.
 METHODS = {"simclr.py": [], "byol.py": ["--proj-hidden-dim", "256", "--pred-hidden-dim", "256"],
-           "barlow.py": ["--proj-hidden-dim", "256", "--proj-dim", "256"]}
+           "barlow.py": ["--proj-hidden-dim", "256", "--proj-dim", "256"],
+           "dino.py": ["--head-hidden-dim", "256", "--out-dim", "256", "--local-crops", "2"]}
+# DINO with a ViT (AdamW recipe, drop path, gradient checkpointing): 16 px images, 4 px patches.
+DINO_VIT = [*METHODS["dino.py"], "--arch", "vit_tiny", "--grad-checkpointing"]
 
 
 def clean_env(**extra):

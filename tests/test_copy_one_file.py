@@ -18,7 +18,7 @@ def test_simclr_and_linear_eval_run_alone(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["common.py", "linear_eval.py", "runs", "simclr.py"]
 
 
-@pytest.mark.parametrize("script", ["byol.py", "barlow.py"])
+@pytest.mark.parametrize("script", ["byol.py", "barlow.py", "dino.py"])
 def test_other_methods_run_alone(tmp_path, script):
     for name in (script, "common.py"):
         shutil.copy(REPO / name, tmp_path / name)

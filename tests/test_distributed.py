@@ -7,20 +7,20 @@ import torch.nn as nn
 from conftest import METHODS, TINY, load, max_diff, run_script, torchrun
 
 
-@pytest.mark.parametrize("method", ["simclr", "byol", "barlow"])
+@pytest.mark.parametrize("method", ["simclr", "byol", "barlow", "dino", "dino_vit"])
 def test_loss_and_gradients_match_one_process(tmp_path, method):
     run_script("tests/dist_check.py", method, tmp_path / "one.pt")
     torchrun("tests/dist_check.py", method, tmp_path / "two.pt")
     one, two = load(tmp_path / "one.pt"), load(tmp_path / "two.pt")
     assert torch.allclose(one["loss"], two["loss"], rtol=1e-10)
-    assert len(one["grads"]) > 60
+    assert len(one["grads"]) > 40
     for name, g in one["grads"].items():
         assert torch.allclose(g, two["grads"][name], rtol=1e-7, atol=1e-10), name
     for name, b in one["buffers"].items():
         assert torch.allclose(b.double(), two["buffers"][name].double(), rtol=1e-7, atol=1e-10), name
 
 
-@pytest.mark.parametrize("script", ["simclr.py", "byol.py", "barlow.py"])
+@pytest.mark.parametrize("script", ["simclr.py", "byol.py", "barlow.py", "dino.py"])
 def test_training_two_processes_matches_one(tmp_path, script):
     """The whole training step (data sharding, DDP, SyncBN, the loss, BYOL's target update) with 2
     processes against 1. float32 sums in another order make runs drift apart a little (two

@@ -37,7 +37,7 @@ def start_and_signal(out, sig, env, script="simclr.py", extra=()):
     return proc.returncode, "".join(lines) + rest
 
 
-@pytest.mark.parametrize("script", ["simclr.py", "byol.py", "barlow.py"])
+@pytest.mark.parametrize("script", ["simclr.py", "byol.py", "barlow.py", "dino.py"])
 def test_sigusr1_saves_requeues_and_exits_0(tmp_path, fake_scontrol, script):
     bin_dir, log = fake_scontrol
     env = clean_env(PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_ID="4242")

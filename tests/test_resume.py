@@ -4,7 +4,7 @@ import csv
 import pytest
 import torch
 
-from conftest import METHODS, TINY, load, run_script
+from conftest import DINO_VIT, METHODS, TINY, load, run_script
 
 ARGS = [*TINY, "--epochs", "2", "--deterministic", "--knn-every", "0"]  # 4 steps per epoch
 
@@ -14,22 +14,28 @@ def rows(path):
         return list(csv.DictReader(f))
 
 
-@pytest.mark.parametrize("script,stop_at", [("simclr.py", 3), ("simclr.py", 4), ("byol.py", 3), ("barlow.py", 3)])
+@pytest.mark.parametrize("script,stop_at", [("simclr.py", 3), ("simclr.py", 4), ("byol.py", 3), ("barlow.py", 3),
+                                            ("dino.py", 3), ("dino_vit", 5)])
 def test_resume_is_exact(tmp_path, script, stop_at):
     """Stopped in the middle of an epoch (3) or at its end (4). BYOL: the target network and the
-    momentum schedule (a function of the saved step) continue exactly too."""
-    args = [*ARGS, *METHODS[script]]
+    momentum schedule (a function of the saved step) continue exactly too. DINO: the teacher, the
+    centre, the temperature, momentum and weight-decay schedules; with a ViT, drop path and
+    gradient checkpointing, and the last layer frozen in epoch 0 only (stopped after it)."""
+    args = [*ARGS, *(DINO_VIT if script == "dino_vit" else METHODS[script])]
+    script = "dino.py" if script == "dino_vit" else script
     run_script(script, *args, "--max-steps", 6, "--output-dir", tmp_path / "straight")
     run_script(script, *args, "--max-steps", stop_at, "--output-dir", tmp_path / "resumed")
     proc = run_script(script, *args, "--max-steps", 6, "--output-dir", tmp_path / "resumed")
     assert f"resumed from {tmp_path / 'resumed' / 'last.pt'} at step {stop_at}" in proc.stdout
     a, b = load(tmp_path / "straight" / "last.pt"), load(tmp_path / "resumed" / "last.pt")
     assert a["step"] == b["step"] == 6
-    assert any(k.startswith("target.") for k in a["model"]) == (script == "byol.py")
+    assert any(k.startswith(("target.", "teacher.")) for k in a["model"]) == (script in ("byol.py", "dino.py"))
     for key in a["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), key
     for pa, pb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
-        assert torch.equal(pa["mu"], pb["mu"])
+        assert pa.keys() == pb.keys() and all(torch.equal(pa[k], pb[k]) for k in pa)
+    if script == "dino.py":
+        assert torch.equal(a["dino_loss"]["center"], b["dino_loss"]["center"]) and a["dino_loss"]["center"].any()
     # metrics.csv: every (kind, step) once, and the same epoch loss as the uninterrupted run.
     logged = rows(tmp_path / "resumed" / "metrics.csv")
     assert len({(r["kind"], r["step"]) for r in logged}) == len(logged)

@@ -21,7 +21,7 @@ exec "$@"
 
 @pytest.fixture
 def submit_dir(tmp_path):
-    for name in ("simclr.py", "byol.py", "barlow.py", "linear_eval.py", "common.py"):
+    for name in ("simclr.py", "byol.py", "barlow.py", "dino.py", "linear_eval.py", "common.py"):
         shutil.copy(REPO / name, tmp_path / name)
     shutil.copytree(REPO / "sbatch", tmp_path / "sbatch")
     (tmp_path / "bin").mkdir()
@@ -65,7 +65,7 @@ def test_linear_eval_sbatch_script(submit_dir):
     assert "top1" in json.loads((submit_dir / "runs" / "simclr-55" / "linear_eval" / "results.json").read_text())
 
 
-@pytest.mark.parametrize("method", ["byol", "barlow"])
+@pytest.mark.parametrize("method", ["byol", "barlow", "dino"])
 def test_other_method_sbatch_scripts(submit_dir, method):
     tiny = ["--device", "cpu", "--dataset", "synthetic", "--synthetic-size", "128", "64", "--image-size", "16",
             "--batch-size", "32", "--epochs", "1", "--knn-every", "0", "--max-steps", "1", *METHODS[f"{method}.py"]]

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from conftest import METHODS, REPO, TINY, clean_env, load, run_script
 
@@ -67,7 +68,7 @@ def test_other_optimizers_and_no_projector(tmp_path, optimizer):
     assert not any(k.startswith("projector") for k in load(tmp_path / "last.pt")["model"])
 
 
-@pytest.mark.parametrize("script", ["simclr.py", "byol.py", "barlow.py", "linear_eval.py"])
+@pytest.mark.parametrize("script", ["simclr.py", "byol.py", "barlow.py", "dino.py", "linear_eval.py"])
 def test_help_documents_every_core_flag(script):
     out = run_script(script, "--help").stdout
     for flag in CORE_FLAGS:
@@ -75,7 +76,7 @@ def test_help_documents_every_core_flag(script):
 
 
 def test_import_has_no_side_effects(tmp_path):
-    code = ("import signal, simclr, byol, barlow, linear_eval, common; "
+    code = ("import signal, simclr, byol, barlow, dino, linear_eval, common; "
             "assert signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL; print('clean')")
     proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=clean_env(PYTHONPATH=str(REPO)),
                           capture_output=True, text=True)
@@ -107,7 +108,7 @@ def test_unlabeled_folder_trains_without_knn(tmp_path):
     assert load(tmp_path / "out" / "backbone.pt")["backbone_meta"]["image_size"] == 20  # the images' smaller side
 
 
-@pytest.mark.parametrize("script,target", [("byol.py", True), ("barlow.py", False)])
+@pytest.mark.parametrize("script,target", [("byol.py", True), ("barlow.py", False), ("dino.py", False)])
 def test_method_then_linear_eval(tmp_path, script, target):
     run_script(script, *TINY, *METHODS[script], "--epochs", "1", "--knn-every", "1", "--output-dir", tmp_path)
     ckpt = load(tmp_path / "last.pt")
@@ -120,3 +121,46 @@ def test_method_then_linear_eval(tmp_path, script, target):
                "--batch-size", "32", "--device", "cpu", "--workers", "0")
     results = json.loads((tmp_path / "linear_eval" / "results.json").read_text())
     assert 0 <= results["top1"] <= 100 and results["dataset"] == "synthetic"
+
+
+def test_dino_vit_writes_only_in_its_output_dir_then_linear_eval(tmp_path):
+    """DINO with a ViT, multi-crop and gradient checkpointing, started from an empty working
+    directory: every file goes to --output-dir, and linear_eval.py rebuilds the ViT from the
+    checkpoint (patch size included) in both modes."""
+    from conftest import DINO_VIT
+    cwd, out = tmp_path / "cwd", tmp_path / "out"
+    cwd.mkdir()
+    proc = run_script(str(REPO / "dino.py"), *TINY, *DINO_VIT, "--epochs", "2", "--knn-every", "1",
+                      "--output-dir", out, cwd=cwd)
+    assert "vit_tiny, adamw lr 0.0005, 2 + 2 crops" in proc.stdout and "knn" in proc.stdout
+    assert list(cwd.iterdir()) == []
+    assert sorted(p.name for p in out.iterdir()) == ["args.json", "backbone.pt", "last.pt", "metrics.csv"]
+    ckpt = load(out / "last.pt")
+    assert ckpt["backbone_meta"] == {"arch": "vit_tiny", "image_size": 16, "patch_size": 4, "feat_dim": 192}
+    assert ckpt["args"]["weight_decay_end"] == 0.4 and ckpt["args"]["clip_grad"] == 3.0
+    assert torch.equal(ckpt["backbone"]["pos_embed"], ckpt["model"]["teacher.backbone.pos_embed"])
+    for mode in ("fast", "linear"):
+        run_script(str(REPO / "linear_eval.py"), "--ckpt", out / "backbone.pt", "--mode", mode, "--epochs", "1",
+                   "--batch-size", "32", "--device", "cpu", "--workers", "0", "--output-dir", tmp_path / mode, cwd=cwd)
+        results = json.loads((tmp_path / mode / "results.json").read_text())
+        assert results["arch"] == "vit_tiny" and 0 <= results["top1"] <= 100
+    assert list(cwd.iterdir()) == []
+
+
+def test_dino_on_an_unlabeled_folder(tmp_path):
+    from PIL import Image
+    (tmp_path / "flat").mkdir()
+    for i in range(40):
+        Image.new("RGB", (24, 24), (i * 6, 100, 255 - i * 6)).save(tmp_path / "flat" / f"{i}.jpg")
+    proc = run_script("dino.py", "--dataset", "imagefolder", "--data-dir", tmp_path / "flat", "--batch-size", "16",
+                      "--epochs", "1", "--device", "cpu", "--workers", "0", "--knn-every", "1", "--arch", "vit_tiny",
+                      "--local-crops", "2", "--out-dim", "64", "--head-hidden-dim", "64",
+                      "--output-dir", tmp_path / "out")
+    assert "40 images" in proc.stdout and "knn" not in proc.stdout
+    assert load(tmp_path / "out" / "backbone.pt")["backbone_meta"]["patch_size"] == 4
+
+
+def test_dino_grad_checkpointing_needs_a_vit(tmp_path):
+    proc = run_script("dino.py", *TINY, "--grad-checkpointing", "--output-dir", tmp_path, check=False)
+    assert proc.returncode == 1 and "--grad-checkpointing applies to ViT backbones" in proc.stderr
+    assert proc.stderr.count("\n") == 1 and not (tmp_path / "last.pt").exists()

@@ -1,0 +1,920 @@
+"""DINO: self-distillation with no labels (Emerging Properties in Self-Supervised Vision Transformers).
+Caron, Touvron, Misra, Jegou, Mairal, Bojanowski, Joulin, ICCV 2021, https://arxiv.org/abs/2104.14294
+
+A student network (backbone and DINO head) learns to match, on every crop of an image, the output
+distribution that a teacher network gives on the two large "global" crops of the same image. The
+teacher is an exponential moving average of the student; centring and sharpening its output is
+what keeps the two from collapsing. The student also sees small "local" crops (multi-crop), so it
+learns local-to-global correspondences. Works with ResNets and Vision Transformers.
+
+Launch (the batch size is global, whatever the number of processes):
+    python dino.py                                      # CIFAR-10, ResNet-18, one GPU or the CPU
+    python dino.py --arch vit_small --local-crops 6     # ViT-S/4 with multi-crop (AdamW recipe)
+    torchrun --nproc_per_node=4 dino.py                 # 4 GPUs of one machine
+    sbatch sbatch/dino.sh --epochs 200                  # SLURM: srun starts one task per GPU
+    python dino.py --dataset imagefolder --data-dir ~/imgs --arch vit_small --image-size 224  # own images
+    python dino.py --dataset synthetic --device cpu --epochs 2 --batch-size 64   # offline demo (CPU, minutes)
+    python linear_eval.py --ckpt runs/dino/last.pt      # evaluate the teacher backbone afterwards
+Starting the same command again resumes from <output-dir>/last.pt.
+
+Defaults depend on the backbone. ResNets: solo-learn's CIFAR recipe (scripts/pretrain/cifar/dino.yaml):
+LARS (eta 0.02, lr 0.3 x batch/256, weight decay 1e-6), 2 crops. ViTs: the DINO paper's ViT-S recipe
+(AdamW, lr 5e-4 x batch/256, weight decay 0.04 -> 0.4 cosine, gradient clipping 3.0, drop path
+0.1), patch size 4 on 32 px images. Both: batch 256, 10 warm-up epochs then cosine, teacher
+momentum 0.996 -> 1, head 2048 -> 256 -> 4096 prototypes with the last layer frozen during the
+first epoch, teacher temperature 0.04 -> 0.07 over 30 epochs, student temperature 0.1, centre
+momentum 0.9. Expected for ResNet-18 on CIFAR-10, from the sources, not measured here: about 89.5%
+top-1 (solo-learn, online linear probe, 1000 epochs) and about 81% kNN after 200 epochs (lightly's
+benchmark, batch 512). Measured with this script: see README.md.
+"""
+import argparse
+import csv
+import itertools
+import json
+import math
+import os
+import pickle
+import random
+import re
+import resource
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+import torch.utils.checkpoint
+import torchvision
+
+import common
+
+
+# ---- Arguments -----------------------------------------------------------------------------
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser("DINO", description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    common.add_data_args(parser)  # --dataset --data-dir --image-size --val-fraction --synthetic-size --workers
+    g = parser.add_argument_group("model")
+    g.add_argument("--arch", default="resnet18", choices=ARCHS, help="backbone")
+    g.add_argument("--patch-size", type=int, default=None,
+                   help="ViT patch size (default: 4 up to 32 px, 8 up to 64 px, else 16)")
+    g.add_argument("--drop-path", type=float, default=0.1, help="stochastic depth of the student ViT")
+    g.add_argument("--grad-checkpointing", action="store_true", help="recompute ViT blocks in backward: less memory")
+    g.add_argument("--out-dim", type=int, default=4096, help="number of prototypes (65536 in the paper, ImageNet)")
+    g.add_argument("--head-hidden-dim", type=int, default=2048, help="hidden width of the DINO head")
+    g.add_argument("--bottleneck-dim", type=int, default=256, help="dimension before the prototypes")
+    g.add_argument("--norm-last-layer", action=argparse.BooleanOptionalAction, default=True,
+                   help="fix the norm of the prototypes to 1 (more stable; --no-norm-last-layer learns it)")
+    g.add_argument("--freeze-last-layer", type=int, default=1, help="epochs during which the prototypes stay fixed")
+    g.add_argument("--momentum-teacher", type=float, default=0.996, help="teacher EMA momentum at step 0 (cosine to 1)")
+    g = parser.add_argument_group("multi-crop")
+    g.add_argument("--local-crops", type=int, default=0, help="number of small local crops (the paper: 6 to 10)")
+    g.add_argument("--local-crop-size", type=int, default=None, help="local crop size (default: 3/7 of the image)")
+    g.add_argument("--global-crops-scale", type=float, nargs=2, default=None,
+                   help="area range of the global crops (default: 0.4 1 with local crops, else 0.14 1)")
+    g.add_argument("--local-crops-scale", type=float, nargs=2, default=(0.05, 0.4), help="area range of local crops")
+    g = parser.add_argument_group("loss")
+    g.add_argument("--warmup-teacher-temp", type=float, default=0.04, help="teacher temperature at epoch 0")
+    g.add_argument("--teacher-temp", type=float, default=0.07, help="teacher temperature after the warm-up")
+    g.add_argument("--warmup-teacher-temp-epochs", type=int, default=30, help="epochs of linear temperature warm-up")
+    g.add_argument("--student-temp", type=float, default=0.1, help="student temperature")
+    g.add_argument("--center-momentum", type=float, default=0.9, help="momentum of the teacher-output centre")
+    g = parser.add_argument_group("optimisation (None: ResNet recipe with LARS, ViT recipe with AdamW)")
+    g.add_argument("--epochs", type=int, default=1000, help="training epochs")
+    g.add_argument("--batch-size", type=int, default=256, help="global batch size, over all processes")
+    g.add_argument("--optimizer", default=None, choices=["lars", "sgd", "adamw"], help="optimizer (lars / adamw)")
+    g.add_argument("--lr", type=float, default=None, help="learning rate for a batch of 256 (0.3 / 5e-4)")
+    g.add_argument("--weight-decay", type=float, default=None, help="weight decay at step 0 (1e-6 / 0.04)")
+    g.add_argument("--weight-decay-end", type=float, default=None, help="weight decay at the end, cosine (1e-6 / 0.4)")
+    g.add_argument("--clip-grad", type=float, default=None, help="per-parameter gradient norm clip (0 / 3.0; 0: off)")
+    g.add_argument("--lars-eta", type=float, default=0.02, help="LARS trust coefficient")
+    g.add_argument("--warmup-epochs", type=int, default=10, help="linear warm-up epochs before the cosine decay")
+    g = parser.add_argument_group("run")
+    g.add_argument("--output-dir", default="runs/dino", help="checkpoints and logs; resumed from if it holds last.pt")
+    g.add_argument("--resume", default=None, help="checkpoint to start from when --output-dir has no last.pt")
+    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to train")
+    g.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="autocast precision (auto: bf16 on GPUs that support it, else fp32)")
+    g.add_argument("--seed", type=int, default=0, help="random seed")
+    g.add_argument("--deterministic", action="store_true", help="deterministic algorithms (bitwise resume on CPU)")
+    g.add_argument("--save-every", type=int, default=1, help="write last.pt every N epochs")
+    g.add_argument("--log-every", type=int, default=50, help="log and print every N steps")
+    g.add_argument("--knn-every", type=int, default=5, help="kNN accuracy every N epochs (0 = never)")
+    g.add_argument("--max-steps", type=int, default=None, help="stop after N optimisation steps in all")
+    return parser
+
+
+RECIPES = {  # the defaults of the optimisation flags left unset, by backbone family
+    "resnet": dict(optimizer="lars", lr=0.3, weight_decay=1e-6, weight_decay_end=1e-6, clip_grad=0.0),
+    "vit": dict(optimizer="adamw", lr=5e-4, weight_decay=0.04, weight_decay_end=0.4, clip_grad=3.0)}
+
+
+def fill_recipe(args):
+    """Set the optimisation flags left at None from the backbone's recipe, and the crop settings."""
+    for key, value in RECIPES["vit" if args.arch.startswith("vit") else "resnet"].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.global_crops_scale is None:  # DINO's README: (0.14, 1) when training without local crops
+        args.global_crops_scale = (0.4, 1.0) if args.local_crops else (0.14, 1.0)
+    if args.local_crop_size is None:  # 96 px for 224 px images, 16 px for 32 px ones
+        args.local_crop_size = max(8, round(args.image_size * 3 / 7 / 8) * 8)
+    if args.grad_checkpointing and not args.arch.startswith("vit"):
+        common.fail(f"--grad-checkpointing applies to ViT backbones, not {args.arch}; drop it or use --arch vit_*")
+
+
+# ---- Backbone ------------------------------------------------------------------------------
+# SHARED: identical in every script
+
+VIT_SIZES = {"vit_tiny": (192, 12, 3), "vit_small": (384, 12, 6), "vit_base": (768, 12, 12),
+             "vit_large": (1024, 24, 16)}  # width, depth, attention heads (DeiT / ViT papers)
+ARCHS = ("resnet18", "resnet34", "resnet50", *VIT_SIZES)
+
+
+def drop_path(x, p, training):
+    """Stochastic depth (Huang et al. 2016): drop a residual branch for a random subset of the
+    samples and scale the kept ones by 1 / (1 - p), so that the expected output is unchanged."""
+    if p == 0.0 or not training:
+        return x
+    keep = x.new_empty(x.shape[0], *(1,) * (x.dim() - 1)).bernoulli_(1.0 - p)
+    return x * keep / (1.0 - p)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attention(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, dim, heads, drop_path):
+        super().__init__()
+        self.heads, self.drop_path = heads, drop_path
+        self.norm1, self.norm2 = nn.LayerNorm(dim, eps=1e-6), nn.LayerNorm(dim, eps=1e-6)
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+
+    def forward(self, x):
+        b, n, d = x.shape
+        q, k, v = self.qkv(self.norm1(x)).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        attn = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, d)  # softmax(qk^T/sqrt(d))v
+        x = x + drop_path(self.proj(attn), self.drop_path, self.training)
+        return x + drop_path(self.mlp(self.norm2(x)), self.drop_path, self.training)
+
+
+class VisionTransformer(nn.Module):
+    """ViT (Dosovitskiy et al. 2021) as in DINO's vision_transformer.py: non-overlapping patches
+    become tokens, a CLS token is prepended, learned position embeddings are added, pre-norm blocks
+    follow; the output is the final CLS token. Drop path rises linearly with depth from 0."""
+
+    def __init__(self, image_size, patch_size, dim, depth, heads, drop_path=0.0):
+        super().__init__()
+        self.grad_checkpointing = False  # set True to recompute each block in the backward pass
+        self.patch_embed = nn.Conv2d(3, dim, kernel_size=patch_size, stride=patch_size)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + (image_size // patch_size) ** 2, dim))
+        self.blocks = nn.ModuleList(Block(dim, heads, drop_path * i / max(1, depth - 1)) for i in range(depth))
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        for p in (self.pos_embed, self.cls_token):
+            nn.init.trunc_normal_(p, std=0.02)
+        for m in self.blocks.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+
+    def position_embeddings(self, h, w):
+        """The learned grid of position embeddings, resized (bicubic) for an input with another
+        number of patches: global and local crops go through the same network (DINO, section 3.1)."""
+        n = math.isqrt(self.pos_embed.shape[1] - 1)
+        if (h, w) == (n, n):
+            return self.pos_embed
+        grid = self.pos_embed[:, 1:].reshape(1, n, n, -1).permute(0, 3, 1, 2)
+        grid = F.interpolate(grid, size=(h, w), mode="bicubic", align_corners=False)
+        return torch.cat([self.pos_embed[:, :1], grid.flatten(2).transpose(1, 2)], dim=1)
+
+    def forward(self, x):
+        x = self.patch_embed(x)  # batch, dim, h, w: one token per patch
+        pos = self.position_embeddings(*x.shape[2:])
+        x = torch.cat([self.cls_token.expand(len(x), -1, -1).to(x.dtype), x.flatten(2).transpose(1, 2)], 1) + pos
+        for block in self.blocks:
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                # keep only the block's input; its activations are recomputed during backward
+                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
+        return self.norm(x)[:, 0]
+
+
+def build_backbone(arch, image_size, patch_size=None, drop_path=0.0):
+    """The backbone without a classifier, and its metadata (arch, image_size, feat_dim, and
+    cifar_stem or patch_size), which checkpoints store so that linear_eval.py can rebuild it.
+
+    ResNets (torchvision) get the CIFAR stem at 64 px or less: a 3x3 stride-1 first convolution and
+    no max-pool (SimCLR paper, appendix B.9), as the ImageNet stem would shrink 32 px to 8 px at once.
+    ViTs take a patch size of 4 up to 32 px, 8 up to 64 px, else 16 unless told (ViT-S/16 on 224 px
+    gives 196 tokens; a 32 px image needs small patches to give more than a handful).
+    """
+    meta = {"arch": arch, "image_size": image_size}
+    if arch in VIT_SIZES:
+        patch_size = patch_size or (4 if image_size <= 32 else 8 if image_size <= 64 else 16)
+        if patch_size > image_size:
+            common.fail(f"--patch-size {patch_size} is larger than the {image_size} px images; lower it")
+        dim, depth, heads = VIT_SIZES[arch]
+        net = VisionTransformer(image_size, patch_size, dim, depth, heads, drop_path)
+        return net, dict(meta, patch_size=patch_size, feat_dim=dim)
+    net = getattr(torchvision.models, arch)()
+    if image_size <= 64:
+        net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        net.maxpool = nn.Identity()
+    feat_dim = net.fc.in_features
+    net.fc = nn.Identity()
+    return net, dict(meta, cifar_stem=image_size <= 64, feat_dim=feat_dim)
+
+
+# ---- Model ---------------------------------------------------------------------------------
+
+
+class DINOHead(nn.Module):
+    """DINO's projection head (section 3.1, appendix C): a 3-layer MLP (hidden 2048, GELU) to a
+    256-d bottleneck, L2 normalisation, then a weight-normalised linear layer without bias to
+    out_dim prototypes: row k of its weight is g_k v_k / ||v_k||. With norm_last_layer, g stays 1."""
+
+    def __init__(self, in_dim, out_dim, hidden_dim, bottleneck_dim, norm_last_layer):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.GELU(), nn.Linear(hidden_dim, hidden_dim),
+                                 nn.GELU(), nn.Linear(hidden_dim, bottleneck_dim))
+        for m in self.mlp:
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+        self.last_v = nn.Parameter(nn.Linear(bottleneck_dim, out_dim, bias=False).weight.detach())
+        self.last_g = nn.Parameter(torch.ones(out_dim), requires_grad=not norm_last_layer)
+
+    def forward(self, x):
+        x = F.normalize(self.mlp(x), dim=-1)
+        return F.linear(x, self.last_g[:, None] * F.normalize(self.last_v, dim=1))
+
+
+class MultiCropNet(nn.Module):
+    """Backbone and head on a list of crops, as DINO's MultiCropWrapper: consecutive crops of the
+    same size go through the backbone as one batch, and the head takes all the features at once.
+    The output holds crop 0's B rows, then crop 1's, and so on."""
+
+    def __init__(self, args, image_size, drop_path):
+        super().__init__()
+        self.backbone, self.backbone_meta = build_backbone(args.arch, image_size, args.patch_size, drop_path)
+        self.head = DINOHead(self.backbone_meta["feat_dim"], args.out_dim, args.head_hidden_dim, args.bottleneck_dim,
+                             args.norm_last_layer)
+
+    def forward(self, crops):
+        groups = itertools.groupby(crops, key=lambda x: x.shape[-2:])
+        return self.head(torch.cat([self.backbone(torch.cat(list(same_size))) for _, same_size in groups]))
+
+
+class DINO(nn.Module):
+    """The student learns by gradient descent; the teacher, the same network without drop path,
+    follows it as an exponential moving average and gets no gradients."""
+
+    def __init__(self, args, image_size):
+        super().__init__()
+        self.student = MultiCropNet(args, image_size, args.drop_path)
+        self.teacher = MultiCropNet(args, image_size, drop_path=0.0)
+        self.teacher.load_state_dict(self.student.state_dict())
+        self.teacher.requires_grad_(False)
+        self.student.backbone.grad_checkpointing = args.grad_checkpointing  # ViTs only (see fill_recipe)
+        self.feat_dim, self.backbone_meta = self.student.backbone_meta["feat_dim"], self.student.backbone_meta
+
+    def forward(self, crops):
+        """Student outputs for every crop and teacher outputs for the two global ones. The teacher
+        runs in train mode like the official code's (a ResNet teacher normalises with batch statistics)."""
+        student_out = self.student(crops)
+        with torch.no_grad():
+            teacher_out = self.teacher(crops[:2])
+        return student_out, teacher_out
+
+    @torch.no_grad()
+    def update_teacher(self, momentum):
+        """teacher <- m * teacher + (1 - m) * student (section 3.1), for the parameters only."""
+        for student, teacher in zip(self.student.parameters(), self.teacher.parameters()):
+            teacher.lerp_(student, 1.0 - momentum)
+
+
+# ---- Loss ----------------------------------------------------------------------------------
+
+
+class DINOLoss(nn.Module):
+    """DINO's loss (section 3.1, eq. 2-3 and algorithm 1). The teacher distribution of a global
+    crop is softmax((t - c) / T_t), centred by c and sharpened by a low T_t; the student's is
+    softmax(s / T_s). The loss is the cross-entropy -sum_k P_t[k] log P_s[k], averaged over the
+    batch and over every (teacher crop, student crop) pair of different views: 2 x (n_crops - 1)
+    pairs. T_t rises linearly over the warm-up epochs (np.linspace, as the official code), then
+    stays constant. After the loss, c <- m c + (1 - m) mean(t) over the global batch (all-reduced),
+    so every process keeps the same centre. student_out holds n_crops blocks of B rows, global
+    crops first; teacher_out the two global blocks."""
+
+    def __init__(self, out_dim, n_crops, warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs, n_epochs,
+                 student_temp=0.1, center_momentum=0.9):
+        super().__init__()
+        self.n_crops, self.student_temp, self.center_momentum = n_crops, student_temp, center_momentum
+        self.warmup_teacher_temp, self.teacher_temp = warmup_teacher_temp, teacher_temp
+        self.warmup_epochs, self.n_epochs = min(warmup_teacher_temp_epochs, n_epochs), n_epochs
+        self.register_buffer("center", torch.zeros(1, out_dim))
+
+    def teacher_temperature(self, epoch):
+        if epoch >= self.warmup_epochs:
+            return self.teacher_temp
+        return self.warmup_teacher_temp + (self.teacher_temp - self.warmup_teacher_temp) * epoch / max(
+            1, self.warmup_epochs - 1)
+
+    def forward(self, student_out, teacher_out, epoch):
+        log_p_student = F.log_softmax(student_out / self.student_temp, dim=-1).chunk(self.n_crops)
+        p_teacher = F.softmax((teacher_out - self.center) / self.teacher_temperature(epoch), dim=-1)
+        total, pairs = 0.0, 0
+        for t, q in enumerate(p_teacher.detach().chunk(2)):
+            for s, log_p in enumerate(log_p_student):
+                if s != t:  # not the same view
+                    total, pairs = total + (-q * log_p).sum(-1).mean(), pairs + 1
+        self.update_center(teacher_out)
+        return total / pairs
+
+    @torch.no_grad()
+    def update_center(self, teacher_out):
+        batch_sum, count = teacher_out.sum(0, keepdim=True), len(teacher_out)
+        if dist.is_initialized():
+            dist.all_reduce(batch_sum)
+            count *= dist.get_world_size()
+        self.center.mul_(self.center_momentum).add_(batch_sum / count, alpha=1 - self.center_momentum)
+
+
+def teacher_momentum(step, total_steps, base):
+    """Teacher momentum at step k of K (section 3.1): 1 - (1 - base)(cos(pi k / K) + 1) / 2, from
+    base at the first step to 1 at the last, updated every step."""
+    return 1 - (1 - base) * (math.cos(math.pi * min(step, total_steps) / total_steps) + 1) / 2
+
+
+def clip_gradients(model, max_norm):
+    """The official code clips each parameter's gradient to norm max_norm on its own (utils.py)."""
+    for p in model.parameters():
+        if p.grad is not None:
+            p.grad.mul_(torch.clamp(max_norm / (p.grad.norm() + 1e-6), max=1.0))
+
+
+# ---- Optimizer: LARS and schedules ---------------------------------------------------------
+# SHARED: identical in every script
+
+
+class LARS(torch.optim.Optimizer):
+    """LARS (You et al. 2017) as in the official Barlow Twins and BYOL code. For each weight
+    matrix the update g + wd * w is rescaled by the trust ratio eta * ||w|| / ||g + wd * w||, then
+    fed to SGD momentum. Parameters with one dimension (biases, norm weights) get neither weight
+    decay nor the trust ratio."""
+
+    def __init__(self, params, lr, momentum=0.9, weight_decay=0.0, eta=0.001):
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for g in self.param_groups:
+            for p in g["params"]:
+                if p.grad is None:
+                    continue
+                update = p.grad
+                if p.ndim > 1:
+                    update = update.add(p, alpha=g["weight_decay"])
+                    w_norm, u_norm = torch.linalg.norm(p), torch.linalg.norm(update)
+                    ratio = torch.where((w_norm > 0) & (u_norm > 0), g["eta"] * w_norm / u_norm, 1.0)
+                    update = update * ratio
+                if "mu" not in self.state[p]:
+                    self.state[p]["mu"] = torch.zeros_like(p)
+                mu = self.state[p]["mu"]
+                mu.mul_(g["momentum"]).add_(update)
+                p.add_(mu, alpha=-g["lr"])
+
+
+def make_optimizer(params, args):
+    """--optimizer lars|sgd|adamw. Every step, each group's lr is the scheduled lr times its
+    "lr_scale". Biases and norm weights (1-D) get no weight decay with any optimizer, and their own
+    learning rate where the script has --lr-biases (Barlow Twins, section 4 of the paper)."""
+    params = [p for p in params if p.requires_grad]
+    bias_scale = args.lr_biases / args.lr if getattr(args, "lr_biases", None) else 1.0
+    groups = [{"params": [p for p in params if p.ndim > 1], "lr_scale": 1.0},
+              {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0, "lr_scale": bias_scale}]
+    if args.optimizer == "lars":
+        return LARS(groups, lr=0.0, weight_decay=args.weight_decay, eta=args.lars_eta)
+    if args.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=0.0, momentum=0.9, weight_decay=args.weight_decay)
+    return torch.optim.AdamW(groups, lr=0.0, weight_decay=args.weight_decay)
+
+
+def cosine_schedule(step, total_steps, warmup_steps, base, final=0.0):
+    """Linear warm-up to `base` over warmup_steps, then cosine decay to `final` at total_steps."""
+    if step < warmup_steps:
+        return base * (step + 1) / warmup_steps
+    t = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return final + (base - final) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+# ---- Distributed setup ---------------------------------------------------------------------
+# SHARED: identical in every script
+
+
+def first_host(nodelist):
+    """First host of a SLURM node list: 'gpu[003-005,010],cpu1' -> 'gpu003'."""
+    prefix, _, ranges = re.match(r"[^,\[]+(\[[^\]]*\])?", nodelist).group(0).partition("[")
+    return prefix + ranges.split(",")[0].split("-")[0].rstrip("]")
+
+
+def setup_distributed(args):
+    """Start torch.distributed from torchrun's variables (RANK, WORLD_SIZE, LOCAL_RANK,
+    MASTER_ADDR/PORT) or, inside an `srun` step, from SLURM's (SLURM_PROCID, SLURM_NTASKS,
+    SLURM_LOCALID; master = first host of the job, port derived from the job id); otherwise
+    run as a single process. nccl on GPUs, gloo on CPUs. Returns (rank, local_rank, world_size, device).
+    The global --batch-size is checked first, so that a bad one never leaves a process waiting."""
+    env = os.environ
+    rank, local_rank, world_size = 0, 0, 1
+    if "RANK" in env and "WORLD_SIZE" in env:
+        rank, local_rank, world_size = int(env["RANK"]), int(env.get("LOCAL_RANK", 0)), int(env["WORLD_SIZE"])
+    elif "SLURM_STEP_ID" in env and "SLURM_PROCID" in env:  # an srun step (the batch shell has no step id)
+        rank, local_rank, world_size = int(env["SLURM_PROCID"]), int(env["SLURM_LOCALID"]), int(env["SLURM_NTASKS"])
+        env.setdefault("MASTER_ADDR", first_host(env["SLURM_JOB_NODELIST"]))
+        env.setdefault("MASTER_PORT", str(15000 + int(env["SLURM_JOB_ID"]) % 20000))
+        torch.set_num_threads(int(env.get("SLURM_CPUS_PER_TASK", torch.get_num_threads())))  # no oversubscription
+    elif int(env.get("SLURM_NTASKS", 1)) > 1:
+        print(f"warning: this SLURM job has {env['SLURM_NTASKS']} tasks but this process was not started by "
+              "srun: training as a single process (start it with `srun python ...`)", file=sys.stderr)
+    if args.batch_size % world_size:
+        common.fail(f"--batch-size {args.batch_size} (global) is not divisible by the {world_size} processes")
+    device_arg = args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
+    if device_arg == "cuda" and not torch.cuda.is_available():
+        common.fail("--device cuda but no GPU is visible to this process; use --device cpu or request a GPU")
+    device = torch.device("cpu")
+    if device_arg == "cuda":
+        device = torch.device("cuda", local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+    if world_size > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world_size)
+    return rank, local_rank, world_size, device
+
+
+def cleanup_distributed():
+    """Wait for every process, then close the group: leaving with a live group, or closing it
+    while another process still uses it, can abort the process at exit."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+# ---- Distributed: gather with gradients, global BatchNorm ---------------------------------
+# SHARED: identical in every script
+
+
+class GatherWithGrad(torch.autograd.Function):
+    """all_gather that lets gradients flow back: every process's loss depends on every process's
+    embeddings, so each one receives the sum over processes of the gradient of its own slice."""
+
+    @staticmethod
+    def forward(ctx, x):
+        out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(out, x.contiguous())
+        return torch.cat(out)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        return grad.chunk(dist.get_world_size())[dist.get_rank()]
+
+
+class CPUSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """SyncBatchNorm for CPU processes (torch's runs on GPUs only): the statistics of the global
+    batch, from every process's per-channel sums, gathered with gradients."""
+
+    def _check_input_dim(self, x):
+        pass
+
+    def forward(self, x):
+        if not self.training:
+            return super().forward(x)
+        dims, c = [0] + list(range(2, x.dim())), x.shape[1]
+        count = torch.full((1,), x.numel() / c, dtype=x.dtype)
+        stats = GatherWithGrad.apply(torch.cat([x.sum(dims), (x * x).sum(dims), count])[None]).sum(0)
+        n = stats[-1]
+        mean, var = stats[:c] / n, stats[c:2 * c] / n - (stats[:c] / n) ** 2
+        with torch.no_grad():
+            self.running_mean.lerp_(mean, self.momentum)
+            self.running_var.lerp_(var * n / (n - 1), self.momentum)
+            self.num_batches_tracked += 1
+        shape = (1, c) + (1,) * (x.dim() - 2)
+        y = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
+        return y * self.weight.view(shape) + self.bias.view(shape) if self.affine else y
+
+
+def convert_sync_batchnorm(module, device):
+    """BatchNorm over the global batch under DDP ("global BN", SimCLR paper, section 2); the state
+    dict keys do not change, so checkpoints load with or without it."""
+    if device.type == "cuda":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    for name, child in module.named_children():
+        if isinstance(child, nn.modules.batchnorm._BatchNorm):
+            sync = CPUSyncBatchNorm(child.num_features, child.eps, child.momentum, child.affine,
+                                    child.track_running_stats).to(child.running_mean)  # same dtype, device
+            sync.load_state_dict(child.state_dict())
+            if child.affine:  # the same parameters, as torch's converter: a frozen one stays frozen
+                sync.weight, sync.bias = child.weight, child.bias
+            setattr(module, name, sync)
+        else:
+            convert_sync_batchnorm(child, device)
+    return module
+
+
+# ---- Checkpoints ---------------------------------------------------------------------------
+# SHARED: identical in every script
+
+
+def save_checkpoint(obj, path):
+    """Write atomically: to a temporary file, flushed to disk, then renamed over `path`. A kill at
+    any moment leaves the old file or the new one, never half of one."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path):
+    """torch.load with weights_only=True: tensors and plain containers only, so a file holding
+    pickled code is refused, never run. Any failure is one clear line."""
+    if not os.path.isfile(path):
+        common.fail(f"checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        common.fail(f"{path} holds pickled Python objects, not only tensors: refused (loading it could run code); "
+                    "give a checkpoint written by these scripts")
+    except Exception as e:
+        common.fail(f"{path} is not a readable checkpoint ({type(e).__name__}); it may be truncated or corrupt: "
+                    "delete it to start again, or give another with --resume")
+    if not isinstance(ckpt, dict) or "backbone" not in ckpt or "backbone_meta" not in ckpt:
+        common.fail(f"{path} is not a checkpoint of these scripts (no backbone and backbone_meta entries)")
+    return ckpt
+
+
+def check_writable(folder):
+    """Fail at start, before any training, if checkpoints cannot be written to `folder`."""
+    try:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        with open(Path(folder) / ".write_test", "wb") as f:
+            f.write(b"0" * 65536)
+        os.remove(Path(folder) / ".write_test")
+    except OSError as e:
+        common.fail(f"cannot write to --output-dir {folder} ({e.strerror}); choose a writable folder with free space")
+
+
+def rng_states():
+    np_state = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": [torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]]}
+
+
+def set_rng_states(s):
+    torch.set_rng_state(s["torch"])
+    random.setstate(s["python"])
+    if s["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"][: torch.cuda.device_count()])
+    np.random.set_state(("MT19937", s["numpy"][0].numpy().astype(np.uint32), *s["numpy"][1:]))
+
+
+# ---- Logging -------------------------------------------------------------------------------
+# SHARED: identical in every script
+
+
+FIELDS = ["kind", "epoch", "step", "loss", "lr", "img_per_s", "peak_mem_mb", "knn_top1", "time_s"]
+
+
+class CSVLogger:
+    """metrics.csv, one row per log step and per epoch. On resume the rows past the checkpoint's
+    step are dropped, so every step appears once however often the run was interrupted."""
+
+    def __init__(self, path, fields, resume_step=None):
+        self.path, self.fields = path, fields
+        rows = []
+        if resume_step is not None and os.path.exists(path):
+            with open(path, newline="") as f:
+                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
+        with open(f"{path}.tmp", "w", newline="") as f:
+            writer = csv.DictWriter(f, fields, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(rows)
+        os.replace(f"{path}.tmp", path)
+
+    def log(self, **row):
+        with open(self.path, "a", newline="") as f:
+            csv.DictWriter(f, self.fields, extrasaction="ignore").writerow(row)
+
+
+def peak_memory_mb(device):
+    """Peak GPU memory allocated by tensors, or the process's peak resident memory on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def log_row(run, args, kind, knn=None):
+    """Mean loss since the last row ("step") or over the epoch ("epoch"), averaged over processes;
+    a NaN stops the run before anything is saved. Rank 0 prints it and writes it to metrics.csv."""
+    if kind == "epoch" and run.n_row:
+        log_row(run, args, "step")  # the last steps of the epoch get their own step row first
+    if run.world_size > 1:
+        dist.all_reduce(run.losses)
+        run.losses /= run.world_size
+    n = run.n_row if kind == "step" else run.n_epoch
+    loss, now = run.losses[int(kind == "epoch")].item() / max(1, n), time.time()
+    if not math.isfinite(loss):
+        common.fail(f"the loss is {loss} at step {run.step}: stopped, the last checkpoint in {args.output_dir} "
+                    "is kept; lower --lr, use --precision fp32, or check the data")
+    steps, since = (run.n_row, run.t_row) if kind == "step" else (run.step - run.epoch_step0, run.t_epoch)
+    img_s, mem = args.batch_size * steps / (now - since), peak_memory_mb(run.device)
+    elapsed = run.elapsed + now - run.t_start
+    if kind == "step":
+        run.losses[0], run.n_row, run.t_row = 0.0, 0, now
+    if run.is_main:
+        print(f"epoch {run.epoch}{' done' if kind == 'epoch' else ''} step {run.step}/{run.total_steps} "
+              f"loss {loss:.4f} lr {run.lr:.4g} {img_s:.0f} img/s mem {mem:.0f} MB"
+              + (f" knn {knn:.2f}%" if knn is not None else "") + f" time {elapsed:.0f}s", flush=True)
+        run.logger.log(kind=kind, epoch=run.epoch, step=run.step, loss=f"{loss:.6f}", lr=f"{run.lr:.6g}",
+                       img_per_s=f"{img_s:.1f}", peak_mem_mb=f"{mem:.0f}", time_s=f"{elapsed:.1f}",
+                       knn_top1="" if knn is None else f"{knn:.2f}")
+
+
+# ---- Preemption signals --------------------------------------------------------------------
+# SHARED: identical in every script
+
+
+class Preemption:
+    """SIGUSR1 (SLURM's warning before the time limit, `#SBATCH --signal=USR1@120`): finish the
+    step, save, requeue the job, exit 0. SIGTERM (scancel, or a preemption SLURM requeues itself):
+    finish the step, save, exit 143 without requeueing, so that scancel stops a job for good.
+    The handlers only set flags; the training loop acts on them between steps."""
+
+    def __init__(self, world_size, device):
+        self.usr1 = self.term = False
+        self.world_size = world_size
+        signal.signal(signal.SIGUSR1, lambda *_: setattr(self, "usr1", True))
+        signal.signal(signal.SIGTERM, lambda *_: setattr(self, "term", True))
+        # Processes agree on stopping through a CPU (gloo) all-reduce: no GPU sync per step.
+        self.group = dist.new_group(backend="gloo") if world_size > 1 and device.type == "cuda" else None
+
+    def requested(self):
+        flags = torch.tensor([self.usr1, self.term], dtype=torch.int32)
+        if self.world_size > 1:
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.group)
+        # Only ever set flags here: writing False back could erase a signal arriving meanwhile.
+        if flags[0]:
+            self.usr1 = True
+        if flags[1]:
+            self.term = True
+        return bool(flags.any())
+
+    def exit(self, is_main, message):
+        """After saving: on SIGUSR1 under SLURM, requeue the job (it keeps its id, so it resumes)."""
+        job = os.environ.get("SLURM_JOB_ID")
+        if is_main:
+            print(f"{'SIGTERM' if self.term else 'SIGUSR1'}: {message}", flush=True)
+            if self.usr1 and not self.term and job:
+                try:
+                    subprocess.run(["scontrol", "requeue", job], check=True, timeout=60)
+                    print(f"requeued SLURM job {job}", flush=True)
+                except (OSError, subprocess.SubprocessError) as e:
+                    print(f"error: could not requeue job {job} ({e}); resubmit it to resume", file=sys.stderr)
+        cleanup_distributed()
+        sys.exit(143 if self.term else 0)
+
+
+# ---- kNN monitor ---------------------------------------------------------------------------
+# SHARED: identical in every script
+
+
+@torch.no_grad()
+def extract_features(backbone, dataset, batch_size, workers, device, rank, world_size):
+    """Backbone features (eval mode, fp32) of every image of `dataset`, in order. Each process
+    computes every world_size-th image and all_gather puts them back in place."""
+    backbone.eval()
+    shard = torch.utils.data.Subset(dataset, range(rank, len(dataset), world_size))
+    loader = torch.utils.data.DataLoader(shard, batch_size=batch_size, num_workers=workers,
+                                         pin_memory=device.type == "cuda")
+    feats = torch.cat([backbone(x.to(device, non_blocking=True)).float() for x, _ in loader])
+    if world_size > 1:
+        feats = F.pad(feats, (0, 0, 0, math.ceil(len(dataset) / world_size) - len(feats)))
+        gathered = [torch.empty_like(feats) for _ in range(world_size)]
+        dist.all_gather(gathered, feats)
+        feats = torch.stack(gathered, 1).flatten(0, 1)[: len(dataset)]  # image j*W + r is gathered[r][j]
+    return feats
+
+
+@torch.no_grad()
+def knn_predict(train_feats, train_labels, test_feats, num_classes, k=200, temperature=0.1):
+    """Weighted kNN (Wu et al. 2018, as in DINO's eval_knn.py): the k nearest training features
+    (cosine similarity) vote for their class with weight exp(similarity / temperature).
+    Returns the class scores, n_test x num_classes."""
+    scores = []
+    for chunk in test_feats.split(1024):
+        sim, idx = (chunk @ train_feats.T).topk(min(k, len(train_feats)), dim=1)
+        votes = torch.zeros(len(chunk), num_classes, device=chunk.device)
+        scores.append(votes.scatter_add_(1, train_labels[idx], (sim / temperature).exp()))
+    return torch.cat(scores)
+
+
+def knn_accuracy(backbone, data, args, device, rank, world_size):
+    """Top-1 (%) of the weighted kNN classifier on the test split, train split as memory bank."""
+    t = common.eval_transform(data.image_size, data.mean, data.std)
+    bank, test = (F.normalize(extract_features(backbone, s.with_transform(t), 256, args.workers, device, rank,
+                                               world_size), dim=1) for s in (data.train, data.test))
+    scores = knn_predict(bank, torch.as_tensor(data.train.labels, device=device), test, data.num_classes)
+    return (scores.argmax(1).cpu() == torch.as_tensor(data.test.labels)).float().mean().item() * 100
+
+
+# ---- Training ------------------------------------------------------------------------------
+
+def train_one_epoch(model, raw_model, criterion, loader, optimizer, scaler, run, args):
+    """Train on the rest of this epoch; return early on a stop signal or at run.end_step."""
+    model.train()
+    for crops, _ in loader:
+        run.lr = cosine_schedule(run.step, run.total_steps, run.warmup_steps, run.base_lr)
+        wd = cosine_schedule(run.step, run.total_steps, 0, args.weight_decay, args.weight_decay_end)
+        for g in optimizer.param_groups:
+            g["lr"] = run.lr * g["lr_scale"]
+        optimizer.param_groups[0]["weight_decay"] = wd  # the weights' group: biases and norms get none
+        crops = [x.to(run.device, non_blocking=True, memory_format=run.memory_format) for x in crops]
+        with torch.autocast(run.device.type, dtype=run.amp_dtype, enabled=run.amp_dtype is not None):
+            student_out, teacher_out = model(crops)
+        loss = criterion(student_out.float(), teacher_out.float(), run.epoch)  # in fp32
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if args.clip_grad:
+            scaler.unscale_(optimizer)
+            clip_gradients(raw_model.student, args.clip_grad)
+        if run.epoch < args.freeze_last_layer:  # prototypes fixed at first: training is more stable
+            raw_model.student.head.last_v.grad = raw_model.student.head.last_g.grad = None
+        scaler.step(optimizer)
+        scaler.update()
+        raw_model.update_teacher(teacher_momentum(run.step, run.total_steps, args.momentum_teacher))
+        run.step += 1
+        run.losses += loss.detach()  # [since the last row, this epoch]: read back only when logging
+        run.n_row, run.n_epoch = run.n_row + 1, run.n_epoch + 1
+        if run.step % args.log_every == 0:
+            log_row(run, args, "step")
+        if run.preemption.requested() or run.step >= run.end_step:
+            return
+
+
+def save_state(path, raw_model, criterion, optimizer, scaler, run, args):
+    """Every process calls it (pending losses are averaged and checked first); rank 0 writes."""
+    if run.n_row:
+        log_row(run, args, "step")
+    if run.is_main:
+        save_checkpoint({
+            "method": "dino", "args": vars(args), "step": run.step, "epoch": run.epoch,
+            "model": raw_model.state_dict(), "dino_loss": criterion.state_dict(), "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict(), "rng": rng_states(), "elapsed": run.elapsed + time.time() - run.t_start,
+            "epoch_loss": [run.losses[1].item(), run.n_epoch],
+            "backbone": raw_model.teacher.backbone.state_dict(), "backbone_meta": run.backbone_meta}, path)
+
+
+def check_resumable(ckpt, path, args, backbone_meta):
+    if "model" not in ckpt:
+        common.fail(f"{path} holds only a backbone; resume from a last.pt, or evaluate it with linear_eval.py")
+    if ckpt.get("method") != "dino":
+        common.fail(f"{path} was written by {ckpt.get('method')}.py, not dino.py; use another --output-dir")
+    for key in ("arch", "batch_size", "optimizer", "out_dim", "head_hidden_dim", "bottleneck_dim",
+                "image_size"):
+        if ckpt["args"].get(key) != getattr(args, key):
+            common.fail(f"{path} was trained with --{key.replace('_', '-')} {ckpt['args'].get(key)}, not "
+                        f"{getattr(args, key)}: use the same value to resume, or another --output-dir")
+    if ckpt["backbone_meta"] != backbone_meta:
+        common.fail(f"{path} holds a backbone {ckpt['backbone_meta']}, not {backbone_meta}: use the same --arch, "
+                    "--patch-size and --image-size to resume, or another --output-dir")
+
+
+def main(args):
+    # 1. Processes, device, precision, seeds ------------------------------------------------
+    rank, local_rank, world_size, device = setup_distributed(args)
+    is_main = rank == 0
+    if args.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)  # warn where CUDA has no such kernel
+    torch.backends.cudnn.benchmark = not args.deterministic
+    if args.precision == "auto":
+        args.precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
+    torch.manual_seed(args.seed)
+    np.random.seed(args.seed)
+    random.seed(args.seed)
+
+    # 2. Output directory, and the checkpoint to resume from --------------------------------
+    out, last = Path(args.output_dir), Path(args.output_dir) / "last.pt"
+    if is_main:
+        check_writable(out)
+    resume_from = last if last.exists() else args.resume  # last.pt first: a requeued job continues its own run
+    ckpt = load_checkpoint(resume_from) if resume_from else None
+
+    # 3. Data --------------------------------------------------------------------------------
+    if is_main:
+        common.download_data(args)  # rank 0 downloads while the others wait
+    if world_size > 1:
+        dist.barrier()
+    data = common.load_data(args)
+    args.image_size = data.image_size
+    fill_recipe(args)
+    views = common.Views(*common.dino_augmentations(data.image_size, data.mean, data.std, args.local_crops,
+                                                    args.local_crop_size, args.global_crops_scale,
+                                                    args.local_crops_scale))
+    local_batch = args.batch_size // world_size
+    loader = common.train_loader(data.pretrain.with_transform(views), local_batch,
+                                 world_size, rank, args.workers, args.seed, pin_memory=device.type == "cuda")
+    steps_per_epoch = len(loader)
+    if args.batch_size > len(data.pretrain) or steps_per_epoch == 0:
+        common.fail(f"--batch-size {args.batch_size} is larger than the {len(data.pretrain)} training images; lower it")
+
+    # 4. Model, loss, optimizer, mixed precision ------------------------------------------------
+    raw_model = DINO(args, data.image_size).to(device)
+    if ckpt:
+        check_resumable(ckpt, resume_from, args, raw_model.backbone_meta)
+    if args.local_crops and args.local_crop_size < raw_model.backbone_meta.get("patch_size", 1):
+        common.fail(f"--local-crop-size {args.local_crop_size} is smaller than the ViT patch size; raise it")
+    if world_size > 1:
+        raw_model = convert_sync_batchnorm(raw_model, device)
+    memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    model = raw_model = raw_model.to(memory_format=memory_format)
+    if world_size > 1:
+        model = nn.parallel.DistributedDataParallel(raw_model)
+    criterion = DINOLoss(args.out_dim, 2 + args.local_crops, args.warmup_teacher_temp, args.teacher_temp,
+                         args.warmup_teacher_temp_epochs, args.epochs, args.student_temp,
+                         args.center_momentum).to(device)
+    optimizer = make_optimizer(raw_model.parameters(), args)  # the student: the teacher needs no grad
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+
+    # 5. Run state, resumed from the checkpoint ----------------------------------------------
+    run = argparse.Namespace(  # what changes during the run, shared by the loop and the logger
+        device=device, amp_dtype=amp_dtype, memory_format=memory_format, is_main=is_main, world_size=world_size,
+        step=0, epoch=0, lr=0.0, elapsed=0.0, n_row=0, n_epoch=0, losses=torch.zeros(2, device=device),
+        base_lr=args.lr * args.batch_size / 256, total_steps=args.epochs * steps_per_epoch,
+        warmup_steps=args.warmup_epochs * steps_per_epoch, preemption=Preemption(world_size, device),
+        backbone_meta=raw_model.backbone_meta)
+    run.end_step = min(run.total_steps, args.max_steps or run.total_steps)
+    if ckpt:
+        raw_model.load_state_dict(ckpt["model"])
+        criterion.load_state_dict(ckpt["dino_loss"])  # the centre
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+        set_rng_states(ckpt["rng"])
+        run.step, run.elapsed, (run.losses[1], run.n_epoch) = ckpt["step"], ckpt["elapsed"], ckpt["epoch_loss"]
+    if is_main:
+        run.logger = CSVLogger(out / "metrics.csv", FIELDS, resume_step=run.step if ckpt else None)
+        (out / "args.json").write_text(json.dumps(vars(args), indent=2))
+        print(f"{f'resumed from {resume_from} at step {run.step}' if ckpt else 'new run'}: "
+              f"{len(data.pretrain)} images, {world_size} process(es) on {device.type}, {args.precision}, "
+              f"{steps_per_epoch} steps/epoch; {args.arch}, {args.optimizer} lr {args.lr}, "
+              f"2 + {args.local_crops} crops", flush=True)
+
+    # 6. Train -------------------------------------------------------------------------------
+    run.t_start = run.t_row = time.time()
+    for epoch in range(run.step // steps_per_epoch, args.epochs):
+        if run.step >= run.end_step:
+            break
+        run.epoch, run.t_epoch, run.epoch_step0 = epoch, time.time(), run.step
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)  # the logged peak memory is this epoch's
+        loader.sampler.set_epoch(epoch, skip=(run.step - epoch * steps_per_epoch) * local_batch)
+        train_one_epoch(model, raw_model, criterion, loader, optimizer, scaler, run, args)
+        stopping = run.preemption.requested()
+        if run.step == (epoch + 1) * steps_per_epoch:  # the epoch is complete
+            knn, t_knn = None, time.time()
+            knn_due = args.knn_every and ((epoch + 1) % args.knn_every == 0 or epoch + 1 == args.epochs)
+            if data.train and knn_due and not stopping:
+                knn = knn_accuracy(raw_model.teacher.backbone, data, args, device, rank, world_size)
+            t_knn = time.time() - t_knn
+            run.t_epoch, run.t_row = run.t_epoch + t_knn, run.t_row + t_knn  # img/s counts training time only
+            log_row(run, args, "epoch", knn)
+            run.losses[1], run.n_epoch = 0.0, 0
+            if (epoch + 1) % args.save_every == 0 and not stopping:
+                save_state(last, raw_model, criterion, optimizer, scaler, run, args)
+        if stopping:
+            break
+
+    # 7. Save last.pt; on a signal exit (and requeue), at the end also write backbone.pt ----
+    save_state(last, raw_model, criterion, optimizer, scaler, run, args)
+    if run.preemption.requested():  # all processes agree on how to end
+        run.preemption.exit(is_main, f"stopped at step {run.step}, saved {last}")
+    if is_main:  # the teacher's backbone: DINO evaluates the teacher (section 5.1)
+        save_checkpoint({"method": "dino", "args": vars(args), "backbone": raw_model.teacher.backbone.state_dict(),
+                         "backbone_meta": run.backbone_meta}, out / "backbone.pt")
+        print(f"done at step {run.step}: {last} and {out / 'backbone.pt'}", flush=True)
+    cleanup_distributed()
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())

@@ -1,0 +1,36 @@
+#!/bin/bash
+# DINO on one node, one task per GPU. Submit from the repository root; every argument after the
+# script name goes to dino.py:
+#     sbatch sbatch/dino.sh
+#     sbatch sbatch/dino.sh --epochs 200 --dataset stl10 --data-dir $SCRATCH/stl10
+#     sbatch sbatch/dino.sh --arch vit_small --local-crops 6 --grad-checkpointing   # ViT, multi-crop
+# Time limit and preemption: SLURM sends SIGUSR1 to every task 120 s before the limit (--signal
+# without "B:", because the tasks are started by srun); dino.py then saves last.pt, requeues
+# this job (it keeps its job id) and exits. The requeued job runs this script again, finds
+# runs/dino-<job id>/last.pt and resumes. scancel sends SIGTERM: it saves and stops for good.
+#
+# Change for your cluster (lines marked CHANGE): partition/account/qos, the environment line,
+# GPUs per node (--gpus-per-node and --ntasks-per-node must stay equal), CPUs per task (data
+# workers + 1), time. Multi-node: raise --nodes; the global batch stays --batch-size, and the
+# master address and port come from SLURM's variables. CPU-only partition, from the command line:
+#     sbatch --gpus-per-node=0 --ntasks-per-node=2 --cpus-per-task=4 sbatch/dino.sh --device cpu
+#SBATCH --job-name=dino
+#SBATCH --nodes=1
+#SBATCH --ntasks-per-node=4
+#SBATCH --gpus-per-node=4
+#SBATCH --cpus-per-task=8
+#SBATCH --time=20:00:00
+#SBATCH --signal=USR1@120
+#SBATCH --requeue
+#SBATCH --open-mode=append
+#SBATCH --output=logs/%x-%j.out
+# CHANGE: #SBATCH --partition=gpu
+# CHANGE: #SBATCH --account=myproject
+set -euo pipefail
+cd "${SLURM_SUBMIT_DIR:-.}"
+# CHANGE: module load pytorch-gpu/py3/2.3.0    (or: source ~/venvs/ssl/bin/activate)
+export SRUN_CPUS_PER_TASK="${SLURM_CPUS_PER_TASK:-1}"  # srun >= 22.05 no longer inherits --cpus-per-task
+OUTPUT_DIR="${OUTPUT_DIR:-runs/dino-${SLURM_JOB_ID}}"
+echo "job ${SLURM_JOB_ID} (restart ${SLURM_RESTART_COUNT:-0}) on ${SLURM_JOB_NODELIST}: output in ${OUTPUT_DIR}"
+srun --kill-on-bad-exit=1 python -u dino.py --output-dir "${OUTPUT_DIR}" \
+    --workers $(( ${SLURM_CPUS_PER_TASK:-2} > 1 ? ${SLURM_CPUS_PER_TASK:-2} - 1 : 0 )) "$@"

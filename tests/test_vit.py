@@ -1,0 +1,98 @@
+"""Vision Transformers of the shared Backbone block: every size runs forward and backward, the
+position embeddings follow the input size, drop path and gradient checkpointing behave."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from simclr import VIT_SIZES, build_backbone, drop_path
+
+
+@pytest.mark.parametrize("arch", list(VIT_SIZES))
+def test_every_vit_size_runs_forward_and_backward(arch):
+    torch.manual_seed(0)
+    net, meta = build_backbone(arch, 16, patch_size=8)
+    dim, depth, heads = VIT_SIZES[arch]
+    assert meta == {"arch": arch, "image_size": 16, "patch_size": 8, "feat_dim": dim}
+    assert len(net.blocks) == depth and net.blocks[0].heads == heads
+    out = net(torch.randn(2, 3, 16, 16))
+    assert out.shape == (2, dim) and torch.isfinite(out).all()
+    out.square().mean().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in net.parameters())
+    assert net.pos_embed.grad.abs().sum() > 0 and net.cls_token.grad.abs().sum() > 0
+
+
+def test_parameter_count_of_vit_small_matches_the_reference():
+    """ViT-S/16 on 224 px: 21.7M parameters without a classifier (DINO's table, 21M)."""
+    net, _ = build_backbone("vit_small", 224)
+    assert sum(p.numel() for p in net.parameters()) == 21_665_664
+
+
+@pytest.mark.parametrize("size,patch", [(32, 4), (64, 8), (96, 16), (224, 16)])
+def test_default_patch_size_follows_the_image_size(size, patch):
+    assert build_backbone("vit_tiny", size)[1]["patch_size"] == patch
+
+
+def test_patch_larger_than_the_image_is_one_clear_error():
+    with pytest.raises(SystemExit, match="--patch-size 16 is larger than the 8 px images"):
+        build_backbone("vit_tiny", 8, patch_size=16)
+
+
+def test_position_embeddings_are_interpolated_for_other_input_sizes():
+    torch.manual_seed(1)
+    net, _ = build_backbone("vit_tiny", 32, patch_size=4)  # an 8x8 grid
+    assert net.position_embeddings(8, 8) is net.pos_embed
+    pos = net.position_embeddings(4, 4)  # a 16 px local crop
+    assert pos.shape == (1, 17, 192) and torch.equal(pos[:, 0], net.pos_embed[:, 0])
+    grid = net.pos_embed[:, 1:].reshape(1, 8, 8, 192).permute(0, 3, 1, 2)
+    expected = F.interpolate(grid, size=(4, 4), mode="bicubic", align_corners=False).flatten(2).transpose(1, 2)
+    assert torch.allclose(pos[:, 1:], expected)
+    assert net.eval()(torch.randn(3, 3, 16, 16)).shape == (3, 192)
+    assert net(torch.randn(1, 3, 48, 48)).shape == (1, 192)  # larger than trained: 12x12 patches
+
+
+def test_drop_path_drops_whole_samples_and_keeps_the_expectation():
+    torch.manual_seed(2)
+    x = torch.ones(20000, 3, 4)
+    y = drop_path(x, 0.25, training=True)
+    per_sample = y.flatten(1)
+    assert per_sample[:, 0].unique().tolist() == [0.0, torch.tensor(1 / 0.75).item()]
+    assert (per_sample == per_sample[:, :1]).all()  # a sample is dropped as a whole
+    assert y.mean().item() == pytest.approx(1.0, abs=0.02)
+    assert drop_path(x, 0.25, training=False) is x
+
+
+def saved_bytes(fn):
+    """Bytes of the tensors autograd keeps for the backward pass while running fn (the activation
+    memory; non-reentrant checkpointing keeps its own inputs outside of this count's hooks only)."""
+    total, seen = [0], set()
+
+    def pack(t):
+        key = (t.untyped_storage().data_ptr(), t.dtype)
+        if key not in seen:
+            seen.add(key)
+            total[0] += t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, total[0]
+
+
+def test_gradient_checkpointing_same_loss_and_gradients_less_memory():
+    torch.manual_seed(3)
+    net, _ = build_backbone("vit_tiny", 32, patch_size=4, drop_path=0.2)
+    x = torch.randn(8, 3, 32, 32)
+    results = {}
+    for ckpt in (False, True):
+        net.grad_checkpointing = ckpt
+        net.zero_grad()
+        torch.manual_seed(4)  # the same drop-path masks (checkpoint replays the RNG state)
+        out, mem = saved_bytes(lambda: net(x))
+        loss = out.square().mean()
+        loss.backward()
+        results[ckpt] = loss.detach(), {n: p.grad.clone() for n, p in net.named_parameters()}, mem
+    (l0, g0, m0), (l1, g1, m1) = results[False], results[True]
+    assert torch.equal(l0, l1)
+    for name in g0:
+        assert torch.allclose(g0[name], g1[name], rtol=1e-5, atol=1e-7), name
+    assert m1 < m0 / 4, (m0, m1)  # 12 blocks' activations against their 12 inputs
