@@ -142,3 +142,22 @@ def test_corrupt_image_is_skipped_with_its_name(tmp_path):
 def test_resume_a_checkpoint_of_another_method_script(tmp_path, pretrained):
     msg = fails("byol.py", *TINY, "--resume", pretrained / "last.pt", "--output-dir", tmp_path / "run")
     assert "written by simclr.py, not byol.py" in msg
+
+
+def test_resume_with_another_backbone(tmp_path):
+    """A DINO run with a ResNet resumed as a ViT, or a ViT with another patch size: one line."""
+    from conftest import METHODS
+    run = tmp_path / "run"
+    run_script("dino.py", *TINY, *METHODS["dino.py"], "--arch", "vit_tiny", "--max-steps", "1", "--output-dir", run)
+    before = load(run / "last.pt")
+    assert "--arch vit_tiny, not resnet18" in fails("dino.py", *TINY, *METHODS["dino.py"], "--output-dir", run)
+    msg = fails("dino.py", *TINY, *METHODS["dino.py"], "--arch", "vit_tiny", "--patch-size", "8", "--output-dir", run)
+    assert "'patch_size': 4" in msg and "'patch_size': 8" in msg and "--patch-size" in msg
+    after = load(run / "last.pt")
+    assert all(torch.equal(before["model"][k], after["model"][k]) for k in before["model"])
+
+
+def test_local_crops_smaller_than_a_patch(tmp_path):
+    msg = fails("dino.py", *TINY, "--arch", "vit_tiny", "--patch-size", "8", "--local-crops", "2",
+                "--local-crop-size", "4", "--output-dir", tmp_path)
+    assert "--local-crop-size 4 is smaller than the ViT patch size" in msg

@@ -53,12 +53,17 @@ def test_linear_eval_default_output_dir_and_random_baseline(pretrained, tmp_path
     assert json.loads((tmp_path / "results.json").read_text())["ckpt"] == "random"
 
 
+@pytest.mark.parametrize("script", ["simclr.py", "dino.py"])
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
-def test_mixed_precision_paths(tmp_path, precision):
-    # fp16 autocast is slow on CPUs: one step on 8 px images is enough to go through GradScaler.
-    run_script("simclr.py", *TINY, "--image-size", "8", "--epochs", "1", "--max-steps", "1", "--precision", precision,
-               "--output-dir", tmp_path, "--knn-every", "0")
-    assert load(tmp_path / "last.pt")["args"]["precision"] == precision
+def test_mixed_precision_paths(tmp_path, precision, script):
+    # fp16 autocast is slow on CPUs: one step on 8 px images is enough to go through GradScaler
+    # (DINO: a ViT with 4 px patches, gradient clipping after unscaling).
+    extra = ["--arch", "vit_tiny", "--out-dim", "64", "--head-hidden-dim", "64"] if script == "dino.py" else []
+    run_script(script, *TINY, *extra, "--image-size", "8", "--epochs", "1", "--max-steps", "1",
+               "--precision", precision, "--output-dir", tmp_path, "--knn-every", "0")
+    ckpt = load(tmp_path / "last.pt")
+    assert ckpt["args"]["precision"] == precision and ckpt["step"] == 1
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
@@ -103,7 +108,8 @@ def test_unlabeled_folder_trains_without_knn(tmp_path):
     for i in range(40):
         Image.new("RGB", (20, 24), (i * 6, 100, 255 - i * 6)).save(tmp_path / "flat" / f"{i}.png")
     proc = run_script("simclr.py", "--dataset", "imagefolder", "--data-dir", tmp_path / "flat", "--batch-size", "16",
-                      "--epochs", "1", "--device", "cpu", "--workers", "0", "--knn-every", "1", "--output-dir", tmp_path / "out")
+                      "--epochs", "1", "--device", "cpu", "--workers", "0", "--knn-every", "1",
+                      "--output-dir", tmp_path / "out")
     assert "40 images" in proc.stdout and "knn" not in proc.stdout
     assert load(tmp_path / "out" / "backbone.pt")["backbone_meta"]["image_size"] == 20  # the images' smaller side
 
@@ -114,6 +120,10 @@ def test_method_then_linear_eval(tmp_path, script, target):
     ckpt = load(tmp_path / "last.pt")
     assert ckpt["method"] == script[:-3] and ckpt["step"] == 4
     assert any(k.startswith("target.") for k in ckpt["model"]) == target
+    if script == "dino.py":  # epoch 0: the prototypes stay fixed (--freeze-last-layer 1), the rest trains
+        model = ckpt["model"]
+        assert torch.equal(model["student.head.last_v"], model["teacher.head.last_v"])
+        assert not torch.equal(model["student.head.mlp.0.weight"], model["teacher.head.mlp.0.weight"])
     assert load(tmp_path / "backbone.pt")["backbone"].keys() == ckpt["backbone"].keys()
     rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
     assert rows[-1]["kind"] == "epoch" and rows[-1]["knn_top1"] != ""
@@ -138,6 +148,10 @@ def test_dino_vit_writes_only_in_its_output_dir_then_linear_eval(tmp_path):
     ckpt = load(out / "last.pt")
     assert ckpt["backbone_meta"] == {"arch": "vit_tiny", "image_size": 16, "patch_size": 4, "feat_dim": 192}
     assert ckpt["args"]["weight_decay_end"] == 0.4 and ckpt["args"]["clip_grad"] == 3.0
+    from dino import cosine_schedule
+    decay, no_decay = ckpt["optimizer"]["param_groups"]  # weights: the cosine 0.04 -> 0.4 at step 7 of 8
+    assert decay["weight_decay"] == cosine_schedule(7, 8, 0, 0.04, 0.4) and no_decay["weight_decay"] == 0.0
+    assert not torch.equal(ckpt["model"]["student.head.last_v"], ckpt["model"]["teacher.head.last_v"])  # epoch 1
     assert torch.equal(ckpt["backbone"]["pos_embed"], ckpt["model"]["teacher.backbone.pos_embed"])
     for mode in ("fast", "linear"):
         run_script(str(REPO / "linear_eval.py"), "--ckpt", out / "backbone.pt", "--mode", mode, "--epochs", "1",

@@ -1,0 +1,95 @@
+"""tools/wandb_sync.py (replay a run's CSV into wandb, later, from a login node) and
+tools/plot_metrics.py (curves from metrics.csv). wandb is replaced by a fake module that records
+the calls; matplotlib draws for real."""
+import csv
+import json
+import shutil
+
+import pytest
+
+from conftest import REPO, clean_env, run_script
+
+FAKE_WANDB = '''
+import json, os
+class util:
+    @staticmethod
+    def generate_id():
+        return "abc123"
+class Run:
+    def __init__(self, kw):
+        self.calls = {"init": kw, "log": []}
+    def log(self, values, step):
+        self.calls["log"].append([step, values])
+    def finish(self):
+        with open(os.environ["FAKE_WANDB_LOG"], "a") as f:
+            f.write(json.dumps(self.calls) + "\\n")
+def init(**kw):
+    return Run(kw)
+'''
+
+
+@pytest.fixture
+def run_dir(tmp_path, pretrained):
+    shutil.copytree(pretrained, tmp_path / "run")
+    return tmp_path / "run"
+
+
+def fake_module(tmp_path, name, source):
+    (tmp_path / "fake" / name).mkdir(parents=True, exist_ok=True)
+    (tmp_path / "fake" / name / "__init__.py").write_text(source)
+    return clean_env(PYTHONPATH=str(tmp_path / "fake"), FAKE_WANDB_LOG=str(tmp_path / "wandb.log"))
+
+
+def test_wandb_sync_replays_the_run_then_only_new_rows(tmp_path, run_dir):
+    env = fake_module(tmp_path, "wandb", FAKE_WANDB)
+    run_script("tools/wandb_sync.py", run_dir, "--mode", "offline", "--project", "p", env=env)
+    first = json.loads((tmp_path / "wandb.log").read_text().splitlines()[0])
+    init = first["init"]
+    assert init["id"] == "abc123" and init["resume"] == "allow" and init["mode"] == "offline"
+    assert init["project"] == "p" and init["name"] == "run"
+    assert init["config"] == json.loads((run_dir / "args.json").read_text())
+    rows = list(csv.DictReader(open(run_dir / "metrics.csv")))
+    logged = dict((step, values) for step, values in first["log"])
+    assert [s for s, _ in first["log"]] == sorted({int(r["step"]) for r in rows})  # one call per step, in order
+    for r in rows:
+        values = logged[int(r["step"])]
+        if r["kind"] == "step":
+            assert values["loss"] == float(r["loss"]) and values["lr"] == float(r["lr"])
+        else:
+            assert values["epoch/loss"] == float(r["loss"]) and values["epoch/knn_top1"] == float(r["knn_top1"])
+    # The job went on: only the new rows are sent, to the same wandb run.
+    with open(run_dir / "metrics.csv", "a") as f:
+        f.write("step,2,10,3.5,0.01,40.0,900,,12.0\n")
+    run_script("tools/wandb_sync.py", run_dir, "--mode", "offline", env=env)
+    second = json.loads((tmp_path / "wandb.log").read_text().splitlines()[1])
+    assert second["init"]["id"] == "abc123" and second["log"] == [[10, {"epoch": 2, "loss": 3.5, "lr": 0.01,
+                                                                       "img_per_s": 40.0, "peak_mem_mb": 900.0,
+                                                                       "time_s": 12.0}]]
+    assert json.loads((run_dir / "wandb_sync.json").read_text()) == {"id": "abc123", "step": 10}
+
+
+def test_wandb_sync_clear_errors(tmp_path, run_dir):
+    env = fake_module(tmp_path, "wandb", "raise ImportError('No module named wandb')")
+    proc = run_script("tools/wandb_sync.py", run_dir, env=env, check=False)
+    assert proc.returncode == 1 and proc.stderr.strip() == "error: wandb is not installed: pip install wandb " \
+                                                            "(only this tool needs it)"
+    proc = run_script("tools/wandb_sync.py", tmp_path / "nothing", env=env, check=False)
+    assert proc.returncode == 1 and "has no metrics.csv" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_plot_metrics_draws_every_panel(tmp_path, run_dir):
+    pytest.importorskip("matplotlib", reason="matplotlib is optional: pip install matplotlib")
+    proc = run_script("tools/plot_metrics.py", run_dir)
+    png = run_dir / "metrics.png"
+    assert f"wrote {png}" in proc.stdout
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    run_script("tools/plot_metrics.py", run_dir, run_dir, "--out", tmp_path / "two.png")
+    assert (tmp_path / "two.png").exists()
+
+
+def test_plot_metrics_without_matplotlib(tmp_path, run_dir):
+    env = fake_module(tmp_path, "matplotlib", "raise ImportError('No module named matplotlib')")
+    proc = run_script("tools/plot_metrics.py", run_dir, env=env, check=False)
+    assert proc.returncode == 1 and "matplotlib is not installed: pip install matplotlib" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (run_dir / "metrics.png").exists()
+    assert (REPO / "tools" / "plot_metrics.py").exists()

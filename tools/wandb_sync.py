@@ -1,0 +1,83 @@
+"""Replay a run's args.json and metrics.csv into a Weights & Biases run, later, from a machine with
+internet (a login node): compute nodes often have none, so the scripts only write CSV.
+
+    python tools/wandb_sync.py runs/simclr-1234                       # online: needs `wandb login`
+    python tools/wandb_sync.py runs/simclr-1234 --mode offline        # then `wandb sync wandb/offline-run-*`
+    python tools/wandb_sync.py runs/simclr-1234 --project ssl --entity my-team --name simclr-c10
+
+The wandb run id is stored in <run>/wandb_sync.json with the last step sent, so running the tool
+again (after a requeue, or while the job is still training) adds the new rows to the same wandb run
+instead of creating another. Step rows are logged at their step (loss, lr, img_per_s, peak_mem_mb,
+time_s); epoch rows as epoch/loss, epoch/knn_top1. wandb is imported here only: pip install wandb.
+"""
+import argparse
+import csv
+import json
+import sys
+from pathlib import Path
+
+NUMBERS = ("loss", "lr", "img_per_s", "peak_mem_mb", "time_s")
+
+
+def fail(msg):
+    raise SystemExit(f"error: {msg}")
+
+
+def read_run(folder):
+    folder = Path(folder)
+    if not (folder / "metrics.csv").is_file():
+        fail(f"{folder} has no metrics.csv: give the --output-dir of a run (e.g. runs/simclr-1234)")
+    config = json.loads((folder / "args.json").read_text()) if (folder / "args.json").is_file() else {}
+    with open(folder / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    return config, rows
+
+
+def wandb_rows(rows, after_step):
+    """(step, dict) for wandb.log, in step order, for the rows past `after_step`; the epoch row of a
+    step goes into the same dict as its step row (wandb wants one log call per step)."""
+    out = {}
+    for r in rows:
+        step = int(r["step"])
+        if step <= after_step:
+            continue
+        d = out.setdefault(step, {"epoch": int(r["epoch"])})
+        if r["kind"] == "step":
+            d.update({k: float(r[k]) for k in NUMBERS if r.get(k)})
+        else:
+            d["epoch/loss"] = float(r["loss"])
+            if r.get("knn_top1"):
+                d["epoch/knn_top1"] = float(r["knn_top1"])
+    return sorted(out.items())
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("run", help="the run's output folder (holds metrics.csv and args.json)")
+    parser.add_argument("--project", default="ssl-single-file", help="wandb project")
+    parser.add_argument("--entity", default=None, help="wandb entity (user or team)")
+    parser.add_argument("--name", default=None, help="run name (default: the folder name)")
+    parser.add_argument("--mode", default="online", choices=["online", "offline"], help="wandb mode")
+    args = parser.parse_args(argv)
+    config, rows = read_run(args.run)
+    try:
+        import wandb
+    except ImportError:
+        fail("wandb is not installed: pip install wandb (only this tool needs it)")
+    state_file = Path(args.run) / "wandb_sync.json"
+    state = json.loads(state_file.read_text()) if state_file.is_file() else {"id": wandb.util.generate_id(), "step": 0}
+    todo = wandb_rows(rows, state["step"])
+    run = wandb.init(project=args.project, entity=args.entity, name=args.name or Path(args.run).resolve().name,
+                     id=state["id"], resume="allow", config=config, mode=args.mode)
+    for step, values in todo:
+        run.log(values, step=step)
+    run.finish()
+    if todo:
+        state["step"] = todo[-1][0]
+    state_file.write_text(json.dumps(state))
+    print(f"{len(todo)} steps of {args.run} sent to wandb run {state['id']} ({args.mode}); "
+          f"last step {state['step']}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
