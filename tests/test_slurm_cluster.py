@@ -1,0 +1,103 @@
+"""The sbatch scripts on a real SLURM cluster started on this machine (tests/slurm_cluster.py):
+every method runs to completion with CPU overrides, a 2-task job trains with the process group
+built from SLURM's variables, and `scontrol requeue` or the time-limit signal (--signal) lead to a
+saved checkpoint, a requeue and a resumed job that finishes, with every step logged once.
+Skipped only where SLURM is not installed (`sbatch` absent); CI installs it."""
+import csv
+import shutil
+
+import pytest
+
+from conftest import METHODS, REPO, load
+from slurm_cluster import Cluster
+
+pytestmark = pytest.mark.skipif(shutil.which("sbatch") is None,
+                                reason="SLURM is not installed (no sbatch): apt-get install slurmctld slurmd "
+                                       "slurm-client munge to run these tests")
+
+# The GPU request of the scripts, overridden for this CPU-only node (as the README shows).
+CPU = ["--partition=debug", "--gres=none", "--gpus-per-node=0", "--cpus-per-task=1", "--mem=2G", "--time=10"]
+TINY = ["--device", "cpu", "--dataset", "synthetic", "--synthetic-size", "128", "64", "--image-size", "16",
+        "--batch-size", "32", "--log-every", "1"]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    c = Cluster(tmp_path_factory.mktemp("slurm"))
+    try:
+        yield c.start()
+    finally:
+        c.stop()
+
+
+@pytest.fixture
+def submit_dir(tmp_path):
+    for name in ("simclr.py", "byol.py", "barlow.py", "dino.py", "linear_eval.py", "common.py"):
+        shutil.copy(REPO / name, tmp_path / name)
+    shutil.copytree(REPO / "sbatch", tmp_path / "sbatch")
+    (tmp_path / "logs").mkdir()
+    return tmp_path
+
+
+def steps_logged(path):
+    with open(path) as f:
+        return [int(r["step"]) for r in csv.DictReader(f) if r["kind"] == "step"]
+
+
+def test_every_sbatch_script_runs_to_completion(cluster, submit_dir):
+    jobs = {}
+    for method in ("simclr", "byol", "barlow", "dino"):
+        jobs[method] = cluster.submit(*CPU, "--ntasks-per-node=1", f"sbatch/{method}.sh", *TINY,
+                                      *METHODS[f"{method}.py"], "--epochs", "1", "--knn-every", "1", cwd=submit_dir)
+    for method, job in jobs.items():
+        info = cluster.wait(job)
+        log = (submit_dir / "logs" / f"{method}-{job}.out").read_text()
+        assert info["JobState"] == "COMPLETED", log
+        run = submit_dir / "runs" / f"{method}-{job}"
+        assert {p.name for p in run.iterdir()} == {"args.json", "backbone.pt", "last.pt", "metrics.csv"}
+        assert load(run / "last.pt")["step"] == 4 and "knn" in log and "done at step 4" in log
+    job = cluster.submit(*CPU, "--ntasks-per-node=1", "sbatch/linear_eval.sh", "--ckpt",
+                         f"runs/simclr-{jobs['simclr']}/backbone.pt", "--mode", "fast", "--epochs", "1",
+                         *TINY, cwd=submit_dir)
+    assert cluster.wait(job)["JobState"] == "COMPLETED"
+    assert (submit_dir / "runs" / f"simclr-{jobs['simclr']}" / "linear_eval" / "results.json").exists()
+
+
+def test_scontrol_requeue_of_a_two_task_job_resumes_and_finishes(cluster, submit_dir):
+    """2 tasks (srun, gloo, rank and world size from SLURM); `scontrol requeue` sends SIGTERM to
+    the tasks: they save, and SLURM starts the job again under the same id, which resumes."""
+    job = cluster.submit(*CPU, "--ntasks-per-node=2", "sbatch/simclr.sh", *TINY, "--epochs", "4",
+                         "--knn-every", "0", cwd=submit_dir)
+    log = submit_dir / "logs" / f"simclr-{job}.out"
+    cluster.wait(job, states=("RUNNING",), timeout=60)
+    wait_for_text(log, "epoch 0 step 3/16", cluster, job)
+    cluster.run("scontrol", "requeue", job)
+    info = cluster.wait(job, timeout=240)
+    text = log.read_text()
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", text
+    assert "2 process(es)" in text and "SIGTERM: stopped at step" in text and "resumed from" in text
+    assert steps_logged(submit_dir / "runs" / f"simclr-{job}" / "metrics.csv") == list(range(1, 17))
+
+
+def test_time_limit_signal_saves_requeues_and_resumes(cluster, submit_dir):
+    """--time=1 with --signal=USR1@20: SLURM signals every task 10-40 s after the start (its timer
+    ticks every 30 s); the run saves, requeues itself and exits 0; the requeued job resumes. The
+    work (100 steps, about 1 step/s on one core) outlasts the first signal."""
+    job = cluster.submit(*[a for a in CPU if not a.startswith("--time")], "--time=1", "--signal=USR1@20",
+                         "--ntasks-per-node=1", "sbatch/simclr.sh", *TINY, "--epochs", "25", "--knn-every", "0",
+                         cwd=submit_dir)
+    info = cluster.wait(job, timeout=400)
+    text = (submit_dir / "logs" / f"simclr-{job}.out").read_text()
+    assert info["JobState"] == "COMPLETED" and int(info["Restarts"]) >= 1, text
+    assert "SIGUSR1: stopped at step" in text and f"requeued SLURM job {job}" in text and "resumed from" in text
+    assert steps_logged(submit_dir / "runs" / f"simclr-{job}" / "metrics.csv") == list(range(1, 101))
+
+
+def wait_for_text(path, text, cluster, job, timeout=120):
+    import time
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if path.exists() and text in path.read_text():
+            return
+        time.sleep(0.2)
+    raise TimeoutError(f"{text!r} not in {path} after {timeout} s: {cluster.job(job)}")
