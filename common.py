@@ -400,11 +400,14 @@ class EpochSampler(torch.utils.data.DistributedSampler):
     yields (epoch, index) pairs, and can skip the batches already done when resuming mid-epoch.
 
     Used with one process too (world_size 1): a 1-process run and a 2-process run with the same
-    global batch then train on the same images in the same global batches.
+    global batch then train on the same images in the same global batches, and a run can resume
+    with another number of processes: after k steps, whatever the number of processes, the first
+    k x batch images of the permutation are done. drop_last: no padding with repeated images, so
+    an epoch is len(dataset) // batch steps for any number of processes.
     """
 
     def __init__(self, dataset, world_size, rank, seed):
-        super().__init__(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
+        super().__init__(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)
         self.skip = 0
 
     def set_epoch(self, epoch, skip=0):
