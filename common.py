@@ -10,16 +10,20 @@ Datasets (--dataset):
   imagefolder        any folder of images; class sub-folders give labels, a flat folder is unlabeled;
                      train/ and val/ (or test/) sub-folders are used when present
   npz                MedMNIST-style arrays: train_images, train_labels, val_*, test_*
+  packed             an image folder packed once into uint8 .npy arrays, memory-mapped:
+                     python common.py pack --data-dir FOLDER --out PACKED --image-size 64
   synthetic          10 procedurally drawn shape classes, made in memory in a second (tests, demos)
 
-Small-image datasets are held in memory as uint8 arrays (N, H, W, 3); image folders are read
-from disk in the loader's workers.
+Small-image datasets are held in memory as uint8 arrays (N, H, W, 3) and augmented in batches on
+the training device (BatchedView); image folders are read from disk in the loader's workers.
 
 Every augmentation is seeded by (seed, epoch, image index), not by the worker that happens to
 load the image: a run gives the same views whatever the number of workers or processes, and a
 run resumed in the middle of an epoch sees exactly the views it would have seen.
 """
 import copy
+import json
+import math
 import os
 import sys
 from dataclasses import dataclass
@@ -27,11 +31,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 import torchvision
 import torchvision.transforms as T
 from PIL import Image
 
-DATASETS = ("cifar10", "cifar100", "stl10", "imagefolder", "npz", "synthetic")
+DATASETS = ("cifar10", "cifar100", "stl10", "imagefolder", "npz", "packed", "synthetic")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 # Per-channel mean and std of the training images; datasets not listed compute theirs.
 NORMALISATION = {
@@ -57,6 +62,9 @@ def add_data_args(parser):
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     g.add_argument("--workers", type=int, default=min(8, cpus),
                    help="data-loading processes per training process")
+    g.add_argument("--aug-device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="auto: in-memory images are augmented in batches on the training device; cpu: PIL "
+                        "in --workers processes")
     return g
 
 
@@ -164,6 +172,8 @@ def load_data(args):
         pretrain, train, test, num_classes = _npz(root)
     elif name == "imagefolder":
         pretrain, train, test, num_classes = _image_folder(root, args.val_fraction)
+    elif name == "packed":
+        pretrain, train, test, num_classes = _packed(root)
     else:
         (x, y), (x_test, y_test) = (synthetic_images(n, args.image_size or 32, seed=s)
                                     for s, n in enumerate(args.synthetic_size))
@@ -280,6 +290,60 @@ def _image_folder(root, val_fraction):
     return train, train, ImageSet(files=[files[i] for i in va], labels=labels[va]), len(classes)
 
 
+def pack_image_folder(root, out, image_size, val_fraction=0.1):
+    """Pack an image folder (any imagefolder layout) once into uint8 arrays, which `--dataset packed
+    --data-dir OUT` reads with memory mapping: a custom small-image dataset then trains at memory
+    speed, with the batched augmentation (in the spirit of `ketos compile`). Each image is resized
+    (shorter side) and centre-cropped to image_size px. Unreadable files are reported by name and
+    left out. Writes OUT/train_images.npy (and train_labels.npy, test_*.npy, classes.json if labeled)."""
+    pretrain, train, test, num_classes = _image_folder(root, val_fraction)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    resize = T.Compose([T.Resize(image_size), T.CenterCrop(image_size)])
+    bad = []
+    for name, split in (("train", pretrain), ("test", test)):
+        if split is None:
+            continue
+        images = np.lib.format.open_memmap(out / f"{name}_images.tmp.npy", mode="w+", dtype=np.uint8,
+                                           shape=(len(split.files), image_size, image_size, 3))
+        keep = []
+        for i, path in enumerate(split.files):
+            try:
+                with Image.open(path) as img:
+                    images[len(keep)] = np.asarray(resize(img.convert("RGB")))
+                keep.append(i)
+            except (OSError, ValueError, SyntaxError) as e:
+                bad.append(path)
+                print(f"warning: unreadable image {path} ({e}): left out", file=sys.stderr, flush=True)
+        np.save(out / f"{name}_images.npy", images[:len(keep)])
+        del images
+        os.remove(out / f"{name}_images.tmp.npy")
+        if split.labels is not None:
+            np.save(out / f"{name}_labels.npy", np.asarray(split.labels)[keep])
+        print(f"{name}: {len(keep)} images of {image_size} px", flush=True)
+    if num_classes:
+        (out / "classes.json").write_text(json.dumps({"num_classes": num_classes}))
+    return bad
+
+
+def _packed(root):
+    root = Path(root)
+    if not (root / "train_images.npy").is_file():
+        fail(f"--data-dir {root} holds no train_images.npy; make it with "
+             f"python common.py pack --data-dir IMAGE_FOLDER --out {root} --image-size SIZE")
+
+    def split(name):
+        if not (root / f"{name}_images.npy").is_file():
+            return None
+        labels = root / f"{name}_labels.npy"
+        return ImageSet(np.load(root / f"{name}_images.npy", mmap_mode="r"),  # read from disk as needed
+                        labels=np.load(labels) if labels.is_file() else None)
+    train, test = split("train"), split("test")
+    if train.labels is None or test is None:
+        return train, None, None, 0
+    return train, train, test, json.loads((root / "classes.json").read_text())["num_classes"]
+
+
 def synthetic_images(n, size=32, seed=0):
     """n images of 10 shape classes (disc, square, ring, cross, triangle, diamond, horizontal,
     vertical or diagonal stripes, checkerboard) in random colours, positions and sizes.
@@ -392,6 +456,210 @@ def probe_transform(image_size, mean, std):
     return T.Compose([T.RandomResizedCrop(image_size), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(mean, std)])
 
 
+# ---- Batched augmentation on the training device -------------------------------------------
+
+
+def _gray(x):
+    """ITU-R 601 luma of float RGB images (B, 3, H, W) -> (B, 1, H, W), torchvision's weights."""
+    return (0.2989 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
+
+
+def _shift_hue(x, shift):
+    """Rotate the hue of float RGB images by shift[b] turns: RGB -> HSV, h + shift, HSV -> RGB
+    (the alternative HSV formula: channel n = v - v s clamp(min(k, 4 - k), 0, 1), k = (n + 6h) mod 6)."""
+    r, g, b = x.unbind(1)
+    v, m = x.amax(1), x.amin(1)
+    c = v - m
+    safe_c = torch.where(c > 0, c, torch.ones_like(c))
+    h = torch.where(v == r, ((g - b) / safe_c) % 6, torch.where(v == g, (b - r) / safe_c + 2, (r - g) / safe_c + 4))
+    h = torch.where(c > 0, h / 6, torch.zeros_like(h))
+    s = torch.where(v > 0, c / torch.where(v > 0, v, torch.ones_like(v)), torch.zeros_like(v))
+    h = (h + shift.view(-1, 1, 1)) % 1.0
+    k = (torch.tensor([5.0, 3.0, 1.0], device=x.device).view(1, 3, 1, 1) + 6 * h.unsqueeze(1)) % 6
+    return v.unsqueeze(1) * (1 - s.unsqueeze(1) * torch.minimum(k, 4 - k).clamp(0, 1))
+
+
+class BatchedView:
+    """One augmented view of a batch of uint8 images (B, H, W, 3), computed on the images' device
+    with per-sample random parameters: the same distributions as the PIL pipeline it is made from
+    (BatchedView.from_transform of simclr_augmentation's, _view's output). The ops follow
+    torchvision's on float tensors: crop boxes as RandomResizedCrop.get_params (10 tries, then a
+    central crop), bilinear resize of the box (no antialiasing when it shrinks), flip, colour jitter
+    in a random order per sample, grayscale, Gaussian blur (reflect padding), solarisation of the
+    pixels >= 128/255, normalisation. Random numbers come from the CPU generator passed in, so a
+    batch gets the same views on any device. Returns a float tensor (B, 3, size, size)."""
+
+    def __init__(self, size, scale, ratio, mean, std, flip_p=0.0, jitter_p=0.0, jitter=(None,) * 4, gray_p=0.0,
+                 blur_p=0.0, blur_kernel=0, blur_sigma=(0.1, 2.0), solarize_p=0.0):
+        self.size, self.scale, self.ratio, self.mean, self.std = size, scale, ratio, mean, std
+        self.flip_p, self.jitter_p, self.jitter, self.gray_p = flip_p, jitter_p, jitter, gray_p
+        self.blur_p, self.blur_kernel, self.blur_sigma, self.solarize_p = blur_p, blur_kernel, blur_sigma, solarize_p
+
+    @classmethod
+    def from_transform(cls, compose):
+        kw = {}
+        for op in compose.transforms:
+            p, inner = (op.p, op.transforms[0]) if isinstance(op, T.RandomApply) else (getattr(op, "p", 1.0), op)
+            if isinstance(inner, T.RandomResizedCrop):
+                kw.update(size=inner.size[0], scale=inner.scale, ratio=inner.ratio)
+            elif isinstance(inner, T.RandomHorizontalFlip):
+                kw["flip_p"] = p
+            elif isinstance(inner, T.ColorJitter):
+                kw.update(jitter_p=p, jitter=(inner.brightness, inner.contrast, inner.saturation, inner.hue))
+            elif isinstance(inner, T.RandomGrayscale):
+                kw["gray_p"] = p
+            elif isinstance(inner, T.GaussianBlur):
+                kw.update(blur_p=p, blur_kernel=inner.kernel_size[0], blur_sigma=inner.sigma)
+            elif isinstance(inner, T.RandomSolarize) and inner.threshold == 128:
+                kw["solarize_p"] = p
+            elif isinstance(inner, T.Normalize):
+                kw.update(mean=inner.mean, std=inner.std)
+            elif not isinstance(inner, T.ToTensor):
+                raise ValueError(f"no batched version of {inner}")
+        return cls(**kw)
+
+    def sample(self, n, height, width, gen):
+        """The random parameters of n images, drawn on the CPU: a dict of tensors of length n."""
+        u = lambda *shape: torch.rand(*shape, generator=gen, dtype=torch.float64)  # noqa: E731
+        area = height * width * (self.scale[0] + (self.scale[1] - self.scale[0]) * u(n, 10))
+        log_r = math.log(self.ratio[0]), math.log(self.ratio[1])
+        aspect = torch.exp(log_r[0] + (log_r[1] - log_r[0]) * u(n, 10))
+        w, h = torch.sqrt(area * aspect).round(), torch.sqrt(area / aspect).round()
+        ok = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+        first = ok.double().argmax(1, keepdim=True)  # the first try that fits, as torchvision
+        w, h = w.gather(1, first)[:, 0], h.gather(1, first)[:, 0]
+        found = ok.any(1)
+        ratio_in = width / height  # otherwise: the whole image, cut to the ratio range
+        fw = width if ratio_in <= self.ratio[1] else round(height * self.ratio[1])
+        fh = height if ratio_in >= self.ratio[0] else round(width / self.ratio[0])
+        w, h = torch.where(found, w, float(fw)), torch.where(found, h, float(fh))
+        i = torch.where(found, (u(n) * (height - h + 1)).floor(), ((height - h) // 2))
+        j = torch.where(found, (u(n) * (width - w + 1)).floor(), ((width - w) // 2))
+        p = {"box": torch.stack([i, j, h, w], 1).float(), "flip": u(n) < self.flip_p}
+        jit = u(n) < self.jitter_p
+        factors = []
+        for k, rng in enumerate(self.jitter):
+            identity = 0.0 if k == 3 else 1.0
+            f = identity if rng is None else rng[0] + (rng[1] - rng[0]) * u(n)
+            factors.append(torch.where(jit, f, identity))
+        p["jitter"], p["order"] = torch.stack(factors, 1).float(), u(n, 4).argsort(1)
+        p["gray"] = u(n) < self.gray_p
+        sigma = self.blur_sigma[0] + (self.blur_sigma[1] - self.blur_sigma[0]) * u(n)
+        p["sigma"] = torch.where(u(n) < self.blur_p, sigma, 0.0).float()  # 0: no blur
+        p["solarize"] = u(n) < self.solarize_p
+        return p
+
+    def __call__(self, images, gen, rank=0, world_size=1):
+        """images: a process's share of a global batch, its rows rank, rank + world_size, ... (as
+        EpochSampler deals them): the parameters are drawn for the global batch, this share kept."""
+        p = self.sample(len(images) * world_size, *images.shape[1:3], gen)
+        p = {k: v[rank::world_size].to(images.device, non_blocking=True) for k, v in p.items()}
+        x = images.permute(0, 3, 1, 2).float() / 255
+        x = self.crop(x, p["box"], p["flip"])
+        x = self.color_jitter(x, p["jitter"], p["order"])
+        x = torch.where(p["gray"].view(-1, 1, 1, 1), _gray(x).expand_as(x), x)
+        if self.blur_p > 0:
+            x = self.blur(x, p["sigma"])
+        x = torch.where(p["solarize"].view(-1, 1, 1, 1) & (x >= 128 / 255), 1 - x, x)
+        mean, std = (torch.tensor(v, device=x.device, dtype=torch.float32).view(1, 3, 1, 1)
+                     for v in (self.mean, self.std))
+        return (x - mean) / std
+
+    def crop(self, x, box, flip):
+        """Bilinear resize of box (top, left, height, width) to size x size, as torch's interpolate
+        on the cropped image: source coordinate (k + 0.5) * height / size - 0.5, kept in the box."""
+        height, width, s = x.shape[2], x.shape[3], self.size
+        k = (torch.arange(s, device=x.device, dtype=torch.float32) + 0.5) / s
+        ys = (box[:, :1] + (k * box[:, 2:3] - 0.5).clamp(min=0)).minimum(box[:, :1] + box[:, 2:3] - 1)
+        xs = (box[:, 1:2] + (k * box[:, 3:4] - 0.5).clamp(min=0)).minimum(box[:, 1:2] + box[:, 3:4] - 1)
+        xs = torch.where(flip[:, None], xs.flip(1), xs)
+        grid = torch.stack(torch.broadcast_tensors((xs * 2 / max(width - 1, 1) - 1)[:, None, :],
+                                                   (ys * 2 / max(height - 1, 1) - 1)[:, :, None]), -1)
+        return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=True)
+
+    @staticmethod
+    def color_jitter(x, factors, order):
+        """Brightness, contrast, saturation, hue in a random order per sample. Each round applies
+        to every image the op it has in that position: the first three blend the image with black,
+        its mean grey or its grey image; hue is computed for all and kept where due (no host sync)."""
+        for position in range(4):
+            op = order[:, position].view(-1, 1, 1, 1)
+            f = factors.gather(1, order[:, position:position + 1]).view(-1, 1, 1, 1)
+            gray = _gray(x)
+            ref = torch.where(op == 0, torch.zeros_like(gray), torch.where(op == 1, gray.mean((2, 3), keepdim=True),
+                                                                            gray))
+            blended = (f * x + (1 - f) * ref).clamp(0, 1)
+            x = torch.where(op == 3, _shift_hue(x, f.view(-1)), blended)
+        return x
+
+    def blur(self, x, sigma):
+        """Per-sample Gaussian blur with a kernel of blur_kernel taps (sigma 0: the identity)."""
+        b, c, _, _ = x.shape
+        k = self.blur_kernel
+        t = torch.arange(k, device=x.device, dtype=torch.float32) - (k - 1) / 2
+        kernel = torch.exp(-0.5 * (t / sigma.clamp(min=1e-6)[:, None]) ** 2)
+        kernel = torch.where(sigma[:, None] > 0, kernel, (t == 0).float())
+        kernel = (kernel / kernel.sum(1, keepdim=True)).repeat_interleave(c, 0)  # one per channel
+        x = F.pad(x.reshape(1, b * c, *x.shape[2:]), (k // 2,) * 4, mode="reflect")
+        x = F.conv2d(x, kernel.view(b * c, 1, 1, k), groups=b * c)
+        x = F.conv2d(x, kernel.view(b * c, 1, k, 1), groups=b * c)
+        return x.view(b, c, *x.shape[2:])
+
+
+class DeviceLoader:
+    """The training loader of the batched path: each step indexes its images straight from the
+    uint8 array, with no worker processes (the array is copied to the GPU when under 2 GB, else read
+    per batch, from a memory map for packed datasets), and the BatchedViews augment them on the
+    training device. Same sampler and same output as the PIL loader, ([view, ...], labels).
+
+    The random parameters of a step are drawn for the whole global batch from a generator seeded
+    with (seed, epoch, batch), and each process keeps the rows of its own images: the views do not
+    depend on the number of processes, and a run resumed mid-epoch draws the same ones."""
+
+    def __init__(self, images, labels, views, local_batch, world_size, rank, seed, device):
+        self.views, self.local_batch, self.seed, self.device = views, local_batch, seed, device
+        self.world_size, self.rank = world_size, rank
+        self.sampler = EpochSampler(range(len(images)), world_size, rank, seed)
+        on_device = device.type == "cuda" and images.nbytes < 2**31
+        self.images = torch.from_numpy(np.array(images)).to(device) if on_device else images  # else numpy (mmap)
+        self.labels = torch.as_tensor(labels if labels is not None else np.full(len(images), -1))
+
+    def __len__(self):
+        return len(self.sampler) // self.local_batch
+
+    def __iter__(self):
+        pairs = list(self.sampler)
+        if not pairs:
+            return
+        epoch, first = pairs[0][0], self.sampler.skip // self.local_batch  # batches already done
+        index = torch.tensor([i for _, i in pairs])
+        for b in range(len(self)):
+            sel = index[b * self.local_batch:(b + 1) * self.local_batch]
+            if torch.is_tensor(self.images):  # on the GPU already
+                x = self.images[sel.to(self.device)]
+            else:  # a numpy array, memory-mapped or not: only these images are read
+                x = torch.from_numpy(self.images[sel.numpy()])
+                x = x.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else x
+            gen = torch.Generator().manual_seed(int(np.random.SeedSequence([self.seed, epoch, first + b])
+                                                    .generate_state(1)[0]))
+            yield [v(x, gen, self.rank, self.world_size) for v in self.views], self.labels[sel]
+
+
+def pretrain_loader(dataset, transforms, local_batch, world_size, rank, args, device):
+    """The loader of the pretraining views: batched on the training device (BatchedView,
+    DeviceLoader) where --aug-device allows it and the images are in memory, otherwise the PIL
+    transforms in --workers worker processes (image folders)."""
+    if args.aug_device == "cuda" and device.type != "cuda":
+        fail("--aug-device cuda but training runs on the CPU; use --aug-device auto or cpu")
+    batched = args.aug_device != "cpu" and dataset.images is not None
+    if args.aug_device == "cuda" and not batched:
+        fail(f"--aug-device cuda needs images held in memory, and --dataset {args.dataset} reads files; "
+             "pack the folder (python common.py pack ...) or use --aug-device cpu")
+    if batched:
+        return DeviceLoader(dataset.images, dataset.labels, [BatchedView.from_transform(t) for t in transforms],
+                            local_batch, world_size, rank, args.seed, device)
+    return train_loader(dataset.with_transform(Views(*transforms)), local_batch, world_size, rank, args.workers,
+                        args.seed, pin_memory=device.type == "cuda")
 # ---- Loader --------------------------------------------------------------------------------
 
 
@@ -432,3 +700,17 @@ def train_loader(dataset, local_batch, world_size, rank, workers, seed, pin_memo
         dataset, batch_size=local_batch, sampler=EpochSampler(dataset, world_size, rank, seed),
         num_workers=workers, pin_memory=pin_memory, drop_last=True, persistent_workers=workers > 0,
         worker_init_fn=_seed_worker, generator=torch.Generator().manual_seed(seed))
+
+
+if __name__ == "__main__":
+    # python common.py pack --data-dir FOLDER --out PACKED --image-size 64 [--val-fraction 0.1]
+    import argparse
+    parser = argparse.ArgumentParser(description="pack an image folder into memory-mapped uint8 arrays")
+    parser.add_argument("command", choices=["pack"], help="what to do")
+    parser.add_argument("--data-dir", required=True, help="the image folder")
+    parser.add_argument("--out", required=True, help="output folder, then given to --dataset packed --data-dir")
+    parser.add_argument("--image-size", type=int, required=True, help="side of the packed images in pixels")
+    parser.add_argument("--val-fraction", type=float, default=0.1, help="held out when there is no val/ folder")
+    a = parser.parse_args()
+    skipped = pack_image_folder(a.data_dir, a.out, a.image_size, a.val_fraction)
+    print(f"packed {a.data_dir} into {a.out}" + (f"; {len(skipped)} unreadable files left out" if skipped else ""))

@@ -102,6 +102,7 @@ def get_args_parser():
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to train")
     g.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="autocast precision (auto: bf16 on GPUs that support it, else fp32)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model: a slower start, faster steps")
     g.add_argument("--seed", type=int, default=0, help="random seed")
     g.add_argument("--deterministic", action="store_true", help="deterministic algorithms (bitwise resume on CPU)")
     g.add_argument("--save-every", type=int, default=1, help="write last.pt every N epochs")
@@ -829,12 +830,10 @@ def main(args):
     data = common.load_data(args)
     args.image_size = data.image_size
     fill_recipe(args)
-    views = common.Views(*common.dino_augmentations(data.image_size, data.mean, data.std, args.local_crops,
-                                                    args.local_crop_size, args.global_crops_scale,
-                                                    args.local_crops_scale))
+    views = common.dino_augmentations(data.image_size, data.mean, data.std, args.local_crops, args.local_crop_size,
+                                      args.global_crops_scale, args.local_crops_scale)
     local_batch = args.batch_size // world_size
-    loader = common.train_loader(data.pretrain.with_transform(views), local_batch,
-                                 world_size, rank, args.workers, args.seed, pin_memory=device.type == "cuda")
+    loader = common.pretrain_loader(data.pretrain, views, local_batch, world_size, rank, args, device)
     steps_per_epoch = len(loader)
     if args.batch_size > len(data.pretrain) or steps_per_epoch == 0:
         common.fail(f"--batch-size {args.batch_size} is larger than the {len(data.pretrain)} training images; lower it")
@@ -851,6 +850,8 @@ def main(args):
     model = raw_model = raw_model.to(memory_format=memory_format)
     if world_size > 1:
         model = nn.parallel.DistributedDataParallel(raw_model)
+    if args.compile:  # raw_model stays the plain module: it is what gets saved
+        model = torch.compile(model)
     criterion = DINOLoss(args.out_dim, 2 + args.local_crops, args.warmup_teacher_temp, args.teacher_temp,
                          args.warmup_teacher_temp_epochs, args.epochs, args.student_temp,
                          args.center_momentum).to(device)

@@ -600,7 +600,7 @@ def epoch_batches(epoch, skip, run, args, backbone, loader, train_feats, train_l
             yield train_feats[idx], train_labels[idx]
         return
     loader.sampler.set_epoch(epoch, skip=skip * local)
-    for x, y in loader:
+    for (x,), y in loader:  # one view
         x = x.to(run.device, non_blocking=True, memory_format=run.memory_format)
         with torch.no_grad(), torch.autocast(run.device.type, dtype=run.amp_dtype, enabled=run.amp_dtype is not None):
             feats = backbone(x)
@@ -716,8 +716,7 @@ def main(args):
         steps_per_epoch = len(data.train) // args.batch_size
     else:
         probe_t = common.probe_transform(data.image_size, data.mean, data.std)
-        loader = common.train_loader(data.train.with_transform(probe_t), local_batch, world_size, rank,
-                                     args.workers, args.seed, pin_memory=device.type == "cuda")
+        loader = common.pretrain_loader(data.train, [probe_t], local_batch, world_size, rank, args, device)
         steps_per_epoch = len(loader)
 
     # 6. Run state, resumed from the probe checkpoint ----------------------------------------

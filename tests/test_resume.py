@@ -15,14 +15,17 @@ def rows(path):
 
 
 @pytest.mark.parametrize("script,stop_at", [("simclr.py", 3), ("simclr.py", 4), ("byol.py", 3), ("barlow.py", 3),
-                                            ("dino.py", 3), ("dino_vit", 5)])
+                                            ("dino.py", 3), ("dino_vit", 5), ("simclr_pil", 3)])
 def test_resume_is_exact(tmp_path, script, stop_at):
     """Stopped in the middle of an epoch (3) or at its end (4). BYOL: the target network and the
     momentum schedule (a function of the saved step) continue exactly too. DINO: the teacher, the
     centre, the temperature, momentum and weight-decay schedules; with a ViT, drop path and
-    gradient checkpointing, and the last layer frozen in epoch 0 only (stopped after it)."""
-    args = [*ARGS, *(DINO_VIT if script == "dino_vit" else METHODS[script])]
-    script = "dino.py" if script == "dino_vit" else script
+    gradient checkpointing, and the last layer frozen in epoch 0 only (stopped after it).
+    simclr_pil: the PIL pipeline in loader processes (--aug-device cpu, 2 workers) instead of the
+    batched augmentation."""
+    extra = {"dino_vit": DINO_VIT, "simclr_pil": ["--aug-device", "cpu", "--workers", "2"]}
+    args = [*ARGS, *(extra.get(script) or METHODS[script])]
+    script = {"dino_vit": "dino.py", "simclr_pil": "simclr.py"}.get(script, script)
     run_script(script, *args, "--max-steps", 6, "--output-dir", tmp_path / "straight")
     run_script(script, *args, "--max-steps", stop_at, "--output-dir", tmp_path / "resumed")
     proc = run_script(script, *args, "--max-steps", 6, "--output-dir", tmp_path / "resumed")

@@ -1,0 +1,157 @@
+"""Batched augmentation (common.BatchedView, common.DeviceLoader) against torchvision: the same
+parameter distributions as the PIL pipeline it is built from, the same output as torchvision's
+functional ops for fixed parameters, and views that do not depend on the number of processes."""
+import numpy as np
+import pytest
+import torch
+import torchvision.transforms as T
+import torchvision.transforms.functional as TF
+
+import common
+
+MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+
+
+def images(n=8, h=32, w=32, seed=0):
+    return torch.from_numpy(np.random.default_rng(seed).integers(0, 256, (n, h, w, 3), dtype=np.uint8))
+
+
+def test_from_transform_reads_every_recipe():
+    simclr = common.BatchedView.from_transform(common.simclr_augmentation(32, MEAN, STD))
+    assert (simclr.size, simclr.scale, simclr.flip_p, simclr.jitter_p, simclr.gray_p) == (32, (0.08, 1), 0.5, 0.8, 0.2)
+    assert [x for r in simclr.jitter for x in r] == pytest.approx([0.6, 1.4, 0.6, 1.4, 0.6, 1.4, -0.1, 0.1])
+    assert simclr.blur_p == 0.0
+    v1, v2 = (common.BatchedView.from_transform(t) for t in common.byol_augmentations(224, MEAN, STD))
+    assert (v1.blur_p, v1.solarize_p, v2.blur_p, v2.solarize_p) == (1.0, 0.0, 0.1, 0.2)
+    assert v1.blur_kernel == 23 and v1.blur_sigma == (0.1, 2.0) and v1.mean == MEAN
+    crops = common.dino_augmentations(32, MEAN, STD, 2, 16, (0.4, 1.0), (0.05, 0.4))
+    local = common.BatchedView.from_transform(crops[2])
+    assert (local.size, local.scale) == (16, (0.05, 0.4))
+    with pytest.raises(ValueError, match="no batched version"):
+        common.BatchedView.from_transform(T.Compose([T.RandomRotation(10)]))
+
+
+@pytest.mark.parametrize("height,width,scale,ratio", [(32, 32, (0.08, 1.0), (3 / 4, 4 / 3)),
+                                                      (40, 96, (0.5, 1.0), (3 / 4, 4 / 3)),
+                                                      (32, 32, (0.05, 0.4), (3 / 4, 4 / 3))])
+def test_crop_boxes_follow_torchvision_distribution(height, width, scale, ratio):
+    """Area fraction, aspect ratio, position and fallback rate of 20,000 boxes against as many from
+    RandomResizedCrop.get_params (a 96x40 image with scale >= 0.5 often needs the fallback)."""
+    n = 20000
+    view = common.BatchedView(32, scale, ratio, MEAN, STD)
+    i, j, h, w = view.sample(n, height, width, torch.Generator().manual_seed(0))["box"].double().unbind(1)
+    torch.manual_seed(0)
+    ref = torch.tensor([T.RandomResizedCrop.get_params(torch.empty(3, height, width), list(scale), list(ratio))
+                        for _ in range(n)], dtype=torch.float64)
+    ri, rj, rh, rw = ref.unbind(1)
+    for ours, theirs, step in [(h * w / (height * width), rh * rw / (height * width), 0.0),
+                               (torch.log(w / h), torch.log(rw / rh), 0.0), (i / height, ri / height, 1 / height),
+                               (j / width, rj / width, 1 / width)]:
+        assert abs(ours.mean() - theirs.mean()) < 0.01
+        for q in (0.1, 0.5, 0.9):  # positions are whole pixels: their quantiles move by 1 px steps
+            assert abs(ours.quantile(q) - theirs.quantile(q)) < 0.02 + step
+    assert ((h + i) <= height).all() and ((w + j) <= width).all() and (h >= 1).all() and (w >= 1).all()
+
+
+def test_jitter_flip_gray_blur_solarize_probabilities():
+    view = common.BatchedView.from_transform(common.byol_augmentations(224, MEAN, STD)[1])
+    p = view.sample(40000, 64, 64, torch.Generator().manual_seed(1))
+    applied = p["jitter"][:, 0] != 1.0
+    assert abs(applied.double().mean() - 0.8) < 0.01
+    b, c, s, h = p["jitter"][applied].double().unbind(1)
+    ref = [T.ColorJitter.get_params([0.6, 1.4], [0.6, 1.4], [0.8, 1.2], [-0.1, 0.1])[1:] for _ in range(5000)]
+    ref = torch.tensor(ref, dtype=torch.float64)
+    for ours, theirs, lo, hi in [(b, ref[:, 0], 0.6, 1.4), (c, ref[:, 1], 0.6, 1.4), (s, ref[:, 2], 0.8, 1.2),
+                                 (h, ref[:, 3], -0.1, 0.1)]:
+        assert lo <= ours.min() and ours.max() <= hi
+        assert abs(ours.mean() - theirs.mean()) < 0.01 and abs(ours.std() - theirs.std()) < 0.01
+    order = p["order"]
+    assert (order.sort(1).values == torch.arange(4)).all()  # permutations
+    assert abs((order[:, 0] == 3).double().mean() - 0.25) < 0.01  # each op first a quarter of the time
+    for key, prob in (("flip", 0.5), ("gray", 0.2), ("solarize", 0.2)):
+        assert abs(p[key].double().mean() - prob) < 0.01, key
+    blurred = p["sigma"] > 0
+    assert abs(blurred.double().mean() - 0.1) < 0.01
+    assert 0.1 <= p["sigma"][blurred].min() and p["sigma"][blurred].max() <= 2.0
+
+
+def test_crop_and_flip_equal_torchvision_resized_crop():
+    x = images(4, 40, 56).permute(0, 3, 1, 2).float() / 255
+    view = common.BatchedView(24, (0.08, 1), (3 / 4, 4 / 3), MEAN, STD)
+    boxes = torch.tensor([[0, 0, 40, 56], [5, 7, 10, 13], [30, 40, 9, 16], [2, 3, 37, 30]], dtype=torch.float32)
+    flip = torch.tensor([False, True, False, True])
+    out = view.crop(x, boxes, flip)
+    for k, (i, j, h, w) in enumerate(boxes.int().tolist()):
+        ref = TF.resized_crop(x[k], i, j, h, w, [24, 24], antialias=False)
+        ref = TF.hflip(ref) if flip[k] else ref
+        assert torch.allclose(out[k], ref, atol=2e-6), k
+
+
+def test_color_ops_equal_torchvision_functional():
+    x = images(4, 16, 16, seed=2).permute(0, 3, 1, 2).float() / 255
+    factors = torch.tensor([[1.3, 0.7, 1.2, 0.08], [0.6, 1.4, 0.8, -0.1], [1.0, 1.0, 1.0, 0.0], [0.9, 1.1, 0.9, 0.05]])
+    order = torch.tensor([[0, 1, 2, 3], [3, 2, 1, 0], [1, 3, 0, 2], [2, 0, 3, 1]])
+    out = common.BatchedView.color_jitter(x, factors, order)
+    ops = [TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue]
+    for k in range(4):
+        ref = x[k]
+        for op in order[k].tolist():
+            ref = ops[op](ref, factors[k, op].item())
+        assert torch.allclose(out[k], ref, atol=1e-5), (k, (out[k] - ref).abs().max())
+    assert torch.allclose(common._gray(x).expand_as(x), TF.rgb_to_grayscale(x, 3), atol=1e-6)
+
+
+def test_blur_and_solarize_equal_torchvision_functional():
+    x = images(3, 20, 20, seed=3).permute(0, 3, 1, 2).float() / 255
+    view = common.BatchedView(20, (0.08, 1), (3 / 4, 4 / 3), MEAN, STD, blur_p=1.0, blur_kernel=7)
+    sigma = torch.tensor([0.1, 1.3, 0.0])
+    out = view.blur(x, sigma)
+    for k, s in enumerate(sigma.tolist()):
+        ref = TF.gaussian_blur(x[k], [7, 7], [s, s]) if s > 0 else x[k]
+        assert torch.allclose(out[k], ref, atol=1e-5), k
+    solarized = torch.where(x >= 128 / 255, 1 - x, x)
+    assert torch.equal(solarized, TF.solarize(x, 128 / 255))
+
+
+def test_whole_view_matches_the_pil_pipeline_statistics():
+    """2,000 views of one image through the PIL pipeline and through the batched one: the same
+    per-channel mean and spread of the normalised output (PIL rounds to uint8 after every op and
+    antialiases; the statistics agree to a few hundredths)."""
+    img = common.synthetic_images(1, 32, seed=4)[0][0]
+    t = common.byol_augmentations(32, MEAN, STD)[1]
+    torch.manual_seed(0)
+    pil = torch.stack([t(T.functional.to_pil_image(img)) for _ in range(2000)])
+    view = common.BatchedView.from_transform(t)
+    batch = torch.from_numpy(np.repeat(img[None], 2000, 0))
+    ours = view(batch, torch.Generator().manual_seed(0))
+    assert ours.shape == pil.shape == (2000, 3, 32, 32)
+    assert torch.allclose(ours.mean((0, 2, 3)), pil.mean((0, 2, 3)), atol=0.05)
+    assert torch.allclose(ours.std((0, 2, 3)), pil.std((0, 2, 3)), rtol=0.05)
+
+
+def test_views_do_not_depend_on_the_number_of_processes():
+    data = images(16, 16, 16, seed=5).numpy()
+    views = [common.BatchedView.from_transform(t) for t in common.byol_augmentations(16, MEAN, STD)]
+
+    def first_batch(world_size, rank, epoch=0, skip=0):
+        loader = common.DeviceLoader(data, None, views, 8 // world_size, world_size, rank, 0, torch.device("cpu"))
+        loader.sampler.set_epoch(epoch, skip)
+        return next(iter(loader))[0]
+
+    one = first_batch(1, 0)
+    two = [first_batch(2, r) for r in (0, 1)]
+    for v in range(2):
+        interleaved = torch.stack([two[0][v], two[1][v]], 1).flatten(0, 1)  # rank r has rows r, r+2, ...
+        assert torch.equal(one[v], interleaved)
+    # Resumed after one batch: the second batch, as in the uninterrupted epoch.
+    loader = common.DeviceLoader(data, None, views, 8, 1, 0, 0, torch.device("cpu"))
+    loader.sampler.set_epoch(0)
+    second = list(loader)[1][0]
+    assert all(torch.equal(a, b) for a, b in zip(second, first_batch(1, 0, skip=8)))
+    assert not torch.equal(first_batch(1, 0, epoch=1)[0], one[0])
+
+
+def test_aug_device_flag_errors(tmp_path):
+    from conftest import TINY, run_script
+    proc = run_script("simclr.py", *TINY, "--aug-device", "cuda", "--output-dir", tmp_path, check=False)
+    assert proc.returncode == 1 and "--aug-device cuda but training runs on the CPU" in proc.stderr

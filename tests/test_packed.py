@@ -1,0 +1,56 @@
+"""Packing an image folder once into memory-mapped uint8 arrays (python common.py pack), then
+training on it with --dataset packed and the batched augmentation."""
+import json
+
+import numpy as np
+from PIL import Image
+
+import common
+from conftest import TINY, load, run_script
+
+
+def make_folder(root, labeled=True):
+    rng = np.random.default_rng(0)
+    for c in ("cats", "dogs") if labeled else ("",):
+        (root / c).mkdir(parents=True, exist_ok=True)
+        for i in range(20):
+            size = (24 + i, 20 + 2 * i)  # various sizes: resized and centre-cropped when packed
+            Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(root / c / f"{i}.png")
+    (root / ("cats" if labeled else "") / "broken.jpg").write_bytes(b"not a jpeg")
+
+
+def test_pack_reports_bad_files_and_trains(tmp_path):
+    make_folder(tmp_path / "imgs")
+    proc = run_script("common.py", "pack", "--data-dir", tmp_path / "imgs", "--out", tmp_path / "packed",
+                      "--image-size", "16", "--val-fraction", "0.25")
+    assert "broken.jpg" in proc.stderr and "1 unreadable files left out" in proc.stdout
+    train = np.load(tmp_path / "packed" / "train_images.npy", mmap_mode="r")
+    test = np.load(tmp_path / "packed" / "test_images.npy", mmap_mode="r")
+    assert train.dtype == np.uint8 and train.shape[1:] == (16, 16, 3) and len(train) + len(test) == 40
+    labels = np.load(tmp_path / "packed" / "train_labels.npy")
+    assert len(labels) == len(train) and set(labels) == {0, 1}
+    assert json.loads((tmp_path / "packed" / "classes.json").read_text()) == {"num_classes": 2}
+    # The same image as the folder's, resized and centre-cropped.
+    data = common.load_data(type("A", (), {"dataset": "packed", "data_dir": tmp_path / "packed", "image_size": None,
+                                           "seed": 0})())
+    assert isinstance(data.pretrain.images, np.memmap) and data.num_classes == 2 and data.image_size == 16
+    out = tmp_path / "run"
+    proc = run_script("simclr.py", *TINY[9:], "--dataset", "packed", "--data-dir", tmp_path / "packed",
+                      "--batch-size", "8", "--epochs", "1", "--knn-every", "1", "--output-dir", out)
+    assert "knn" in proc.stdout and load(out / "last.pt")["step"] == len(train) // 8
+
+
+def test_pack_an_unlabeled_folder(tmp_path):
+    make_folder(tmp_path / "flat", labeled=False)
+    run_script("common.py", "pack", "--data-dir", tmp_path / "flat", "--out", tmp_path / "packed", "--image-size", "8")
+    assert not (tmp_path / "packed" / "train_labels.npy").exists()
+    assert np.load(tmp_path / "packed" / "train_images.npy").shape == (20, 8, 8, 3)
+    proc = run_script("byol.py", "--dataset", "packed", "--data-dir", tmp_path / "packed", "--batch-size", "4",
+                      "--epochs", "1", "--device", "cpu", "--workers", "0", "--proj-hidden-dim", "32",
+                      "--pred-hidden-dim", "32", "--output-dir", tmp_path / "run")
+    assert "20 images" in proc.stdout and "knn" not in proc.stdout
+
+
+def test_packed_without_arrays_is_one_clear_line(tmp_path):
+    proc = run_script("simclr.py", *TINY[9:], "--dataset", "packed", "--data-dir", tmp_path, check=False)
+    assert proc.returncode == 1 and "holds no train_images.npy; make it with python common.py pack" in proc.stderr

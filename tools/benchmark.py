@@ -1,0 +1,190 @@
+"""Throughput of a method's training step, with and without its data pipeline, on this machine.
+
+    python tools/benchmark.py --method simclr --arch resnet18 --image-size 32 --batch-size 64 --device cpu
+    python tools/benchmark.py --method dino --arch vit_small --batch-size 256 --device cuda --json dino.json
+    python tools/benchmark.py --method all --device cuda          # every method, one after the other
+
+For each method it runs the script's own train_one_epoch on synthetic in-memory images and prints:
+  model_only_img_s              the step alone: the views already on the device, the same batch each step
+  end_to_end_cpu_loader_img_s   with the PIL pipeline in --workers loader processes (--aug-device cpu)
+  end_to_end_device_aug_img_s   with batched augmentation on the training device (--aug-device auto)
+  aug_pil_img_s                 the PIL loader alone (--workers processes)
+  aug_batched_img_s             the batched augmentation alone, on the device
+  peak_mem_bytes                peak GPU memory allocated (the process's peak RSS on a CPU)
+and the ratio of each end-to-end figure to the model-only one. Images/s count images, not views.
+--json FILE writes the figures (with --method all, one object per method, under its name).
+"""
+import argparse
+import importlib
+import json
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import common  # noqa: E402
+
+CLASSES = {"simclr": "SimCLR", "byol": "BYOL", "barlow": "BarlowTwins", "dino": "DINO"}
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, n_images, device):
+    sync(device)
+    t = time.perf_counter()
+    fn()
+    sync(device)
+    return n_images / (time.perf_counter() - t)
+
+
+class NoSignal:
+    def requested(self):
+        return False
+
+
+def setup(method, opts):
+    """The method script's own pieces, as its main() builds them (one process)."""
+    m = importlib.import_module(method)
+    argv = ["--dataset", "synthetic", "--synthetic-size", str(opts.images), "10", "--image-size", str(opts.image_size),
+            "--batch-size", str(opts.batch_size), "--arch", opts.arch, "--device", opts.device,
+            "--workers", str(opts.workers), "--log-every", "1000000", "--precision", opts.precision, *opts.extra]
+    args = m.get_args_parser().parse_args(argv)
+    device = torch.device(opts.device)
+    if args.precision == "auto":
+        args.precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
+    data = common.load_data(args)
+    args.image_size = data.image_size
+    if method == "dino":
+        m.fill_recipe(args)
+        views = common.dino_augmentations(data.image_size, data.mean, data.std, args.local_crops,
+                                          args.local_crop_size, args.global_crops_scale, args.local_crops_scale)
+    elif method == "simclr":
+        views = [common.simclr_augmentation(data.image_size, data.mean, data.std)] * 2
+    else:
+        views = common.byol_augmentations(data.image_size, data.mean, data.std)
+    raw_model = getattr(m, CLASSES[method])(args, data.image_size).to(device)
+    memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    raw_model = raw_model.to(memory_format=memory_format)
+    model = torch.compile(raw_model) if getattr(args, "compile", False) else raw_model
+    optimizer = m.make_optimizer(raw_model.parameters(), args)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    criterion = None
+    if method == "dino":
+        criterion = m.DINOLoss(args.out_dim, 2 + args.local_crops, args.warmup_teacher_temp, args.teacher_temp,
+                               args.warmup_teacher_temp_epochs, args.epochs, args.student_temp,
+                               args.center_momentum).to(device)
+    run = argparse.Namespace(device=device, amp_dtype=amp_dtype, memory_format=memory_format, is_main=True,
+                             world_size=1, step=0, epoch=1, lr=0.0, n_row=0, n_epoch=0,
+                             losses=torch.zeros(2, device=device), base_lr=args.lr * args.batch_size / 256,
+                             total_steps=10**6, warmup_steps=0, end_step=10**9, preemption=NoSignal())
+
+    def train(loader):
+        if method == "dino":
+            m.train_one_epoch(model, raw_model, criterion, loader, optimizer, scaler, run, args)
+        elif method == "byol":
+            m.train_one_epoch(model, raw_model, loader, optimizer, scaler, run, args)
+        else:
+            m.train_one_epoch(model, loader, optimizer, scaler, run, args)
+
+    return args, data, views, device, train
+
+
+class Limited:
+    """The first n batches of a loader, with its sampler (train_one_epoch only iterates)."""
+
+    def __init__(self, loader, n):
+        self.loader, self.n = loader, n
+
+    def __iter__(self):
+        for k, batch in enumerate(self.loader):
+            if k == self.n:
+                return
+            yield batch
+
+
+def bench(method, opts):
+    args, data, views, device, train = setup(method, opts)
+    b, steps = args.batch_size, opts.steps
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    out = {}
+
+    def loader(aug_device):
+        args.aug_device = aug_device
+        ld = common.pretrain_loader(data.pretrain, views, b, 1, 0, args, device)
+        ld.sampler.set_epoch(0)
+        return ld
+
+    # The model alone: one batch of views made once, moved to the device, reused every step.
+    first = next(iter(loader("auto")))
+    fixed = [([v.contiguous() for v in first[0]], first[1])] * (opts.warmup + steps)
+    train(fixed[:opts.warmup])
+    out["model_only_img_s"] = timed(lambda: train(fixed[:steps]), b * steps, device)
+    for key, aug_device in (("end_to_end_cpu_loader_img_s", "cpu"), ("end_to_end_device_aug_img_s", "auto")):
+        ld = loader(aug_device)
+        it = iter(ld)
+        warm = [next(it) for _ in range(opts.warmup)]  # loader processes started, first batches made
+        train(warm)
+        rest = Limited(it, steps)
+        out[key] = timed(lambda: train(rest), b * steps, device)
+    for key, aug_device in (("aug_pil_img_s", "cpu"), ("aug_batched_img_s", "auto")):
+        it = iter(loader(aug_device))
+        for _ in range(opts.warmup):
+            next(it)
+
+        out[key] = timed(lambda: [next(it) for _ in range(steps)], b * steps, device)
+    out["peak_mem_bytes"] = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
+                             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    out["end_to_end_cpu_loader_ratio"] = out["end_to_end_cpu_loader_img_s"] / out["model_only_img_s"]
+    out["end_to_end_device_aug_ratio"] = out["end_to_end_device_aug_img_s"] / out["model_only_img_s"]
+    out["aug_batched_over_pil"] = out["aug_batched_img_s"] / out["aug_pil_img_s"]
+    return out
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--method", default="simclr", choices=[*CLASSES, "all"], help="method script to measure")
+    parser.add_argument("--arch", default="resnet18", help="backbone")
+    parser.add_argument("--image-size", type=int, default=32, help="image size in pixels")
+    parser.add_argument("--batch-size", type=int, default=256, help="batch size")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    parser.add_argument("--precision", default="auto", help="auto, fp32, bf16 or fp16")
+    parser.add_argument("--workers", type=int, default=None, help="PIL loader processes (default: all cores)")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per measurement")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps before each measurement")
+    parser.add_argument("--images", type=int, default=None, help="synthetic images (default: enough for the steps)")
+    parser.add_argument("--json", default=None, help="write the figures to this file")
+    parser.add_argument("extra", nargs=argparse.REMAINDER, help="after --: more flags for the method script")
+    opts = parser.parse_args()
+    opts.extra = [a for a in opts.extra if a != "--"]
+    cpus = len(os.sched_getaffinity(0))
+    opts.workers = cpus if opts.workers is None else opts.workers
+    opts.images = opts.images or opts.batch_size * (opts.steps + opts.warmup) * 2
+    name = torch.cuda.get_device_name() if opts.device == "cuda" else f"CPU, {cpus} cores"
+    print(f"{name}; torch {torch.__version__}; {opts.arch}, {opts.image_size} px, batch {opts.batch_size}, "
+          f"{opts.steps} timed steps, PIL loader with {opts.workers} workers", flush=True)
+    results = {}
+    for method in (list(CLASSES) if opts.method == "all" else [opts.method]):
+        r = results[method] = bench(method, opts)
+        print(f"{method:7s} model only {r['model_only_img_s']:9.1f} img/s | end to end: PIL loader "
+              f"{r['end_to_end_cpu_loader_img_s']:9.1f} ({r['end_to_end_cpu_loader_ratio']:.2f}), device aug "
+              f"{r['end_to_end_device_aug_img_s']:9.1f} ({r['end_to_end_device_aug_ratio']:.2f}) | augmentation "
+              f"alone: PIL {r['aug_pil_img_s']:9.1f}, batched {r['aug_batched_img_s']:9.1f} "
+              f"(x{r['aug_batched_over_pil']:.1f}) | peak memory {r['peak_mem_bytes'] / 2**20:.0f} MiB", flush=True)
+    if opts.json:  # one method: its figures at the top level; --method all: one object per method
+        meta = {"device": name, "arch": opts.arch, "image_size": opts.image_size, "batch_size": opts.batch_size,
+                "torch": torch.__version__, "workers": opts.workers}
+        figures = results[opts.method] if opts.method != "all" else results
+        Path(opts.json).write_text(json.dumps({**meta, "method": opts.method, **figures}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
