@@ -461,22 +461,22 @@ def probe_transform(image_size, mean, std):
 
 def _gray(x):
     """ITU-R 601 luma of float RGB images (B, 3, H, W) -> (B, 1, H, W), torchvision's weights."""
-    return (0.2989 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
+    return (x * x.new_tensor([0.2989, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
 
 
 def _shift_hue(x, shift):
-    """Rotate the hue of float RGB images by shift[b] turns: RGB -> HSV, h + shift, HSV -> RGB
-    (the alternative HSV formula: channel n = v - v s clamp(min(k, 4 - k), 0, 1), k = (n + 6h) mod 6)."""
+    """Rotate the hue of float RGB images by shift[b] turns, as RGB -> HSV, h + shift, HSV -> RGB.
+    With v = max, c = max - min and the hue h6 in sixths of a turn, channel n (5, 3, 1 for R, G, B)
+    is v - c clamp(min(k, 4 - k), 0, 1) with k = (n + h6) mod 6 (the alternative HSV formula, as
+    v s = c): no saturation, no division by v."""
     r, g, b = x.unbind(1)
     v, m = x.amax(1), x.amin(1)
     c = v - m
-    safe_c = torch.where(c > 0, c, torch.ones_like(c))
-    h = torch.where(v == r, ((g - b) / safe_c) % 6, torch.where(v == g, (b - r) / safe_c + 2, (r - g) / safe_c + 4))
-    h = torch.where(c > 0, h / 6, torch.zeros_like(h))
-    s = torch.where(v > 0, c / torch.where(v > 0, v, torch.ones_like(v)), torch.zeros_like(v))
-    h = (h + shift.view(-1, 1, 1)) % 1.0
-    k = (torch.tensor([5.0, 3.0, 1.0], device=x.device).view(1, 3, 1, 1) + 6 * h.unsqueeze(1)) % 6
-    return v.unsqueeze(1) * (1 - s.unsqueeze(1) * torch.minimum(k, 4 - k).clamp(0, 1))
+    safe_c = torch.where(c > 0, c, torch.ones_like(c))  # c = 0: grey, any hue gives v
+    h6 = torch.where(v == r, (g - b) / safe_c, torch.where(v == g, (b - r) / safe_c + 2, (r - g) / safe_c + 4))
+    h6 = (h6 + 6 * shift.view(-1, 1, 1)).unsqueeze(1)
+    k = (torch.tensor([5.0, 3.0, 1.0], device=x.device).view(1, 3, 1, 1) + h6) % 6
+    return v.unsqueeze(1) - c.unsqueeze(1) * torch.minimum(k, 4 - k).clamp(0, 1)
 
 
 class BatchedView:
@@ -553,17 +553,20 @@ class BatchedView:
         """images: a process's share of a global batch, its rows rank, rank + world_size, ... (as
         EpochSampler deals them): the parameters are drawn for the global batch, this share kept."""
         p = self.sample(len(images) * world_size, *images.shape[1:3], gen)
-        p = {k: v[rank::world_size].to(images.device, non_blocking=True) for k, v in p.items()}
-        x = images.permute(0, 3, 1, 2).float() / 255
-        x = self.crop(x, p["box"], p["flip"])
-        x = self.color_jitter(x, p["jitter"], p["order"])
-        x = torch.where(p["gray"].view(-1, 1, 1, 1), _gray(x).expand_as(x), x)
+        p = {k: v[rank::world_size] for k, v in p.items()}
+        hue_rows = self.hue_rows(p["jitter"], p["order"], images.device)
+        p = {k: v.to(images.device, non_blocking=True) for k, v in p.items()}
+        # In-place ops where possible: on a CPU, every new large tensor costs its page faults.
+        x = self.crop(images.permute(0, 3, 1, 2).float().div_(255), p["box"], p["flip"])
+        x = self.color_jitter(x, p["jitter"], p["order"], hue_rows)
+        x.lerp_(_gray(x).expand_as(x), p["gray"].float().view(-1, 1, 1, 1))  # weight 1: grey, 0: unchanged
         if self.blur_p > 0:
             x = self.blur(x, p["sigma"])
-        x = torch.where(p["solarize"].view(-1, 1, 1, 1) & (x >= 128 / 255), 1 - x, x)
+        flip = (x >= 128 / 255).logical_and_(p["solarize"].view(-1, 1, 1, 1))
+        x.mul_(1 - 2 * flip.float()).add_(flip.float())  # solarised: 1 - x
         mean, std = (torch.tensor(v, device=x.device, dtype=torch.float32).view(1, 3, 1, 1)
                      for v in (self.mean, self.std))
-        return (x - mean) / std
+        return x.sub_(mean).div_(std)
 
     def crop(self, x, box, flip):
         """Bilinear resize of box (top, left, height, width) to size x size, as torch's interpolate
@@ -578,18 +581,29 @@ class BatchedView:
         return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=True)
 
     @staticmethod
-    def color_jitter(x, factors, order):
-        """Brightness, contrast, saturation, hue in a random order per sample. Each round applies
-        to every image the op it has in that position: the first three blend the image with black,
-        its mean grey or its grey image; hue is computed for all and kept where due (no host sync)."""
+    def hue_rows(factors, order, device):
+        """For each of the 4 jitter rounds, the images whose hue turns then (a non-zero shift), as
+        index tensors on the device: found on the CPU, where the parameters are, so that the hue,
+        the costly op, is computed only where due and the device never waits for the host."""
+        return [((order[:, k] == 3) & (factors[:, 3] != 0)).nonzero()[:, 0].to(device, non_blocking=True)
+                for k in range(4)]
+
+    @staticmethod
+    def color_jitter(x, factors, order, hue_rows=None):
+        """Brightness, contrast, saturation, hue in a random order per image. Each round applies to
+        every image the op it has in that position: the first three blend the image with black,
+        its mean grey or its grey image (factor 1: unchanged); the hue turns on the rows due."""
+        hue_rows = hue_rows or BatchedView.hue_rows(factors.cpu(), order.cpu(), x.device)
+        x = x.clone()  # changed in place below
         for position in range(4):
             op = order[:, position].view(-1, 1, 1, 1)
             f = factors.gather(1, order[:, position:position + 1]).view(-1, 1, 1, 1)
+            f = torch.where(op == 3, 1.0, f)  # the hue rows: unchanged by the blend
             gray = _gray(x)
-            ref = torch.where(op == 0, torch.zeros_like(gray), torch.where(op == 1, gray.mean((2, 3), keepdim=True),
-                                                                            gray))
-            blended = (f * x + (1 - f) * ref).clamp(0, 1)
-            x = torch.where(op == 3, _shift_hue(x, f.view(-1)), blended)
+            ref = gray * (op == 2) + gray.mean((2, 3), keepdim=True) * (op == 1)  # brightness: black
+            x.lerp_(ref, 1 - f).clamp_(0, 1)  # f x + (1 - f) ref, exactly x where f = 1
+            rows = hue_rows[position]
+            x.index_copy_(0, rows, _shift_hue(x[rows], factors[rows, 3]))
         return x
 
     def blur(self, x, sigma):
