@@ -178,3 +178,15 @@ def test_dino_grad_checkpointing_needs_a_vit(tmp_path):
     proc = run_script("dino.py", *TINY, "--grad-checkpointing", "--output-dir", tmp_path, check=False)
     assert proc.returncode == 1 and "--grad-checkpointing applies to ViT backbones" in proc.stderr
     assert proc.stderr.count("\n") == 1 and not (tmp_path / "last.pt").exists()
+
+
+def test_compile_trains_and_saves_the_plain_module(tmp_path):
+    """--compile (torch.compile; on a CPU the first step compiles for about 30 s): the checkpoint
+    holds the uncompiled module's keys, so it resumes and evaluates without --compile."""
+    run_script("simclr.py", *TINY, "--epochs", "1", "--max-steps", "2", "--knn-every", "0", "--compile",
+               "--output-dir", tmp_path)
+    ckpt = load(tmp_path / "last.pt")
+    assert ckpt["step"] == 2 and ckpt["args"]["compile"] is True
+    assert not any("_orig_mod" in k or k.startswith("module.") for k in ckpt["model"])
+    run_script("simclr.py", *TINY, "--epochs", "1", "--max-steps", "3", "--knn-every", "0", "--output-dir", tmp_path)
+    assert load(tmp_path / "last.pt")["step"] == 3
