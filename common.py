@@ -461,7 +461,7 @@ def probe_transform(image_size, mean, std):
 
 def _gray(x):
     """ITU-R 601 luma of float RGB images (B, 3, H, W) -> (B, 1, H, W), torchvision's weights."""
-    return (x * x.new_tensor([0.2989, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
+    return 0.2989 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]  # python numbers: no host-device copy
 
 
 def _shift_hue(x, shift):
@@ -475,7 +475,7 @@ def _shift_hue(x, shift):
     safe_c = torch.where(c > 0, c, torch.ones_like(c))  # c = 0: grey, any hue gives v
     h6 = torch.where(v == r, (g - b) / safe_c, torch.where(v == g, (b - r) / safe_c + 2, (r - g) / safe_c + 4))
     h6 = (h6 + 6 * shift.view(-1, 1, 1)).unsqueeze(1)
-    k = (torch.tensor([5.0, 3.0, 1.0], device=x.device).view(1, 3, 1, 1) + h6) % 6
+    k = (torch.arange(5.0, 0.0, -2.0, device=x.device).view(1, 3, 1, 1) + h6) % 6  # n = 5, 3, 1
     return v.unsqueeze(1) - c.unsqueeze(1) * torch.minimum(k, 4 - k).clamp(0, 1)
 
 
@@ -564,9 +564,8 @@ class BatchedView:
             x = self.blur(x, p["sigma"])
         flip = (x >= 128 / 255).logical_and_(p["solarize"].view(-1, 1, 1, 1))
         x.mul_(1 - 2 * flip.float()).add_(flip.float())  # solarised: 1 - x
-        mean, std = (torch.tensor(v, device=x.device, dtype=torch.float32).view(1, 3, 1, 1)
-                     for v in (self.mean, self.std))
-        return x.sub_(mean).div_(std)
+        mean_std = torch.tensor([self.mean, self.std], dtype=torch.float32).to(x.device, non_blocking=True)
+        return x.sub_(mean_std[0].view(1, 3, 1, 1)).div_(mean_std[1].view(1, 3, 1, 1))
 
     def crop(self, x, box, flip):
         """Bilinear resize of box (top, left, height, width) to size x size, as torch's interpolate

@@ -320,7 +320,8 @@ class DINOLoss(nn.Module):
         super().__init__()
         self.n_crops, self.student_temp, self.center_momentum = n_crops, student_temp, center_momentum
         self.warmup_teacher_temp, self.teacher_temp = warmup_teacher_temp, teacher_temp
-        self.warmup_epochs, self.n_epochs = min(warmup_teacher_temp_epochs, n_epochs), n_epochs
+        # As the official np.linspace schedule, also when the warm-up is longer than the run.
+        self.warmup_epochs, self.n_epochs = warmup_teacher_temp_epochs, n_epochs
         self.register_buffer("center", torch.zeros(1, out_dim))
 
     def teacher_temperature(self, epoch):

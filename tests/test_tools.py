@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from conftest import REPO, clean_env, run_script
+from conftest import clean_env, run_script
 
 FAKE_WANDB = '''
 import json, os
@@ -92,4 +92,3 @@ def test_plot_metrics_without_matplotlib(tmp_path, run_dir):
     proc = run_script("tools/plot_metrics.py", run_dir, env=env, check=False)
     assert proc.returncode == 1 and "matplotlib is not installed: pip install matplotlib" in proc.stderr
     assert "Traceback" not in proc.stderr and not (run_dir / "metrics.png").exists()
-    assert (REPO / "tools" / "plot_metrics.py").exists()
