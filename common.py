@@ -460,23 +460,36 @@ def probe_transform(image_size, mean, std):
 
 
 def _gray(x):
-    """ITU-R 601 luma of float RGB images (B, 3, H, W) -> (B, 1, H, W), torchvision's weights."""
-    return 0.2989 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]  # python numbers: no host-device copy
+    """ITU-R 601 luma of float RGB images (B, 3, H, W) -> (B, 1, H, W), torchvision's weights
+    (python numbers and in-place adds: no host-device copy, one new tensor)."""
+    return x[:, 0:1].mul(0.2989).add_(x[:, 1:2], alpha=0.587).add_(x[:, 2:3], alpha=0.114)
 
 
-def _shift_hue(x, shift):
+def _shift_hue(x, shift, out=None):
     """Rotate the hue of float RGB images by shift[b] turns, as RGB -> HSV, h + shift, HSV -> RGB.
     With v = max, c = max - min and the hue h6 in sixths of a turn, channel n (5, 3, 1 for R, G, B)
     is v - c clamp(min(k, 4 - k), 0, 1) with k = (n + h6) mod 6 (the alternative HSV formula, as
-    v s = c): no saturation, no division by v."""
+    v s = c): no saturation, no division by v. Written for the CPU as much as for the GPU: no
+    comparisons, where() or % (several times slower than arithmetic there; the 0/1 masks come from
+    ceil(v - channel)), and in-place ops on few buffers (each new large tensor costs page faults).
+    out may be x itself: x is read only before out is written."""
     r, g, b = x.unbind(1)
-    v, m = x.amax(1), x.amin(1)
-    c = v - m
-    safe_c = torch.where(c > 0, c, torch.ones_like(c))  # c = 0: grey, any hue gives v
-    h6 = torch.where(v == r, (g - b) / safe_c, torch.where(v == g, (b - r) / safe_c + 2, (r - g) / safe_c + 4))
-    h6 = (h6 + 6 * shift.view(-1, 1, 1)).unsqueeze(1)
-    k = (torch.arange(5.0, 0.0, -2.0, device=x.device).view(1, 3, 1, 1) + h6) % 6  # n = 5, 3, 1
-    return v.unsqueeze(1) - c.unsqueeze(1) * torch.minimum(k, 4 - k).clamp(0, 1)
+    v, c = torch.maximum(r, g), torch.minimum(r, g)  # elementwise: faster than amax/amin over channels
+    v, c = torch.maximum(v, b, out=v), torch.minimum(c, b, out=c).neg_().add_(v)  # max, max - min
+    not_r, not_g = (v - r).ceil_(), (v - g).ceil_()  # v - channel is 0 where it is the maximum, else in (0, 1]
+    is_b = not_r * not_g
+    is_g, is_r = not_g.neg_().add_(1).mul_(not_r), not_r.neg_().add_(1)  # ties: red, then green, as torchvision
+    # One mask is 1: h6 = g - b, b - r or r - g (adding the terms one by one is exact, the others are 0)
+    h6 = (g - b).mul_(is_r).addcmul_(b, is_g).addcmul_(r, is_g, value=-1).addcmul_(r, is_b).addcmul_(g, is_b, value=-1)
+    h6.div_(c.ceil().neg_().add_(1).add_(c))  # c = 0 (grey): any hue gives v, divide by 1
+    h6.add_(is_g, alpha=2).add_(is_b, alpha=4).add_(6 * shift.view(-1, 1, 1))
+    out, k, t = torch.empty_like(x) if out is None else out, is_r, is_g  # the masks' buffers, reused
+    for ch, n in enumerate((5, 3, 1)):
+        torch.add(h6, n, out=k)
+        k.sub_(torch.div(k, 6, out=t).floor_(), alpha=6)  # k mod 6
+        torch.minimum(k, torch.neg(k, out=t).add_(4), out=t).clamp_(0, 1)  # clamp(min(k, 4 - k), 0, 1)
+        torch.addcmul(v, c, t, value=-1, out=out[:, ch])
+    return out
 
 
 class BatchedView:
@@ -486,15 +499,18 @@ class BatchedView:
     torchvision's on float tensors: crop boxes as RandomResizedCrop.get_params (10 tries, then a
     central crop), bilinear resize of the box (no antialiasing when it shrinks), flip, colour jitter
     in a random order per sample, grayscale, Gaussian blur (reflect padding), solarisation of the
-    pixels >= 128/255, normalisation. Random numbers come from the CPU generator passed in, so a
-    batch gets the same views on any device. Returns a float tensor (B, 3, size, size)."""
+    pixels >= 128/255, normalisation. Random numbers come from the numpy Generator passed in, so a
+    batch gets the same views on any device. Returns a float tensor (B, 3, size, size).
+
+    Speed: everything that depends only on the parameters (blend coefficients, which rows get the
+    hue, grey, blur or solarisation) is worked out on the CPU and sent in one copy per view, so the
+    device never waits for the host; the costly ops run only on the rows that draw them."""
 
     def __init__(self, size, scale, ratio, mean, std, flip_p=0.0, jitter_p=0.0, jitter=(None,) * 4, gray_p=0.0,
                  blur_p=0.0, blur_kernel=0, blur_sigma=(0.1, 2.0), solarize_p=0.0):
         self.size, self.scale, self.ratio, self.mean, self.std = size, scale, ratio, mean, std
         self.flip_p, self.jitter_p, self.jitter, self.gray_p = flip_p, jitter_p, jitter, gray_p
         self.blur_p, self.blur_kernel, self.blur_sigma, self.solarize_p = blur_p, blur_kernel, blur_sigma, solarize_p
-
     @classmethod
     def from_transform(cls, compose):
         kw = {}
@@ -518,54 +534,68 @@ class BatchedView:
                 raise ValueError(f"no batched version of {inner}")
         return cls(**kw)
 
-    def sample(self, n, height, width, gen):
-        """The random parameters of n images, drawn on the CPU: a dict of tensors of length n."""
-        u = lambda *shape: torch.rand(*shape, generator=gen, dtype=torch.float64)  # noqa: E731
-        area = height * width * (self.scale[0] + (self.scale[1] - self.scale[0]) * u(n, 10))
+    def sample(self, n, height, width, rng):
+        """The random parameters of n images, drawn on the CPU from the numpy Generator rng (numpy
+        is several times faster than torch on such small arrays): a dict of tensors of length n."""
+        u = rng.random
+        area = height * width * (self.scale[0] + (self.scale[1] - self.scale[0]) * u((n, 10)))
         log_r = math.log(self.ratio[0]), math.log(self.ratio[1])
-        aspect = torch.exp(log_r[0] + (log_r[1] - log_r[0]) * u(n, 10))
-        w, h = torch.sqrt(area * aspect).round(), torch.sqrt(area / aspect).round()
+        aspect = np.exp(log_r[0] + (log_r[1] - log_r[0]) * u((n, 10)))
+        w, h = np.sqrt(area * aspect).round(), np.sqrt(area / aspect).round()
         ok = (w > 0) & (w <= width) & (h > 0) & (h <= height)
-        first = ok.double().argmax(1, keepdim=True)  # the first try that fits, as torchvision
-        w, h = w.gather(1, first)[:, 0], h.gather(1, first)[:, 0]
+        first = ok.argmax(1)  # the first try that fits, as torchvision
+        w, h = w[np.arange(n), first], h[np.arange(n), first]
         found = ok.any(1)
         ratio_in = width / height  # otherwise: the whole image, cut to the ratio range
         fw = width if ratio_in <= self.ratio[1] else round(height * self.ratio[1])
         fh = height if ratio_in >= self.ratio[0] else round(width / self.ratio[0])
-        w, h = torch.where(found, w, float(fw)), torch.where(found, h, float(fh))
-        i = torch.where(found, (u(n) * (height - h + 1)).floor(), ((height - h) // 2))
-        j = torch.where(found, (u(n) * (width - w + 1)).floor(), ((width - w) // 2))
-        p = {"box": torch.stack([i, j, h, w], 1).float(), "flip": u(n) < self.flip_p}
+        w, h = np.where(found, w, fw), np.where(found, h, fh)
+        i = np.where(found, np.floor(u(n) * (height - h + 1)), (height - h) // 2)
+        j = np.where(found, np.floor(u(n) * (width - w + 1)), (width - w) // 2)
+        p = {"box": np.stack([i, j, h, w], 1), "flip": u(n) < self.flip_p}
         jit = u(n) < self.jitter_p
         factors = []
-        for k, rng in enumerate(self.jitter):
+        for k, rng_k in enumerate(self.jitter):
             identity = 0.0 if k == 3 else 1.0
-            f = identity if rng is None else rng[0] + (rng[1] - rng[0]) * u(n)
-            factors.append(torch.where(jit, f, identity))
-        p["jitter"], p["order"] = torch.stack(factors, 1).float(), u(n, 4).argsort(1)
+            f = identity if rng_k is None else rng_k[0] + (rng_k[1] - rng_k[0]) * u(n)
+            factors.append(np.where(jit, f, identity))
+        p["jitter"], p["order"] = np.stack(factors, 1), u((n, 4)).argsort(1)
         p["gray"] = u(n) < self.gray_p
         sigma = self.blur_sigma[0] + (self.blur_sigma[1] - self.blur_sigma[0]) * u(n)
-        p["sigma"] = torch.where(u(n) < self.blur_p, sigma, 0.0).float()  # 0: no blur
+        p["sigma"] = np.where(u(n) < self.blur_p, sigma, 0.0)  # 0: no blur
         p["solarize"] = u(n) < self.solarize_p
-        return p
+        return {k: torch.from_numpy(v.astype(np.float32) if v.dtype == np.float64 else v) for k, v in p.items()}
 
-    def __call__(self, images, gen, rank=0, world_size=1):
+    def __call__(self, images, rng, rank=0, world_size=1):
         """images: a process's share of a global batch, its rows rank, rank + world_size, ... (as
-        EpochSampler deals them): the parameters are drawn for the global batch, this share kept."""
-        p = self.sample(len(images) * world_size, *images.shape[1:3], gen)
-        p = {k: v[rank::world_size] for k, v in p.items()}
-        hue_rows = self.hue_rows(p["jitter"], p["order"], images.device)
-        p = {k: v.to(images.device, non_blocking=True) for k, v in p.items()}
-        # In-place ops where possible: on a CPU, every new large tensor costs its page faults.
-        x = self.crop(images.permute(0, 3, 1, 2).float().div_(255), p["box"], p["flip"])
-        x = self.color_jitter(x, p["jitter"], p["order"], hue_rows)
-        x.lerp_(_gray(x).expand_as(x), p["gray"].float().view(-1, 1, 1, 1))  # weight 1: grey, 0: unchanged
-        if self.blur_p > 0:
-            x = self.blur(x, p["sigma"])
-        flip = (x >= 128 / 255).logical_and_(p["solarize"].view(-1, 1, 1, 1))
-        x.mul_(1 - 2 * flip.float()).add_(flip.float())  # solarised: 1 - x
-        mean_std = torch.tensor([self.mean, self.std], dtype=torch.float32).to(x.device, non_blocking=True)
-        return x.sub_(mean_std[0].view(1, 3, 1, 1)).div_(mean_std[1].view(1, 3, 1, 1))
+        EpochSampler deals them): the parameters are drawn for the global batch, this share kept.
+
+        The rows are processed sorted by the jitter plan's group, so that every blend slot and the
+        hue act on a contiguous run of rows (a view: no copy), and put back in order at the end."""
+        p = {k: v[rank::world_size].numpy() for k, v in self.sample(len(images) * world_size,
+                                                                    *images.shape[1:3], rng).items()}
+        coef, group = self.jitter_plan(p["jitter"], p["order"])
+        perm = np.argsort(group, kind="stable")
+        ends = np.searchsorted(group[perm], np.arange(1, 5)).tolist()  # where groups 0-3 end
+        rows = [perm, np.argsort(perm), *(m[perm].nonzero()[0] for m in (p["gray"], p["sigma"] > 0, p["solarize"]))]
+        floats = np.concatenate([p["box"], p["flip"][:, None], coef.reshape(-1, 18), p["jitter"][:, 3:],
+                                 p["sigma"][:, None]], 1)[perm]
+        floats = _to_device(torch.from_numpy(floats.astype(np.float32)), images.device)
+        index = _to_device(torch.from_numpy(np.concatenate(rows)), images.device)
+        box, flip, coef, shift, sigma = floats.split([4, 1, 18, 1, 1], 1)
+        perm, unsort, gray, blur, solarize = index.split([len(r) for r in rows])  # sizes known here: no sync
+        x = self.crop(images[perm].permute(0, 3, 1, 2).float().div_(255), box, flip[:, 0] > 0)
+        self.jitter_sorted(x, coef.view(-1, 6, 3), shift[:, 0], ends, hue=self.jitter[3] is not None)
+        if len(gray):
+            x.index_copy_(0, gray, _gray(x[gray]).expand(-1, 3, -1, -1))
+        if len(blur):
+            x.index_copy_(0, blur, self.blur(x[blur], sigma[blur, 0]))
+        if len(solarize):
+            y = x[solarize]
+            x.index_copy_(0, solarize, torch.where(y >= 128 / 255, 1 - y, y))
+        for ch in range(3):  # python numbers: no constant tensor to copy to the device
+            x[:, ch].sub_(self.mean[ch]).div_(self.std[ch])
+        return x[unsort]
 
     def crop(self, x, box, flip):
         """Bilinear resize of box (top, left, height, width) to size x size, as torch's interpolate
@@ -580,30 +610,48 @@ class BatchedView:
         return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=True)
 
     @staticmethod
-    def hue_rows(factors, order, device):
-        """For each of the 4 jitter rounds, the images whose hue turns then (a non-zero shift), as
-        index tensors on the device: found on the CPU, where the parameters are, so that the hue,
-        the costly op, is computed only where due and the device never waits for the host."""
-        return [((order[:, k] == 3) & (factors[:, 3] != 0)).nonzero()[:, 0].to(device, non_blocking=True)
-                for k in range(4)]
+    def jitter_plan(factors, order):
+        """Colour jitter as 6 blend slots around one hue rotation, worked out on the CPU (numpy)
+        from the factors (brightness, contrast, saturation, hue) and the order of the 4 ops (n, 4).
+        The hue, the costly op, then runs once on all the rows that draw it: each image's blends
+        before its hue go, right-aligned, into slots 0-2, those after it, left-aligned, into slots
+        3-5. A blend is x <- f x + a grey(x) + b mean(grey(x)) (torchvision's: brightness with black,
+        contrast with the mean grey, saturation with the grey image); an unused slot has f = 1,
+        a = b = 0, which leaves x exactly as it is. Returns the coefficients (n, 6, 3) and each row's
+        group: 3 - the hue's position, or 4 for a row without jitter. Slot k < 3 is used by groups
+        0..k, slot k >= 3 by groups k-2..3 and the hue by groups 0..3: sorted by group, each is a
+        contiguous run of rows."""
+        f = np.take_along_axis(factors, order, 1)
+        blends = np.stack([f, (1 - f) * (order == 2), (1 - f) * (order == 1)], 2)  # (n, 4, 3), by position
+        hue_at = (order == 3).argmax(1)
+        position = hue_at[:, None] + np.array([-3, -2, -1, 1, 2, 3])  # the op each slot applies
+        coef = np.take_along_axis(blends, position.clip(0, 3)[:, :, None], 1)
+        coef = np.where(((position >= 0) & (position <= 3))[:, :, None], coef, np.array([1.0, 0.0, 0.0]))
+        jittered = (factors != np.array([1.0, 1.0, 1.0, 0.0])).any(1)
+        return coef, np.where(jittered, 3 - hue_at, 4)
 
     @staticmethod
-    def color_jitter(x, factors, order, hue_rows=None):
-        """Brightness, contrast, saturation, hue in a random order per image. Each round applies to
-        every image the op it has in that position: the first three blend the image with black,
-        its mean grey or its grey image (factor 1: unchanged); the hue turns on the rows due."""
-        hue_rows = hue_rows or BatchedView.hue_rows(factors.cpu(), order.cpu(), x.device)
-        x = x.clone()  # changed in place below
-        for position in range(4):
-            op = order[:, position].view(-1, 1, 1, 1)
-            f = factors.gather(1, order[:, position:position + 1]).view(-1, 1, 1, 1)
-            f = torch.where(op == 3, 1.0, f)  # the hue rows: unchanged by the blend
-            gray = _gray(x)
-            ref = gray * (op == 2) + gray.mean((2, 3), keepdim=True) * (op == 1)  # brightness: black
-            x.lerp_(ref, 1 - f).clamp_(0, 1)  # f x + (1 - f) ref, exactly x where f = 1
-            rows = hue_rows[position]
-            x.index_copy_(0, rows, _shift_hue(x[rows], factors[rows, 3]))
+    def jitter_sorted(x, coef, shift, ends, hue=True):
+        """Colour jitter in place on rows sorted by group (ends: where groups 0-3 end): 6 slots of
+        blends, each clamped to [0, 1], and the hue turned between slots 2 and 3."""
+        for k in range(6):
+            if k == 3 and hue:
+                _shift_hue(x[:ends[3]], shift[:ends[3]], out=x[:ends[3]])
+            rows = slice(0, ends[k]) if k < 3 else slice(ends[k - 3], ends[3])
+            y, (f, a, b) = x[rows], (c.view(-1, 1, 1, 1) for c in coef[rows, k].unbind(1))
+            gray = _gray(y)
+            ref = gray.mean((2, 3), keepdim=True).mul_(b)  # first, as gray changes in place
+            torch.addcmul(gray.mul_(a).add_(ref), y, f, out=y).clamp_(0, 1)  # f x + a grey + b mean
         return x
+
+    @staticmethod
+    def color_jitter(x, factors, order):
+        """The colour jitter alone (a copy of x), parameters on the CPU: for tests and teaching."""
+        coef, group = BatchedView.jitter_plan(factors.numpy(), order.numpy())
+        perm = np.argsort(group, kind="stable")
+        ends = np.searchsorted(group[perm], np.arange(1, 5)).tolist()
+        y = BatchedView.jitter_sorted(x[perm], torch.from_numpy(coef[perm]).float(), factors[perm, 3], ends)
+        return y[np.argsort(perm)]
 
     def blur(self, x, sigma):
         """Per-sample Gaussian blur with a kernel of blur_kernel taps (sigma 0: the identity)."""
@@ -617,6 +665,11 @@ class BatchedView:
         x = F.conv2d(x, kernel.view(b * c, 1, 1, k), groups=b * c)
         x = F.conv2d(x, kernel.view(b * c, 1, k, 1), groups=b * c)
         return x.view(b, c, *x.shape[2:])
+
+
+def _to_device(t, device):
+    """A small CPU tensor to the device without making the host wait for it (pinned, asynchronous)."""
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
 
 
 class DeviceLoader:
@@ -653,9 +706,8 @@ class DeviceLoader:
             else:  # a numpy array, memory-mapped or not: only these images are read
                 x = torch.from_numpy(self.images[sel.numpy()])
                 x = x.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else x
-            gen = torch.Generator().manual_seed(int(np.random.SeedSequence([self.seed, epoch, first + b])
-                                                    .generate_state(1)[0]))
-            yield [v(x, gen, self.rank, self.world_size) for v in self.views], self.labels[sel]
+            rng = np.random.default_rng([self.seed, epoch, first + b])
+            yield [v(x, rng, self.rank, self.world_size) for v in self.views], self.labels[sel]
 
 
 def pretrain_loader(dataset, transforms, local_batch, world_size, rank, args, device):

@@ -39,7 +39,7 @@ def test_crop_boxes_follow_torchvision_distribution(height, width, scale, ratio)
     RandomResizedCrop.get_params (a 96x40 image with scale >= 0.5 often needs the fallback)."""
     n = 20000
     view = common.BatchedView(32, scale, ratio, MEAN, STD)
-    i, j, h, w = view.sample(n, height, width, torch.Generator().manual_seed(0))["box"].double().unbind(1)
+    i, j, h, w = view.sample(n, height, width, np.random.default_rng(0))["box"].double().unbind(1)
     torch.manual_seed(0)
     ref = torch.tensor([T.RandomResizedCrop.get_params(torch.empty(3, height, width), list(scale), list(ratio))
                         for _ in range(n)], dtype=torch.float64)
@@ -55,7 +55,7 @@ def test_crop_boxes_follow_torchvision_distribution(height, width, scale, ratio)
 
 def test_jitter_flip_gray_blur_solarize_probabilities():
     view = common.BatchedView.from_transform(common.byol_augmentations(224, MEAN, STD)[1])
-    p = view.sample(40000, 64, 64, torch.Generator().manual_seed(1))
+    p = view.sample(40000, 64, 64, np.random.default_rng(1))
     applied = p["jitter"][:, 0] != 1.0
     assert abs(applied.double().mean() - 0.8) < 0.01
     b, c, s, h = p["jitter"][applied].double().unbind(1)
@@ -101,6 +101,39 @@ def test_color_ops_equal_torchvision_functional():
     assert torch.allclose(common._gray(x).expand_as(x), TF.rgb_to_grayscale(x, 3), atol=1e-6)
 
 
+def test_color_jitter_of_a_large_batch_equals_torchvision():
+    """64 images with random factors and orders: the rows are sorted into groups by the position of
+    their hue and processed in 6 blend slots around one hue rotation; each row must still get its
+    4 ops in its own order, as torchvision's functional ops do one image at a time."""
+    x = images(64, 12, 12, seed=7).permute(0, 3, 1, 2).float() / 255
+    g = torch.Generator().manual_seed(7)
+    factors = torch.cat([0.4 + 1.2 * torch.rand(64, 3, generator=g), torch.rand(64, 1, generator=g) - 0.5], 1)
+    factors[::5] = torch.tensor([1.0, 1.0, 1.0, 0.0])  # not jittered: unchanged, bit for bit
+    order = torch.rand(64, 4, generator=g).argsort(1)
+    out = common.BatchedView.color_jitter(x, factors, order)
+    ops = [TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue]
+    for k in range(64):
+        ref = x[k]
+        for op in order[k].tolist():
+            ref = ops[op](ref, factors[k, op].item()) if k % 5 else ref
+        assert torch.allclose(out[k], ref, atol=1e-5), (k, (out[k] - ref).abs().max())
+    assert torch.equal(out[::5], x[::5])
+
+
+def test_hue_rotation_on_ties_grey_and_extremes():
+    """Pixels where two channels tie for the maximum, grey, black and white pixels, and shifts of
+    0, +-0.5 turns: the branch-free hue rotation against torchvision's adjust_hue."""
+    pixels = [[1.0, 1.0, 0.2], [0.3, 0.8, 0.8], [0.6, 0.1, 0.6], [0.5, 0.5, 0.5], [0.0, 0.0, 0.0],
+              [1.0, 1.0, 1.0], [1.0, 0.0, 0.0], [0.2, 0.9, 0.4], [0.25, 0.5, 1.0]]
+    x = torch.tensor(pixels).t().reshape(1, 3, 3, 3)
+    for shift in (0.0, 0.5, -0.5, 0.1, -0.37):
+        ours = common._shift_hue(x, torch.tensor([shift]))
+        assert torch.allclose(ours[0], TF.adjust_hue(x[0], shift), atol=1e-6), shift
+    inplace = x.clone()
+    common._shift_hue(inplace, torch.tensor([0.3]), out=inplace)
+    assert torch.equal(inplace, common._shift_hue(x, torch.tensor([0.3])))
+
+
 def test_blur_and_solarize_equal_torchvision_functional():
     x = images(3, 20, 20, seed=3).permute(0, 3, 1, 2).float() / 255
     view = common.BatchedView(20, (0.08, 1), (3 / 4, 4 / 3), MEAN, STD, blur_p=1.0, blur_kernel=7)
@@ -123,7 +156,7 @@ def test_whole_view_matches_the_pil_pipeline_statistics():
     pil = torch.stack([t(T.functional.to_pil_image(img)) for _ in range(2000)])
     view = common.BatchedView.from_transform(t)
     batch = torch.from_numpy(np.repeat(img[None], 2000, 0))
-    ours = view(batch, torch.Generator().manual_seed(0))
+    ours = view(batch, np.random.default_rng(0))
     assert ours.shape == pil.shape == (2000, 3, 32, 32)
     assert torch.allclose(ours.mean((0, 2, 3)), pil.mean((0, 2, 3)), atol=0.05)
     assert torch.allclose(ours.std((0, 2, 3)), pil.std((0, 2, 3)), rtol=0.05)

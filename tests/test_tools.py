@@ -92,3 +92,24 @@ def test_plot_metrics_without_matplotlib(tmp_path, run_dir):
     proc = run_script("tools/plot_metrics.py", run_dir, env=env, check=False)
     assert proc.returncode == 1 and "matplotlib is not installed: pip install matplotlib" in proc.stderr
     assert "Traceback" not in proc.stderr and not (run_dir / "metrics.png").exists()
+
+
+def test_benchmark_writes_every_figure(tmp_path):
+    """tools/benchmark.py at a tiny size: the issue's JSON keys, positive figures, ratios that are
+    the quotients of the figures they name; --aug-only measures the augmentation alone."""
+    out = tmp_path / "bench.json"
+    tiny = ["--arch", "resnet18", "--image-size", "16", "--batch-size", "8", "--steps", "1", "--warmup", "1",
+            "--aug-steps", "2", "--workers", "1", "--device", "cpu"]
+    proc = run_script("tools/benchmark.py", "--method", "simclr", *tiny, "--json", out)
+    r = json.loads(out.read_text())
+    keys = ["model_only_img_s", "end_to_end_cpu_loader_img_s", "end_to_end_device_aug_img_s", "aug_pil_img_s",
+            "aug_batched_img_s", "peak_mem_bytes"]
+    assert all(r[k] > 0 for k in keys), r
+    assert r["end_to_end_device_aug_ratio"] == pytest.approx(r["end_to_end_device_aug_img_s"] / r["model_only_img_s"])
+    assert r["aug_batched_over_pil"] == pytest.approx(r["aug_batched_img_s"] / r["aug_pil_img_s"])
+    assert (r["method"], r["arch"], r["image_size"], r["batch_size"]) == ("simclr", "resnet18", 16, 8)
+    assert "simclr" in proc.stdout and "model only" in proc.stdout
+    proc = run_script("tools/benchmark.py", "--method", "dino", "--aug-only", *tiny, "--json", out, "--",
+                      "--local-crops", "2")
+    r = json.loads(out.read_text())
+    assert r["aug_pil_img_s"] > 0 and r["aug_batched_img_s"] > 0 and "model_only_img_s" not in r

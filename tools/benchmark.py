@@ -123,29 +123,29 @@ def bench(method, opts):
         ld.sampler.set_epoch(0)
         return ld
 
-    # The model alone: one batch of views made once, moved to the device, reused every step.
-    first = next(iter(loader("auto")))
-    fixed = [([v.contiguous() for v in first[0]], first[1])] * (opts.warmup + steps)
-    train(fixed[:opts.warmup])
-    out["model_only_img_s"] = timed(lambda: train(fixed[:steps]), b * steps, device)
-    for key, aug_device in (("end_to_end_cpu_loader_img_s", "cpu"), ("end_to_end_device_aug_img_s", "auto")):
-        ld = loader(aug_device)
-        it = iter(ld)
-        warm = [next(it) for _ in range(opts.warmup)]  # loader processes started, first batches made
-        train(warm)
-        rest = Limited(it, steps)
-        out[key] = timed(lambda: train(rest), b * steps, device)
+    if not opts.aug_only:
+        # The model alone: one batch of views made once, moved to the device, reused every step.
+        first = next(iter(loader("auto")))
+        fixed = [([v.contiguous() for v in first[0]], first[1])] * (opts.warmup + steps)
+        train(fixed[:opts.warmup])
+        out["model_only_img_s"] = timed(lambda: train(fixed[:steps]), b * steps, device)
+        for key, aug_device in (("end_to_end_cpu_loader_img_s", "cpu"), ("end_to_end_device_aug_img_s", "auto")):
+            ld = loader(aug_device)
+            it = iter(ld)
+            warm = [next(it) for _ in range(opts.warmup)]  # loader processes started, first batches made
+            train(warm)
+            rest = Limited(it, steps)
+            out[key] = timed(lambda: train(rest), b * steps, device)
+        out["end_to_end_cpu_loader_ratio"] = out["end_to_end_cpu_loader_img_s"] / out["model_only_img_s"]
+        out["end_to_end_device_aug_ratio"] = out["end_to_end_device_aug_img_s"] / out["model_only_img_s"]
     for key, aug_device in (("aug_pil_img_s", "cpu"), ("aug_batched_img_s", "auto")):
         it = iter(loader(aug_device))
         for _ in range(opts.warmup):
             next(it)
-
-        out[key] = timed(lambda: [next(it) for _ in range(steps)], b * steps, device)
+        out[key] = timed(lambda: [next(it) for _ in range(opts.aug_steps)], b * opts.aug_steps, device)
+    out["aug_batched_over_pil"] = out["aug_batched_img_s"] / out["aug_pil_img_s"]
     out["peak_mem_bytes"] = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
                              else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-    out["end_to_end_cpu_loader_ratio"] = out["end_to_end_cpu_loader_img_s"] / out["model_only_img_s"]
-    out["end_to_end_device_aug_ratio"] = out["end_to_end_device_aug_img_s"] / out["model_only_img_s"]
-    out["aug_batched_over_pil"] = out["aug_batched_img_s"] / out["aug_pil_img_s"]
     return out
 
 
@@ -159,6 +159,8 @@ def main():
     parser.add_argument("--precision", default="auto", help="auto, fp32, bf16 or fp16")
     parser.add_argument("--workers", type=int, default=None, help="PIL loader processes (default: all cores)")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per measurement")
+    parser.add_argument("--aug-steps", type=int, default=30, help="timed batches per augmentation-only measurement")
+    parser.add_argument("--aug-only", action="store_true", help="measure the augmentation alone, not the model")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps before each measurement")
     parser.add_argument("--images", type=int, default=None, help="synthetic images (default: enough for the steps)")
     parser.add_argument("--json", default=None, help="write the figures to this file")
@@ -167,18 +169,21 @@ def main():
     opts.extra = [a for a in opts.extra if a != "--"]
     cpus = len(os.sched_getaffinity(0))
     opts.workers = cpus if opts.workers is None else opts.workers
-    opts.images = opts.images or opts.batch_size * (opts.steps + opts.warmup) * 2
+    opts.images = opts.images or opts.batch_size * (max(opts.steps, opts.aug_steps) + opts.warmup)
     name = torch.cuda.get_device_name() if opts.device == "cuda" else f"CPU, {cpus} cores"
     print(f"{name}; torch {torch.__version__}; {opts.arch}, {opts.image_size} px, batch {opts.batch_size}, "
           f"{opts.steps} timed steps, PIL loader with {opts.workers} workers", flush=True)
     results = {}
     for method in (list(CLASSES) if opts.method == "all" else [opts.method]):
         r = results[method] = bench(method, opts)
+        aug = (f"augmentation alone: PIL {r['aug_pil_img_s']:9.1f}, batched {r['aug_batched_img_s']:9.1f} "
+               f"(x{r['aug_batched_over_pil']:.1f}) | peak memory {r['peak_mem_bytes'] / 2**20:.0f} MiB")
+        if opts.aug_only:
+            print(f"{method:7s} {aug}", flush=True)
+            continue
         print(f"{method:7s} model only {r['model_only_img_s']:9.1f} img/s | end to end: PIL loader "
               f"{r['end_to_end_cpu_loader_img_s']:9.1f} ({r['end_to_end_cpu_loader_ratio']:.2f}), device aug "
-              f"{r['end_to_end_device_aug_img_s']:9.1f} ({r['end_to_end_device_aug_ratio']:.2f}) | augmentation "
-              f"alone: PIL {r['aug_pil_img_s']:9.1f}, batched {r['aug_batched_img_s']:9.1f} "
-              f"(x{r['aug_batched_over_pil']:.1f}) | peak memory {r['peak_mem_bytes'] / 2**20:.0f} MiB", flush=True)
+              f"{r['end_to_end_device_aug_img_s']:9.1f} ({r['end_to_end_device_aug_ratio']:.2f}) | {aug}", flush=True)
     if opts.json:  # one method: its figures at the top level; --method all: one object per method
         meta = {"device": name, "arch": opts.arch, "image_size": opts.image_size, "batch_size": opts.batch_size,
                 "torch": torch.__version__, "workers": opts.workers}
