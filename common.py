@@ -567,35 +567,51 @@ class BatchedView:
         return {k: torch.from_numpy(v.astype(np.float32) if v.dtype == np.float64 else v) for k, v in p.items()}
 
     def __call__(self, images, rng, rank=0, world_size=1):
-        """images: a process's share of a global batch, its rows rank, rank + world_size, ... (as
-        EpochSampler deals them): the parameters are drawn for the global batch, this share kept.
+        """One view of images (B, H, W, 3): BatchedView.many with this view alone."""
+        return BatchedView.many([self], images, rng, rank, world_size)[0]
 
-        The rows are processed sorted by the jitter plan's group, so that every blend slot and the
-        hue act on a contiguous run of rows (a view: no copy), and put back in order at the end."""
-        p = {k: v[rank::world_size].numpy() for k, v in self.sample(len(images) * world_size,
-                                                                    *images.shape[1:3], rng).items()}
-        coef, group = self.jitter_plan(p["jitter"], p["order"])
+    def same_pass(self, other):
+        """Whether two views can be made in one pass: the same output size, blur kernel,
+        normalisation and hue setting (their probabilities and ranges are per-row parameters)."""
+        key = lambda v: (v.size, v.blur_kernel, tuple(v.mean), tuple(v.std), v.jitter[3] is None)  # noqa: E731
+        return key(self) == key(other)
+
+    @staticmethod
+    def many(views, images, rng, rank=0, world_size=1):
+        """Views that can be made in one pass (same_pass) of images, a process's share of a global
+        batch: its rows rank, rank + world_size, ... (as EpochSampler deals them). The parameters
+        are drawn for the global batch, view after view, and this share kept. Returns one tensor
+        (B, 3, size, size) per view.
+
+        The rows of all the views go through the ops together, so each op is called once for all
+        of them (on a CPU, the cost of an op call is much of the cost of a small image). They are
+        processed sorted by the jitter plan's group, so that every blend slot and the hue act on a
+        contiguous run of rows (a view: no copy), and put back in order at the end."""
+        n, view = len(images), views[0]
+        ps = [v.sample(n * world_size, *images.shape[1:3], rng) for v in views]
+        p = {k: np.concatenate([q[k][rank::world_size].numpy() for q in ps]) for k in ps[0]}
+        coef, group = view.jitter_plan(p["jitter"], p["order"])
         perm = np.argsort(group, kind="stable")
         ends = np.searchsorted(group[perm], np.arange(1, 5)).tolist()  # where groups 0-3 end
-        rows = [perm, np.argsort(perm), *(m[perm].nonzero()[0] for m in (p["gray"], p["sigma"] > 0, p["solarize"]))]
+        rows = [perm % n, np.argsort(perm), *(m[perm].nonzero()[0] for m in (p["gray"], p["sigma"] > 0, p["solarize"]))]
         floats = np.concatenate([p["box"], p["flip"][:, None], coef.reshape(-1, 18), p["jitter"][:, 3:],
                                  p["sigma"][:, None]], 1)[perm]
         floats = _to_device(torch.from_numpy(floats.astype(np.float32)), images.device)
         index = _to_device(torch.from_numpy(np.concatenate(rows)), images.device)
         box, flip, coef, shift, sigma = floats.split([4, 1, 18, 1, 1], 1)
-        perm, unsort, gray, blur, solarize = index.split([len(r) for r in rows])  # sizes known here: no sync
-        x = self.crop(images[perm].permute(0, 3, 1, 2).float().div_(255), box, flip[:, 0] > 0)
-        self.jitter_sorted(x, coef.view(-1, 6, 3), shift[:, 0], ends, hue=self.jitter[3] is not None)
+        source, unsort, gray, blur, solarize = index.split([len(r) for r in rows])  # sizes known here: no sync
+        x = view.crop(images[source].permute(0, 3, 1, 2).float().div_(255), box, flip[:, 0] > 0)
+        view.jitter_sorted(x, coef.view(-1, 6, 3), shift[:, 0], ends, hue=view.jitter[3] is not None)
         if len(gray):
             x.index_copy_(0, gray, _gray(x[gray]).expand(-1, 3, -1, -1))
         if len(blur):
-            x.index_copy_(0, blur, self.blur(x[blur], sigma[blur, 0]))
+            x.index_copy_(0, blur, view.blur(x[blur], sigma[blur, 0]))
         if len(solarize):
             y = x[solarize]
             x.index_copy_(0, solarize, torch.where(y >= 128 / 255, 1 - y, y))
         for ch in range(3):  # python numbers: no constant tensor to copy to the device
-            x[:, ch].sub_(self.mean[ch]).div_(self.std[ch])
-        return x[unsort]
+            x[:, ch].sub_(view.mean[ch]).div_(view.std[ch])
+        return list(x[unsort].split(n))
 
     def crop(self, x, box, flip):
         """Bilinear resize of box (top, left, height, width) to size x size, as torch's interpolate
@@ -684,6 +700,13 @@ class DeviceLoader:
 
     def __init__(self, images, labels, views, local_batch, world_size, rank, seed, device):
         self.views, self.local_batch, self.seed, self.device = views, local_batch, seed, device
+        self.groups = []  # the views made in one pass (SimCLR's two, DINO's global ones, its local ones)
+        for i, view in enumerate(views):
+            group = next((g for g in self.groups if views[g[0]].same_pass(view)), None)
+            if group is None:
+                self.groups.append([i])
+            else:
+                group.append(i)
         self.world_size, self.rank = world_size, rank
         self.sampler = EpochSampler(range(len(images)), world_size, rank, seed)
         on_device = device.type == "cuda" and images.nbytes < 2**31
@@ -706,8 +729,11 @@ class DeviceLoader:
             else:  # a numpy array, memory-mapped or not: only these images are read
                 x = torch.from_numpy(self.images[sel.numpy()])
                 x = x.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else x
-            rng = np.random.default_rng([self.seed, epoch, first + b])
-            yield [v(x, rng, self.rank, self.world_size) for v in self.views], self.labels[sel]
+            rng, views = np.random.default_rng([self.seed, epoch, first + b]), {}
+            for group in self.groups:
+                views.update(zip(group, BatchedView.many([self.views[i] for i in group], x, rng, self.rank,
+                                                         self.world_size)))
+            yield [views[i] for i in range(len(self.views))], self.labels[sel]
 
 
 def pretrain_loader(dataset, transforms, local_batch, world_size, rank, args, device):
@@ -777,5 +803,8 @@ if __name__ == "__main__":
     parser.add_argument("--image-size", type=int, required=True, help="side of the packed images in pixels")
     parser.add_argument("--val-fraction", type=float, default=0.1, help="held out when there is no val/ folder")
     a = parser.parse_args()
-    skipped = pack_image_folder(a.data_dir, a.out, a.image_size, a.val_fraction)
+    try:
+        skipped = pack_image_folder(a.data_dir, a.out, a.image_size, a.val_fraction)
+    except OSError as e:  # not a folder, not writable, disk full: the arrays cannot be written
+        fail(f"cannot write the packed arrays to --out {a.out} ({e.strerror or e}); give a writable folder with room")
     print(f"packed {a.data_dir} into {a.out}" + (f"; {len(skipped)} unreadable files left out" if skipped else ""))

@@ -184,6 +184,26 @@ def test_views_do_not_depend_on_the_number_of_processes():
     assert not torch.equal(first_batch(1, 0, epoch=1)[0], one[0])
 
 
+def test_views_made_in_one_pass_equal_views_made_one_by_one():
+    """DeviceLoader makes the views that share a size (BYOL's two, DINO's two global and its local
+    crops) in one pass over all their rows: the same tensors as one view after the other."""
+    x = images(6, 32, 32, seed=8)
+    byol = [common.BatchedView.from_transform(t) for t in common.byol_augmentations(32, MEAN, STD)]
+    dino = [common.BatchedView.from_transform(t)
+            for t in common.dino_augmentations(32, MEAN, STD, 3, 16, (0.4, 1.0), (0.05, 0.4))]
+    for views in (byol, dino[:2], dino[2:]):
+        assert all(views[0].same_pass(v) for v in views)
+        together = common.BatchedView.many(views, x, np.random.default_rng(3), rank=1, world_size=2)
+        rng = np.random.default_rng(3)
+        one_by_one = [v(x, rng, rank=1, world_size=2) for v in views]
+        assert all(torch.equal(a, b) for a, b in zip(together, one_by_one))
+    assert not dino[0].same_pass(dino[2])
+    loader = common.DeviceLoader(x.numpy(), None, dino, 6, 1, 0, 0, torch.device("cpu"))
+    assert loader.groups == [[0, 1], [2, 3, 4]]
+    loader.sampler.set_epoch(0)
+    assert [tuple(v.shape) for v in next(iter(loader))[0]] == [(6, 3, 32, 32)] * 2 + [(6, 3, 16, 16)] * 3
+
+
 def test_aug_device_flag_errors(tmp_path):
     from conftest import TINY, run_script
     proc = run_script("simclr.py", *TINY, "--aug-device", "cuda", "--output-dir", tmp_path, check=False)

@@ -54,3 +54,12 @@ def test_pack_an_unlabeled_folder(tmp_path):
 def test_packed_without_arrays_is_one_clear_line(tmp_path):
     proc = run_script("simclr.py", *TINY[9:], "--dataset", "packed", "--data-dir", tmp_path, check=False)
     assert proc.returncode == 1 and "holds no train_images.npy; make it with python common.py pack" in proc.stderr
+
+
+def test_pack_into_an_unwritable_place_is_one_clear_line(tmp_path):
+    make_folder(tmp_path / "imgs")
+    (tmp_path / "file").write_text("not a folder")
+    proc = run_script("common.py", "pack", "--data-dir", tmp_path / "imgs", "--out", tmp_path / "file" / "packed",
+                      "--image-size", "8", check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "cannot write the packed arrays to --out" in proc.stderr.strip().splitlines()[-1]
