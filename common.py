@@ -692,7 +692,8 @@ class DeviceLoader:
     """The training loader of the batched path: each step indexes its images straight from the
     uint8 array, with no worker processes (the array is copied to the GPU when under 2 GB, else read
     per batch, from a memory map for packed datasets), and the BatchedViews augment them on the
-    training device. Same sampler and same output as the PIL loader, ([view, ...], labels).
+    training device, those of the same size in one pass (BatchedView.many). Same sampler and same
+    output as the PIL loader, ([view, ...], labels).
 
     The random parameters of a step are drawn for the whole global batch from a generator seeded
     with (seed, epoch, batch), and each process keeps the rows of its own images: the views do not

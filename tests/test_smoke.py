@@ -190,3 +190,19 @@ def test_compile_trains_and_saves_the_plain_module(tmp_path):
     assert not any("_orig_mod" in k or k.startswith("module.") for k in ckpt["model"])
     run_script("simclr.py", *TINY, "--epochs", "1", "--max-steps", "3", "--knn-every", "0", "--output-dir", tmp_path)
     assert load(tmp_path / "last.pt")["step"] == 3
+
+
+def test_dino_head_and_teacher_flags(tmp_path):
+    """--no-norm-last-layer learns the norms of the prototypes (g moves away from 1; with the
+    default they are fixed); the teacher and centre flags reach the run and its checkpoint."""
+    flags = ["--no-norm-last-layer", "--freeze-last-layer", "0", "--momentum-teacher", "0.9",
+             "--center-momentum", "0.5", "--student-temp", "0.2"]
+    run_script("dino.py", *TINY, *METHODS["dino.py"], *flags, "--epochs", "1", "--knn-every", "0",
+               "--output-dir", tmp_path)
+    ckpt = load(tmp_path / "last.pt")
+    assert (ckpt["args"]["norm_last_layer"], ckpt["args"]["momentum_teacher"], ckpt["args"]["center_momentum"],
+            ckpt["args"]["student_temp"]) == (False, 0.9, 0.5, 0.2)
+    g = ckpt["model"]["student.head.last_g"]
+    assert not torch.allclose(g, torch.ones_like(g))
+    import dino
+    assert not dino.DINOHead(8, 16, 8, 4, norm_last_layer=True).last_g.requires_grad

@@ -3,6 +3,7 @@
     python tools/benchmark.py --method simclr --arch resnet18 --image-size 32 --batch-size 64 --device cpu
     python tools/benchmark.py --method dino --arch vit_small --batch-size 256 --device cuda --json dino.json
     python tools/benchmark.py --method all --device cuda          # every method, one after the other
+    python tools/benchmark.py --method dino --aug-only            # the augmentation alone: PIL vs batched
 
 For each method it runs the script's own train_one_epoch on synthetic in-memory images and prints:
   model_only_img_s              the step alone: the views already on the device, the same batch each step
