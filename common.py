@@ -474,8 +474,8 @@ def _shift_hue(x, shift, out=None):
     ceil(v - channel)), and in-place ops on few buffers (each new large tensor costs page faults).
     out may be x itself: x is read only before out is written."""
     r, g, b = x.unbind(1)
-    v, c = torch.maximum(r, g), torch.minimum(r, g)  # elementwise: faster than amax/amin over channels
-    v, c = torch.maximum(v, b, out=v), torch.minimum(c, b, out=c).neg_().add_(v)  # max, max - min
+    v = torch.maximum(torch.maximum(r, g), b)  # elementwise: faster than amax over channels
+    c = torch.minimum(torch.minimum(r, g), b).neg_().add_(v)  # max - min
     not_r, not_g = (v - r).ceil_(), (v - g).ceil_()  # v - channel is 0 where it is the maximum, else in (0, 1]
     is_b = not_r * not_g
     is_g, is_r = not_g.neg_().add_(1).mul_(not_r), not_r.neg_().add_(1)  # ties: red, then green, as torchvision
