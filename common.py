@@ -600,18 +600,18 @@ class BatchedView:
         index = _to_device(torch.from_numpy(np.concatenate(rows)), images.device)
         box, flip, coef, shift, sigma = floats.split([4, 1, 18, 1, 1], 1)
         source, unsort, gray, blur, solarize = index.split([len(r) for r in rows])  # sizes known here: no sync
-        x = view.crop(images[source].permute(0, 3, 1, 2).float().div_(255), box, flip[:, 0] > 0)
+        x = view.crop(images.index_select(0, source).permute(0, 3, 1, 2).float().div_(255), box, flip[:, 0] > 0)
         view.jitter_sorted(x, coef.view(-1, 6, 3), shift[:, 0], ends, hue=view.jitter[3] is not None)
         if len(gray):
-            x.index_copy_(0, gray, _gray(x[gray]).expand(-1, 3, -1, -1))
+            x.index_copy_(0, gray, _gray(x.index_select(0, gray)).expand(-1, 3, -1, -1))
         if len(blur):
-            x.index_copy_(0, blur, view.blur(x[blur], sigma[blur, 0]))
+            x.index_copy_(0, blur, view.blur(x.index_select(0, blur), sigma[blur, 0]))
         if len(solarize):
-            y = x[solarize]
+            y = x.index_select(0, solarize)
             x.index_copy_(0, solarize, torch.where(y >= 128 / 255, 1 - y, y))
         for ch in range(3):  # python numbers: no constant tensor to copy to the device
             x[:, ch].sub_(view.mean[ch]).div_(view.std[ch])
-        return list(x[unsort].split(n))
+        return list(x.index_select(0, unsort).split(n))
 
     def crop(self, x, box, flip):
         """Bilinear resize of box (top, left, height, width) to size x size, as torch's interpolate
