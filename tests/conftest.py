@@ -1,8 +1,12 @@
 """Helpers for the test-suite: every test runs on the CPU with the synthetic dataset and tiny
 settings; the scripts are run as users run them, in subprocesses."""
+import atexit
+import multiprocessing
 import os
+import runpy
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -33,10 +37,48 @@ def clean_env(**extra):
     return env
 
 
+# Most runs are forked from a server process that has already imported torch and torchvision:
+# each saves the ~3 s those imports take on these CPUs. The child is a process of its own (own
+# pid, signals, environment, working directory, stdout/stderr) that runs the script as
+# `python script.py args` would, as __main__. SSL_TESTS_NO_FORK=1 starts a fresh interpreter for
+# every run instead. Runs that need a real interpreter (torchrun, sbatch, signals) use subprocess.
+FORKSERVER = multiprocessing.get_context("forkserver")
+FORKSERVER.set_forkserver_preload(["torch", "torchvision", "numpy", "PIL.Image"])
+
+
+def _run_main(script, args, cwd, env, out, err):
+    """In the forked child: the environment and streams of `python script args`, then the script."""
+    os.chdir(cwd)
+    os.environ.clear()
+    os.environ.update(env)
+    sys.path[:0] = [str(Path(script).parent), *filter(None, env.get("PYTHONPATH", "").split(os.pathsep))]
+    for fd, path in ((1, out), (2, err)):
+        os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
+    sys.stdout, sys.stderr = open(1, "w", buffering=1, closefd=False), open(2, "w", buffering=1, closefd=False)
+    sys.argv = [script, *args]
+    try:
+        runpy.run_path(script, run_name="__main__")  # SystemExit is the exit status, as in python
+    finally:
+        atexit._run_exitfuncs()
+
+
 def run_script(script, *args, cwd=REPO, env=None, timeout=300, check=True):
     """Run `python <script> args...` and return the CompletedProcess (stdout, stderr as text)."""
-    cmd = [sys.executable, str(Path(cwd) / script) if not os.path.isabs(script) else script, *map(str, args)]
-    proc = subprocess.run(cmd, cwd=cwd, env=env or clean_env(), capture_output=True, text=True, timeout=timeout)
+    path = script if os.path.isabs(script) else str(Path(cwd) / script)
+    cmd, env = [sys.executable, path, *map(str, args)], env or clean_env()
+    if os.environ.get("SSL_TESTS_NO_FORK"):
+        proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            out, err = os.path.join(tmp, "stdout"), os.path.join(tmp, "stderr")
+            child = FORKSERVER.Process(target=_run_main, args=(path, cmd[2:], str(cwd), env, out, err))
+            child.start()
+            child.join(timeout)
+            if child.exitcode is None:
+                child.kill()
+                child.join()
+                raise subprocess.TimeoutExpired(cmd, timeout)
+            proc = subprocess.CompletedProcess(cmd, child.exitcode, Path(out).read_text(), Path(err).read_text())
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
