@@ -418,6 +418,8 @@ def set_rng_states(s):
 # SHARED: identical in every script
 
 
+# The columns of metrics.csv; a method may add its own metrics after them (dino.py: the teacher
+# entropy), summed in run.losses next to the loss: run.losses[row or epoch] = [loss, metrics...].
 FIELDS = ["kind", "epoch", "step", "loss", "lr", "img_per_s", "peak_mem_mb", "knn_top1", "time_s"]
 
 
@@ -458,7 +460,8 @@ def log_row(run, args, kind, knn=None):
         dist.all_reduce(run.losses)
         run.losses /= run.world_size
     n = run.n_row if kind == "step" else run.n_epoch
-    loss, now = run.losses[int(kind == "epoch")].item() / max(1, n), time.time()
+    means, now = (run.losses[int(kind == "epoch")] / max(1, n)).tolist(), time.time()  # the one read-back
+    loss = means[0]
     if not math.isfinite(loss):
         common.fail(f"the loss is {loss} at step {run.step}: stopped, the last checkpoint in {args.output_dir} "
                     "is kept; lower --lr, use --precision fp32, or check the data")
@@ -468,12 +471,14 @@ def log_row(run, args, kind, knn=None):
     if kind == "step":
         run.losses[0], run.n_row, run.t_row = 0.0, 0, now
     if run.is_main:
+        extra = dict(zip(run.logger.fields[len(FIELDS):], means[1:]))  # the method's own metrics
         print(f"epoch {run.epoch}{' done' if kind == 'epoch' else ''} step {run.step}/{run.total_steps} "
-              f"loss {loss:.4f} lr {run.lr:.4g} {img_s:.0f} img/s mem {mem:.0f} MB"
+              f"loss {loss:.4f}" + "".join(f" {k} {v:.4f}" for k, v in extra.items())
+              + f" lr {run.lr:.4g} {img_s:.0f} img/s mem {mem:.0f} MB"
               + (f" knn {knn:.2f}%" if knn is not None else "") + f" time {elapsed:.0f}s", flush=True)
         run.logger.log(kind=kind, epoch=run.epoch, step=run.step, loss=f"{loss:.6f}", lr=f"{run.lr:.6g}",
                        img_per_s=f"{img_s:.1f}", peak_mem_mb=f"{mem:.0f}", time_s=f"{elapsed:.1f}",
-                       knn_top1="" if knn is None else f"{knn:.2f}")
+                       knn_top1="" if knn is None else f"{knn:.2f}", **{k: f"{v:.6f}" for k, v in extra.items()})
 
 
 # ---- Preemption signals --------------------------------------------------------------------
@@ -616,7 +621,7 @@ def save_state(path, raw_head, optimizer, scaler, run, args):
             "method": "linear_eval", "args": vars(args), "step": run.step, "epoch": run.epoch,
             "head": raw_head.state_dict(), "optimizer": optimizer.state_dict(),
             "scaler": scaler.state_dict(), "rng": rng_states(), "elapsed": run.elapsed + time.time() - run.t_start,
-            "epoch_loss": [run.losses[1].item(), run.n_epoch],
+            "epoch_loss": [run.losses[1].tolist(), run.n_epoch],
             "backbone": run.backbone.state_dict(), "backbone_meta": run.backbone_meta}, path)
 
 
@@ -722,7 +727,7 @@ def main(args):
     # 6. Run state, resumed from the probe checkpoint ----------------------------------------
     run = argparse.Namespace(  # what changes during the run, shared by the loop and the logger
         device=device, amp_dtype=amp_dtype, memory_format=memory_format, is_main=is_main, world_size=world_size,
-        rank=rank, step=0, epoch=0, lr=0.0, elapsed=0.0, n_row=0, n_epoch=0, losses=torch.zeros(2, device=device),
+        rank=rank, step=0, epoch=0, lr=0.0, elapsed=0.0, n_row=0, n_epoch=0, losses=torch.zeros(2, 1, device=device),
         base_lr=args.lr * args.batch_size / 256, total_steps=args.epochs * steps_per_epoch,
         steps_per_epoch=steps_per_epoch,
         warmup_steps=args.warmup_epochs * steps_per_epoch, preemption=Preemption(world_size, device),
@@ -733,7 +738,8 @@ def main(args):
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
         set_rng_states(ckpt["rng"])
-        run.step, run.elapsed, (run.losses[1], run.n_epoch) = ckpt["step"], ckpt["elapsed"], ckpt["epoch_loss"]
+        run.step, run.elapsed, (epoch_sums, run.n_epoch) = ckpt["step"], ckpt["elapsed"], ckpt["epoch_loss"]
+        run.losses[1] = torch.tensor(epoch_sums)
     if is_main:
         run.logger = CSVLogger(out / "metrics.csv", FIELDS, resume_step=run.step if ckpt else None)
         (out / "args.json").write_text(json.dumps(vars(args), indent=2))

@@ -54,6 +54,23 @@ def test_loss_hand_computed():
     assert loss(student, teacher, epoch=0).item() == pytest.approx(expected, rel=1e-12)
 
 
+def test_teacher_entropy_is_logged_and_the_rest_of_the_loss_is_the_kl():
+    """In the hand-computed case: H(3/4, 1/4) and H(1/2, 1/2) averaged; with the student equal to
+    the teacher on every crop, loss = entropy (KL 0); a uniform teacher gives log(out_dim)."""
+    loss = make_loss(n_crops=2, out_dim=2, warmup_teacher_temp_epochs=0, teacher_temp=1.0, student_temp=1.0,
+                     center_momentum=1.0)  # the centre stays 0
+    teacher = torch.tensor([[math.log(3), 0.0], [0.0, 0.0]], dtype=torch.float64)
+    loss(torch.zeros(2, 2, dtype=torch.float64), teacher, epoch=0)
+    h = lambda *p: -sum(v * math.log(v) for v in p)  # noqa: E731
+    assert loss.teacher_entropy.item() == pytest.approx((h(0.75, 0.25) + h(0.5, 0.5)) / 2, rel=1e-12)
+    same = torch.tensor([[0.0, 0.0], [0.0, 0.0]], dtype=torch.float64)  # both crops: the same uniform output
+    assert loss(same, same, epoch=0).item() == pytest.approx(loss.teacher_entropy.item(), rel=1e-12)
+    wide = make_loss(out_dim=1000, center_momentum=1.0)
+    wide(torch.randn(8, 1000, dtype=torch.float64), torch.full((4, 1000), 0.3, dtype=torch.float64), epoch=5)
+    assert wide.teacher_entropy.item() == pytest.approx(math.log(1000), rel=1e-12)
+    assert not wide.teacher_entropy.requires_grad
+
+
 def test_only_pairs_of_different_views_count():
     """Student crop 0 equal to teacher crop 0 contributes nothing different from any other value:
     changing the student's crop 0 only changes the (teacher 1, student 0) term."""

@@ -1,6 +1,7 @@
 """A tiny SimCLR run and the linear evaluation of its checkpoints, as a user runs them."""
 import csv
 import json
+import math
 import subprocess
 import sys
 
@@ -127,6 +128,10 @@ def test_method_then_linear_eval(tmp_path, script, target):
     assert load(tmp_path / "backbone.pt")["backbone"].keys() == ckpt["backbone"].keys()
     rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
     assert rows[-1]["kind"] == "epoch" and rows[-1]["knn_top1"] != ""
+    # DINO logs the teacher entropy (collapse: 0 or log(out_dim)) in its own column, the others do not.
+    assert ("teacher_entropy" in rows[0]) == (script == "dino.py")
+    if script == "dino.py":
+        assert all(0 < float(r["teacher_entropy"]) < math.log(256) for r in rows)
     run_script("linear_eval.py", "--ckpt", tmp_path / "last.pt", "--mode", "fast", "--epochs", "1",
                "--batch-size", "32", "--device", "cpu", "--workers", "0")
     results = json.loads((tmp_path / "linear_eval" / "results.json").read_text())

@@ -68,6 +68,18 @@ def test_wandb_sync_replays_the_run_then_only_new_rows(tmp_path, run_dir):
     assert json.loads((run_dir / "wandb_sync.json").read_text()) == {"id": "abc123", "step": 10}
 
 
+def test_wandb_sync_sends_a_methods_own_columns(tmp_path):
+    """dino.py's metrics.csv ends with teacher_entropy: logged per step and as epoch/teacher_entropy."""
+    run = tmp_path / "dino-1"
+    run.mkdir()
+    (run / "metrics.csv").write_text("kind,epoch,step,loss,lr,img_per_s,peak_mem_mb,knn_top1,time_s,teacher_entropy\n"
+                                     "step,0,2,5.1,0.001,7.0,1064,,8.9,4.25\nepoch,0,2,5.0,0.001,7.0,1064,,9.0,4.5\n")
+    run_script("tools/wandb_sync.py", run, "--mode", "offline", env=fake_module(tmp_path, "wandb", FAKE_WANDB))
+    log = json.loads((tmp_path / "wandb.log").read_text())["log"]
+    assert log == [[2, {"epoch": 0, "loss": 5.1, "lr": 0.001, "img_per_s": 7.0, "peak_mem_mb": 1064.0, "time_s": 8.9,
+                        "teacher_entropy": 4.25, "epoch/loss": 5.0, "epoch/teacher_entropy": 4.5}]]
+
+
 def test_wandb_sync_clear_errors(tmp_path, run_dir):
     env = fake_module(tmp_path, "wandb", "raise ImportError('No module named wandb')")
     proc = run_script("tools/wandb_sync.py", run_dir, env=env, check=False)

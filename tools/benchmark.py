@@ -84,8 +84,9 @@ def setup(method, opts):
                                args.center_momentum).to(device)
     run = argparse.Namespace(device=device, amp_dtype=amp_dtype, memory_format=memory_format, is_main=True,
                              world_size=1, step=0, epoch=1, lr=0.0, n_row=0, n_epoch=0,
-                             losses=torch.zeros(2, device=device), base_lr=args.lr * args.batch_size / 256,
-                             total_steps=10**6, warmup_steps=0, end_step=10**9, preemption=NoSignal())
+                             losses=torch.zeros(2, 2 if method == "dino" else 1, device=device),
+                             base_lr=args.lr * args.batch_size / 256, total_steps=10**6, warmup_steps=0, end_step=10**9,
+                             preemption=NoSignal())
 
     def train(loader):
         if method == "dino":

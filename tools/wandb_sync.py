@@ -8,7 +8,8 @@ internet (a login node): compute nodes often have none, so the scripts only writ
 The wandb run id is stored in <run>/wandb_sync.json with the last step sent, so running the tool
 again (after a requeue, or while the job is still training) adds the new rows to the same wandb run
 instead of creating another. Step rows are logged at their step (loss, lr, img_per_s, peak_mem_mb,
-time_s); epoch rows as epoch/loss, epoch/knn_top1. wandb is imported here only: pip install wandb.
+time_s and a method's own columns, such as dino.py's teacher_entropy); epoch rows as epoch/loss,
+epoch/knn_top1, epoch/<own column>. wandb is imported here only: pip install wandb.
 """
 import argparse
 import csv
@@ -17,6 +18,7 @@ import sys
 from pathlib import Path
 
 NUMBERS = ("loss", "lr", "img_per_s", "peak_mem_mb", "time_s")
+COLUMNS = ("kind", "epoch", "step", "knn_top1", *NUMBERS)  # every script's; the others are a method's own
 
 
 def fail(msg):
@@ -42,12 +44,11 @@ def wandb_rows(rows, after_step):
         if step <= after_step:
             continue
         d = out.setdefault(step, {"epoch": int(r["epoch"])})
+        own = [k for k in r if k not in COLUMNS]
         if r["kind"] == "step":
-            d.update({k: float(r[k]) for k in NUMBERS if r.get(k)})
+            d.update({k: float(r[k]) for k in (*NUMBERS, *own) if r.get(k)})
         else:
-            d["epoch/loss"] = float(r["loss"])
-            if r.get("knn_top1"):
-                d["epoch/knn_top1"] = float(r["knn_top1"])
+            d.update({f"epoch/{k}": float(r[k]) for k in ("loss", "knn_top1", *own) if r.get(k)})
     return sorted(out.items())
 
 
