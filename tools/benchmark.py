@@ -10,7 +10,7 @@ For each method it runs the script's own train_one_epoch on synthetic in-memory 
   end_to_end_cpu_loader_img_s   with the PIL pipeline in --workers loader processes (--aug-device cpu)
   end_to_end_device_aug_img_s   with batched augmentation on the training device (--aug-device auto)
   aug_pil_img_s                 the PIL loader alone (--workers processes)
-  aug_batched_img_s             the batched augmentation alone, on the device
+  aug_batched_img_s             the batched augmentation alone, on the device (the two in turns)
   peak_mem_bytes                peak GPU memory allocated (the process's peak RSS on a CPU)
 and the ratio of each end-to-end figure to the model-only one. Images/s count images, not views.
 --json FILE writes the figures (with --method all, one object per method, under its name).
@@ -140,11 +140,23 @@ def bench(method, opts):
             out[key] = timed(lambda: train(rest), b * steps, device)
         out["end_to_end_cpu_loader_ratio"] = out["end_to_end_cpu_loader_img_s"] / out["model_only_img_s"]
         out["end_to_end_device_aug_ratio"] = out["end_to_end_device_aug_img_s"] / out["model_only_img_s"]
-    for key, aug_device in (("aug_pil_img_s", "cpu"), ("aug_batched_img_s", "auto")):
-        it = iter(loader(aug_device))
-        for _ in range(opts.warmup):
-            next(it)
-        out[key] = timed(lambda: [next(it) for _ in range(opts.aug_steps)], b * opts.aug_steps, device)
+    # The augmentation alone, PIL and batched in turns (--aug-rounds): a machine whose speed drifts
+    # (shared cores) then weighs on both alike. Each round starts a fresh loader, warmed up untimed.
+    seconds, per_round = {"cpu": 0.0, "auto": 0.0}, -(-opts.aug_steps // opts.aug_rounds)
+    for _ in range(opts.aug_rounds):
+        for aug_device in seconds:
+            it = iter(loader(aug_device))
+            for _ in range(opts.warmup):
+                next(it)
+            sync(device)
+            t = time.perf_counter()
+            for _ in range(per_round):
+                next(it)
+            sync(device)
+            seconds[aug_device] += time.perf_counter() - t
+            del it  # PIL: its loader processes stop before the batched turn
+    n_aug = b * per_round * opts.aug_rounds
+    out["aug_pil_img_s"], out["aug_batched_img_s"] = n_aug / seconds["cpu"], n_aug / seconds["auto"]
     out["aug_batched_over_pil"] = out["aug_batched_img_s"] / out["aug_pil_img_s"]
     out["peak_mem_bytes"] = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
                              else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
@@ -162,6 +174,7 @@ def main():
     parser.add_argument("--workers", type=int, default=None, help="PIL loader processes (default: all cores)")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per measurement")
     parser.add_argument("--aug-steps", type=int, default=30, help="timed batches per augmentation-only measurement")
+    parser.add_argument("--aug-rounds", type=int, default=3, help="augmentation-only turns of each")
     parser.add_argument("--aug-only", action="store_true", help="measure the augmentation alone, not the model")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps before each measurement")
     parser.add_argument("--images", type=int, default=None, help="synthetic images (default: enough for the steps)")
