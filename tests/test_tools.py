@@ -1,13 +1,18 @@
 """tools/wandb_sync.py (replay a run's CSV into wandb, later, from a login node) and
-tools/plot_metrics.py (curves from metrics.csv). wandb is replaced by a fake module that records
+tools/plot_metrics.py (curves from metrics.csv), tools/benchmark.py and tools/cifar10_figures.sh
+(the README's figures). wandb is replaced by a fake module that records
 the calls; matplotlib draws for real."""
 import csv
 import json
 import shutil
+import subprocess
+import tarfile
 
+import numpy as np
 import pytest
+from PIL import Image
 
-from conftest import clean_env, run_script
+from conftest import REPO, clean_env, run_script
 
 FAKE_WANDB = '''
 import json, os
@@ -125,3 +130,28 @@ def test_benchmark_writes_every_figure(tmp_path):
                       "--local-crops", "2")
     r = json.loads(out.read_text())
     assert r["aug_pil_img_s"] > 0 and r["aug_batched_img_s"] > 0 and "model_only_img_s" not in r
+
+
+def test_cifar10_figures_script_end_to_end(tmp_path):
+    """tools/cifar10_figures.sh on a tiny archive of the CIFAR-10 layout, on the CPU: packs it,
+    benchmarks every method's augmentation, trains SimCLR and prints one row per epoch."""
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 32), ("test", 8)):
+        for c in ("cat", "dog"):
+            (tmp_path / "cifar10" / split / c).mkdir(parents=True)
+            for i in range(n):
+                pixels = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(tmp_path / "cifar10" / split / c / f"{i:04d}.jpg")
+    with tarfile.open(tmp_path / "c10.tar.xz", "w:xz") as t:
+        t.add(tmp_path / "cifar10", arcname="cifar10")
+    env = clean_env(DEVICE="cpu", BENCH_FLAGS="--aug-only --batch-size 16 --aug-steps 1 --aug-rounds 1 --warmup 1",
+                    SIMCLR_FLAGS="--batch-size 32 --workers 0")
+    cmd = ["bash", REPO / "tools" / "cifar10_figures.sh", tmp_path / "c10.tar.xz", tmp_path / "out", "2"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    figures = json.loads((tmp_path / "out" / "benchmark.json").read_text())
+    assert set(figures) >= {"simclr", "byol", "barlow", "dino"} and figures["simclr"]["aug_batched_img_s"] > 0
+    table = proc.stdout[proc.stdout.index("epoch  seconds"):].splitlines()[1:]
+    assert [row.split()[0] for row in table] == ["1", "2"]
+    assert all(0 <= float(row.split()[-1]) <= 100 for row in table)
+    assert "train: 64 images of 32 px" in proc.stdout
