@@ -573,8 +573,10 @@ class BatchedView:
     def same_pass(self, other):
         """Whether two views can be made in one pass: the same output size, blur kernel,
         normalisation and hue setting (their probabilities and ranges are per-row parameters)."""
-        key = lambda v: (v.size, v.blur_kernel, tuple(v.mean), tuple(v.std), v.jitter[3] is None)  # noqa: E731
-        return key(self) == key(other)
+        return self._pass_key() == other._pass_key()
+
+    def _pass_key(self):
+        return self.size, self.blur_kernel, tuple(self.mean), tuple(self.std), self.jitter[3] is None
 
     @staticmethod
     def many(views, images, rng, rank=0, world_size=1):

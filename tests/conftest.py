@@ -1,6 +1,7 @@
 """Helpers for the test-suite: every test runs on the CPU with the synthetic dataset and tiny
 settings; the scripts are run as users run them, in subprocesses."""
 import atexit
+import json
 import multiprocessing
 import os
 import runpy
@@ -44,6 +45,11 @@ def clean_env(**extra):
 # every run instead. Runs that need a real interpreter (torchrun, sbatch, signals) use subprocess.
 FORKSERVER = multiprocessing.get_context("forkserver")
 FORKSERVER.set_forkserver_preload(["torch", "torchvision", "numpy", "PIL.Image"])
+# What a fresh interpreter puts on sys.path after the script's folder and PYTHONPATH (not the
+# repository or tests/, which pytest and this file add): a copied script must not find them.
+_PLAIN = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+SYS_PATH = json.loads(subprocess.run([sys.executable, "-c", "import json, sys; print(json.dumps(sys.path[1:]))"],
+                                     env=_PLAIN, capture_output=True, text=True, check=True).stdout)
 
 
 def _run_main(script, args, cwd, env, out, err):
@@ -51,7 +57,7 @@ def _run_main(script, args, cwd, env, out, err):
     os.chdir(cwd)
     os.environ.clear()
     os.environ.update(env)
-    sys.path[:0] = [str(Path(script).parent), *filter(None, env.get("PYTHONPATH", "").split(os.pathsep))]
+    sys.path[:] = [str(Path(script).parent), *filter(None, env.get("PYTHONPATH", "").split(os.pathsep)), *SYS_PATH]
     for fd, path in ((1, out), (2, err)):
         os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
     sys.stdout, sys.stderr = open(1, "w", buffering=1, closefd=False), open(2, "w", buffering=1, closefd=False)

@@ -1,5 +1,6 @@
 """Run by test_distributed.py, as one process or under torchrun: one forward/backward of a method
-(simclr, byol, barlow, dino with a ResNet or dino_vit) on a fixed global batch of 8 images, each process taking its share;
+(simclr, byol, barlow, dino with a ResNet or dino_vit) on a fixed global batch of 8 images, each
+process taking its share;
 rank 0 saves the loss averaged over processes, the gradients after DDP's averaging and the
 BatchNorm running statistics. Usage: dist_check.py METHOD OUT.pt"""
 import argparse

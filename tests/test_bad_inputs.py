@@ -18,7 +18,8 @@ def fails(script, *args, cwd=None):
 
 
 def test_missing_and_empty_image_folders(tmp_path):
-    assert "does-not-exist" in fails("simclr.py", *TINY, "--dataset", "imagefolder", "--data-dir", tmp_path / "does-not-exist")
+    missing = tmp_path / "does-not-exist"
+    assert "does-not-exist" in fails("simclr.py", *TINY, "--dataset", "imagefolder", "--data-dir", missing)
     (tmp_path / "empty" / "cats").mkdir(parents=True)
     assert "no images" in fails("simclr.py", *TINY, "--dataset", "imagefolder", "--data-dir", tmp_path / "empty")
 
@@ -63,7 +64,8 @@ def test_not_a_checkpoint(tmp_path):
     (tmp_path / "notes.txt").write_text("hello")
     assert "not a readable checkpoint" in fails("linear_eval.py", "--ckpt", tmp_path / "notes.txt", "--device", "cpu")
     torch.save({"weights": torch.zeros(3)}, tmp_path / "other.pt")
-    assert "not a checkpoint of these scripts" in fails("linear_eval.py", "--ckpt", tmp_path / "other.pt", "--device", "cpu")
+    error = fails("linear_eval.py", "--ckpt", tmp_path / "other.pt", "--device", "cpu")
+    assert "not a checkpoint of these scripts" in error
     assert "does not exist" in fails("linear_eval.py", "--ckpt", tmp_path / "missing.pt", "--device", "cpu")
 
 
@@ -130,7 +132,8 @@ def test_corrupt_image_is_skipped_with_its_name(tmp_path):
     for c in ("a", "b"):
         (tmp_path / "data" / c).mkdir(parents=True)
         for i in range(20):
-            Image.new("RGB", (16, 16), (i * 10, 50, 0) if c == "a" else (0, 0, i * 10)).save(tmp_path / "data" / c / f"{i}.png")
+            colour = (i * 10, 50, 0) if c == "a" else (0, 0, i * 10)
+            Image.new("RGB", (16, 16), colour).save(tmp_path / "data" / c / f"{i}.png")
     (tmp_path / "data" / "a" / "broken.png").write_bytes(b"not an image at all")
     proc = run_script("simclr.py", "--dataset", "imagefolder", "--data-dir", tmp_path / "data", "--val-fraction", "0.2",
                       "--batch-size", "16", "--epochs", "1", "--device", "cpu", "--workers", "0", "--knn-every", "1",

@@ -24,3 +24,10 @@ def test_other_methods_run_alone(tmp_path, script):
         shutil.copy(REPO / name, tmp_path / name)
     run_script(script, *TINY, *METHODS[script], "--epochs", "1", "--max-steps", "2", "--knn-every", "0", cwd=tmp_path)
     assert (tmp_path / "runs" / script[:-3] / "backbone.pt").exists()
+
+
+def test_a_script_without_common_py_beside_it_fails(tmp_path):
+    """The runs see only the script's folder (as python does): nothing of the repository leaks in."""
+    shutil.copy(REPO / "simclr.py", tmp_path / "simclr.py")
+    proc = run_script("simclr.py", "--help", cwd=tmp_path, check=False)
+    assert proc.returncode == 1 and "No module named 'common'" in proc.stderr

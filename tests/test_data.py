@@ -434,7 +434,9 @@ def test_sampler_skip_drops_this_ranks_first_indices():
 
 
 def test_sampler_permutation_depends_on_epoch_and_seed():
-    order = lambda **kw: [i for _, i in sampled(50, 1, 0, **kw)]
+    def order(**kw):
+        return [i for _, i in sampled(50, 1, 0, **kw)]
+
     assert order(epoch=0) == order(epoch=0)
     assert order(epoch=0) != order(epoch=1)
     assert order(epoch=0) != order(epoch=0, seed=1)

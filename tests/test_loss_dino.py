@@ -54,6 +54,10 @@ def test_loss_hand_computed():
     assert loss(student, teacher, epoch=0).item() == pytest.approx(expected, rel=1e-12)
 
 
+def entropy(*p):
+    return -sum(v * math.log(v) for v in p)
+
+
 def test_teacher_entropy_is_logged_and_the_rest_of_the_loss_is_the_kl():
     """In the hand-computed case: H(3/4, 1/4) and H(1/2, 1/2) averaged; with the student equal to
     the teacher on every crop, loss = entropy (KL 0); a uniform teacher gives log(out_dim)."""
@@ -61,8 +65,7 @@ def test_teacher_entropy_is_logged_and_the_rest_of_the_loss_is_the_kl():
                      center_momentum=1.0)  # the centre stays 0
     teacher = torch.tensor([[math.log(3), 0.0], [0.0, 0.0]], dtype=torch.float64)
     loss(torch.zeros(2, 2, dtype=torch.float64), teacher, epoch=0)
-    h = lambda *p: -sum(v * math.log(v) for v in p)  # noqa: E731
-    assert loss.teacher_entropy.item() == pytest.approx((h(0.75, 0.25) + h(0.5, 0.5)) / 2, rel=1e-12)
+    assert loss.teacher_entropy.item() == pytest.approx((entropy(0.75, 0.25) + entropy(0.5, 0.5)) / 2, rel=1e-12)
     same = torch.tensor([[0.0, 0.0], [0.0, 0.0]], dtype=torch.float64)  # both crops: the same uniform output
     assert loss(same, same, epoch=0).item() == pytest.approx(loss.teacher_entropy.item(), rel=1e-12)
     wide = make_loss(out_dim=1000, center_momentum=1.0)

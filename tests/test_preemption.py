@@ -22,7 +22,8 @@ def fake_scontrol(tmp_path):
 def start_and_signal(out, sig, env, script="simclr.py", extra=()):
     """Start a long run, send `sig` once it has trained a few steps, return (returncode, output)."""
     cmd = [sys.executable, str(REPO / script), *TINY, "--epochs", "50", "--knn-every", "0", "--output-dir", out, *extra]
-    proc = subprocess.Popen(list(map(str, cmd)), cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(list(map(str, cmd)), cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
     lines = []
     for line in proc.stdout:  # wait for the first progress line: training is under way
         lines.append(line)
@@ -72,8 +73,10 @@ def test_linear_eval_sigusr1(tmp_path, pretrained, fake_scontrol):
     bin_dir, log = fake_scontrol
     env = clean_env(PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_ID="77")
     cmd = [sys.executable, str(REPO / "linear_eval.py"), "--ckpt", pretrained / "last.pt", "--device", "cpu",
-           "--workers", "0", "--batch-size", "32", "--epochs", "200", "--log-every", "2", "--output-dir", tmp_path / "le"]
-    proc = subprocess.Popen(list(map(str, cmd)), cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+           "--workers", "0", "--batch-size", "32", "--epochs", "200", "--log-every", "2",
+           "--output-dir", tmp_path / "le"]
+    proc = subprocess.Popen(list(map(str, cmd)), cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
     for line in proc.stdout:
         if line.startswith("epoch 0 step"):
             proc.send_signal(signal.SIGUSR1)

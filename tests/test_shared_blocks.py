@@ -46,4 +46,5 @@ def test_every_script_reads_in_the_same_order(script):
     titles = list(sections(script))
     assert titles[0] == "Arguments" and titles[-1] == "Training"
     text = (REPO / script).read_text()
-    assert text.startswith('"""') and text.rstrip().endswith('if __name__ == "__main__":\n    main(get_args_parser().parse_args())'.rstrip())
+    ending = 'if __name__ == "__main__":\n    main(get_args_parser().parse_args())'
+    assert text.startswith('"""') and text.rstrip().endswith(ending)

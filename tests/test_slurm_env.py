@@ -30,7 +30,8 @@ def test_single_task_srun_step(monkeypatch):
         monkeypatch.setenv(key, value)
     monkeypatch.delenv("MASTER_PORT", raising=False)
     monkeypatch.delenv("MASTER_ADDR", raising=False)
-    assert simclr.setup_distributed(argparse.Namespace(device="cpu", batch_size=8)) == (0, 0, 1, simclr.torch.device("cpu"))
+    expected = (0, 0, 1, simclr.torch.device("cpu"))
+    assert simclr.setup_distributed(argparse.Namespace(device="cpu", batch_size=8)) == expected
     import os
     assert os.environ["MASTER_ADDR"] == "localhost" and os.environ["MASTER_PORT"] == str(15000 + 1234)
 
