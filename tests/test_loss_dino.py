@@ -69,7 +69,8 @@ def test_teacher_entropy_is_logged_and_the_rest_of_the_loss_is_the_kl():
     same = torch.tensor([[0.0, 0.0], [0.0, 0.0]], dtype=torch.float64)  # both crops: the same uniform output
     assert loss(same, same, epoch=0).item() == pytest.approx(loss.teacher_entropy.item(), rel=1e-12)
     wide = make_loss(out_dim=1000, center_momentum=1.0)
-    wide(torch.randn(8, 1000, dtype=torch.float64), torch.full((4, 1000), 0.3, dtype=torch.float64), epoch=5)
+    teacher = torch.full((4, 1000), 0.3, dtype=torch.float64, requires_grad=True)  # detached all the same
+    wide(torch.randn(8, 1000, dtype=torch.float64), teacher, epoch=5)
     assert wide.teacher_entropy.item() == pytest.approx(math.log(1000), rel=1e-12)
     assert not wide.teacher_entropy.requires_grad
 

@@ -130,6 +130,8 @@ def test_benchmark_writes_every_figure(tmp_path):
                       "--local-crops", "2")
     r = json.loads(out.read_text())
     assert r["aug_pil_img_s"] > 0 and r["aug_batched_img_s"] > 0 and "model_only_img_s" not in r
+    proc = run_script("tools/benchmark.py", "--aug-rounds", "0", check=False)
+    assert proc.returncode == 2 and "--aug-rounds must be at least 1" in proc.stderr
 
 
 def test_cifar10_figures_script_end_to_end(tmp_path):
@@ -155,3 +157,6 @@ def test_cifar10_figures_script_end_to_end(tmp_path):
     assert [row.split()[0] for row in table] == ["1", "2"]
     assert all(0 <= float(row.split()[-1]) <= 100 for row in table)
     assert "train: 64 images of 32 px" in proc.stdout
+    proc = subprocess.run(["bash", REPO / "tools" / "cifar10_figures.sh", tmp_path / "nothing.tar.xz", tmp_path],
+                          env=env, capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.startswith("usage:") and "not a file" in proc.stderr

@@ -181,6 +181,8 @@ def main():
     parser.add_argument("--json", default=None, help="write the figures to this file")
     parser.add_argument("extra", nargs=argparse.REMAINDER, help="after --: more flags for the method script")
     opts = parser.parse_args()
+    if min(opts.steps, opts.aug_steps, opts.aug_rounds) < 1:
+        parser.error("--steps, --aug-steps and --aug-rounds must be at least 1")
     opts.extra = [a for a in opts.extra if a != "--"]
     cpus = len(os.sched_getaffinity(0))
     opts.workers = cpus if opts.workers is None else opts.workers

@@ -10,12 +10,18 @@
 #    -> results/simclr/ (metrics.csv), and a table of epoch time, images/s and kNN per epoch.
 # Environment: DEVICE (default cuda), BENCH_FLAGS and SIMCLR_FLAGS (more flags for each step).
 set -euo pipefail
+if [ $# -lt 2 ] || [ ! -f "$1" ]; then
+    echo "usage: bash tools/cifar10_figures.sh ARCHIVE.tar.xz OUT_DIR [EPOCHS] (${1:-no archive given}: not a file)" >&2
+    exit 2
+fi
 archive=$(realpath "$1") out=$(realpath -m "$2") epochs=${3:-20} device=${DEVICE:-cuda}
 cd "$(dirname "$0")/.."
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 tar -xJf "$archive" -C "$work"
-root=$(dirname "$(find "$work" -maxdepth 3 -type d -name train | head -n 1)")
+train=$(find "$work" -maxdepth 3 -type d -name train | head -n 1)
+[ -n "$train" ] || { echo "error: $archive holds no train/ folder (ImageFolder layout expected)" >&2; exit 1; }
+root=$(dirname "$train")
 python common.py pack --data-dir "$root" --out "$work/packed" --image-size 32
 mkdir -p "$out"
 # shellcheck disable=SC2086  # the flag variables are lists of words
