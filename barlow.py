@@ -36,6 +36,7 @@ import signal
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -58,35 +59,37 @@ def get_args_parser():
     common.add_data_args(parser)  # --dataset --data-dir --image-size --val-fraction --synthetic-size --workers
     g = parser.add_argument_group("model")
     g.add_argument("--arch", default="resnet18", choices=ARCHS, help="backbone")
-    g.add_argument("--patch-size", type=int, default=None,
+    g.add_argument("--patch-size", type=common.at_least(1), default=None,
                    help="ViT patch size (default: 4 up to 32 px, 8 up to 64 px, else 16)")
-    g.add_argument("--proj-hidden-dim", type=int, default=2048, help="width of the projector's two hidden layers")
-    g.add_argument("--proj-dim", type=int, default=2048, help="output dimension of the projector")
+    g.add_argument("--proj-hidden-dim", type=common.at_least(1), default=2048,
+                   help="width of the projector's two hidden layers")
+    g.add_argument("--proj-dim", type=common.at_least(1), default=2048, help="output dimension of the projector")
     g.add_argument("--lambd", type=float, default=0.0051, help="weight of the off-diagonal (redundancy) term")
     g.add_argument("--scale-loss", type=float, default=0.1, help="factor on the loss (solo-learn's CIFAR setting)")
     g = parser.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, default=1000, help="training epochs")
-    g.add_argument("--batch-size", type=int, default=256, help="global batch size, over all processes")
+    g.add_argument("--epochs", type=common.at_least(1), default=1000, help="training epochs")
+    g.add_argument("--batch-size", type=common.at_least(2), default=256, help="global batch size, over all processes")
     g.add_argument("--optimizer", default="lars", choices=["lars", "sgd", "adamw"], help="optimizer")
     g.add_argument("--lr", type=float, default=0.3, help="learning rate of the weights, batch 256 (x batch/256)")
     g.add_argument("--lr-biases", type=float, default=None,
                    help="learning rate of biases and norm weights for a batch of 256 (default: --lr)")
     g.add_argument("--weight-decay", type=float, default=1e-4, help="weight decay (not on biases and norms)")
     g.add_argument("--lars-eta", type=float, default=0.02, help="LARS trust coefficient")
-    g.add_argument("--warmup-epochs", type=int, default=10, help="linear warm-up epochs before the cosine decay")
+    g.add_argument("--warmup-epochs", type=common.at_least(0), default=10,
+                   help="linear warm-up epochs before the cosine decay")
     g = parser.add_argument_group("run")
     g.add_argument("--output-dir", default="runs/barlow", help="checkpoints and logs; resumed from if it holds last.pt")
     g.add_argument("--resume", default=None, help="checkpoint to start from when --output-dir has no last.pt")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to train")
     g.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                   help="autocast precision (auto: bf16 on GPUs that support it, else fp32)")
+                   help="autocast precision (auto: bf16 on Ampere or newer GPUs, else fp32)")
     g.add_argument("--compile", action="store_true", help="torch.compile the model: a slower start, faster steps")
-    g.add_argument("--seed", type=int, default=0, help="random seed")
+    g.add_argument("--seed", type=common.at_least(0), default=0, help="random seed")
     g.add_argument("--deterministic", action="store_true", help="deterministic algorithms (bitwise resume on CPU)")
-    g.add_argument("--save-every", type=int, default=1, help="write last.pt every N epochs")
-    g.add_argument("--log-every", type=int, default=50, help="log and print every N steps")
-    g.add_argument("--knn-every", type=int, default=5, help="kNN accuracy every N epochs (0 = never)")
-    g.add_argument("--max-steps", type=int, default=None, help="stop after N optimisation steps in all")
+    g.add_argument("--save-every", type=common.at_least(1), default=1, help="write last.pt every N epochs")
+    g.add_argument("--log-every", type=common.at_least(1), default=50, help="log and print every N steps")
+    g.add_argument("--knn-every", type=common.at_least(0), default=5, help="kNN accuracy every N epochs (0 = never)")
+    g.add_argument("--max-steps", type=common.at_least(1), default=None, help="stop after N optimisation steps in all")
     return parser
 
 
@@ -180,8 +183,9 @@ def build_backbone(arch, image_size, patch_size=None, drop_path=0.0):
     meta = {"arch": arch, "image_size": image_size}
     if arch in VIT_SIZES:
         patch_size = patch_size or (4 if image_size <= 32 else 8 if image_size <= 64 else 16)
-        if patch_size > image_size:
-            common.fail(f"--patch-size {patch_size} is larger than the {image_size} px images; lower it")
+        if image_size % patch_size:  # the convolution would silently drop the last rows and columns
+            common.fail(f"--image-size {image_size} is not a multiple of the ViT patch size {patch_size}; change "
+                        "either (--patch-size, --image-size)")
         dim, depth, heads = VIT_SIZES[arch]
         net = VisionTransformer(image_size, patch_size, dim, depth, heads, drop_path)
         return net, dict(meta, patch_size=patch_size, feat_dim=dim)
@@ -452,16 +456,19 @@ def save_checkpoint(obj, path):
 def load_checkpoint(path):
     """torch.load with weights_only=True: tensors and plain containers only, so a file holding
     pickled code is refused, never run. Any failure is one clear line."""
+    if os.path.isdir(path):
+        common.fail(f"checkpoint {path} is a folder; give the file, such as {Path(path) / 'last.pt'}")
     if not os.path.isfile(path):
         common.fail(f"checkpoint {path} does not exist")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        common.fail(f"{path} holds pickled Python objects, not only tensors: refused (loading it could run code); "
-                    "give a checkpoint written by these scripts")
     except Exception as e:
-        common.fail(f"{path} is not a readable checkpoint ({type(e).__name__}); it may be truncated or corrupt: "
-                    "delete it to start again, or give another with --resume")
+        if isinstance(e, pickle.UnpicklingError) and zipfile.is_zipfile(path):  # a torch.save archive, with objects
+            common.fail(f"{path} holds pickled Python objects, not only tensors: refused (loading it could run code); "
+                        "give a checkpoint written by these scripts")
+        common.fail(f"{path} is not a readable checkpoint ({type(e).__name__}): truncated, corrupt or another kind "
+                    "of file; give a last.pt or backbone.pt of these scripts (a damaged last.pt: delete it to start "
+                    "again)")
     if not isinstance(ckpt, dict) or "backbone" not in ckpt or "backbone_meta" not in ckpt:
         common.fail(f"{path} is not a checkpoint of these scripts (no backbone and backbone_meta entries)")
     return ckpt
@@ -510,8 +517,9 @@ class CSVLogger:
         self.path, self.fields = path, fields
         rows = []
         if resume_step is not None and os.path.exists(path):
-            with open(path, newline="") as f:
-                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
+            with open(path, newline="") as f:  # a row cut short by a kill (empty or missing fields) goes too
+                rows = [r for r in csv.DictReader(f)
+                        if None not in r.values() and r["step"].isdigit() and int(r["step"]) <= resume_step]
         with open(f"{path}.tmp", "w", newline="") as f:
             writer = csv.DictWriter(f, fields, extrasaction="ignore")
             writer.writeheader()
@@ -690,8 +698,9 @@ def check_resumable(ckpt, path, args, backbone_meta):
     if "model" not in ckpt:
         common.fail(f"{path} holds only a backbone; resume from a last.pt, or evaluate it with linear_eval.py")
     if ckpt.get("method") != "barlow":
-        common.fail(f"{path} was written by {ckpt.get('method')}.py, not barlow.py; use another --output-dir")
-    for key in ("arch", "batch_size", "optimizer", "proj_hidden_dim", "proj_dim", "image_size"):
+        common.fail(f"{path} was written by {ckpt.get('method')}.py, not barlow.py: resume from a barlow.py "
+                    "checkpoint, or use another --output-dir")
+    for key in ("dataset", "arch", "batch_size", "optimizer", "proj_hidden_dim", "proj_dim", "image_size"):
         if ckpt["args"].get(key) != getattr(args, key):
             common.fail(f"{path} was trained with --{key.replace('_', '-')} {ckpt['args'].get(key)}, not "
                         f"{getattr(args, key)}: use the same value to resume, or another --output-dir")
@@ -708,8 +717,9 @@ def main(args):
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)  # warn where CUDA has no such kernel
     torch.backends.cudnn.benchmark = not args.deterministic
-    if args.precision == "auto":
-        args.precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    if args.precision == "auto":  # bf16 only where the GPU computes in it (Ampere and newer), not emulated
+        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
+        args.precision = "bf16" if bf16 else "fp32"
     amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)

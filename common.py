@@ -21,6 +21,7 @@ Every augmentation is seeded by (seed, epoch, image index), not by the worker th
 load the image: a run gives the same views whatever the number of workers or processes, and a
 run resumed in the middle of an epoch sees exactly the views it would have seen.
 """
+import argparse
 import copy
 import json
 import math
@@ -47,20 +48,32 @@ NORMALISATION = {
 }
 
 
+def at_least(low, kind=int):
+    """An argparse type for numbers >= low: `--log-every 0` is refused in one usage line that names
+    the flag, not found later as a ZeroDivisionError in the middle of a run."""
+    def parse(text):
+        value = kind(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, not {text}")
+        return value
+    parse.__name__ = kind.__name__  # argparse then says "invalid int value: 'x'" for a non-number
+    return parse
+
+
 def add_data_args(parser):
     """The data flags, identical in every script."""
     g = parser.add_argument_group("data")
     g.add_argument("--dataset", default="cifar10", choices=DATASETS, help="which dataset")
     g.add_argument("--data-dir", default="./data",
                    help="dataset folder (download target for cifar/stl10, image folder, or .npz file)")
-    g.add_argument("--image-size", type=int, default=None,
+    g.add_argument("--image-size", type=at_least(1), default=None,
                    help="crop size in pixels (default: native size; 224 for imagefolder)")
     g.add_argument("--val-fraction", type=float, default=0.1,
                    help="imagefolder without train/ and val/: fraction held out for evaluation")
-    g.add_argument("--synthetic-size", type=int, nargs=2, default=[2000, 500], metavar=("TRAIN", "TEST"),
+    g.add_argument("--synthetic-size", type=at_least(0), nargs=2, default=[2000, 500], metavar=("TRAIN", "TEST"),
                    help="number of synthetic train and test images")
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    g.add_argument("--workers", type=int, default=min(8, cpus),
+    g.add_argument("--workers", type=at_least(0), default=min(8, cpus),
                    help="data-loading processes per training process")
     g.add_argument("--aug-device", default="auto", choices=["auto", "cpu", "cuda"],
                    help="auto: in-memory images are augmented in batches on the training device; cpu: PIL "
@@ -97,7 +110,8 @@ class ImageSet(torch.utils.data.Dataset):
             return Image.fromarray(self.images[i]), i
         # A corrupt file is reported by name and replaced by the next readable one (with its own
         # label), so that one bad JPEG does not kill a three-day run.
-        for j in range(min(len(self.files), 100)):
+        tries = min(len(self.files), 100)
+        for j in range(tries):
             path = self.files[(i + j) % len(self.files)]
             try:
                 with Image.open(path) as img:
@@ -107,7 +121,7 @@ class ImageSet(torch.utils.data.Dataset):
                     self._warned.add(path)
                     print(f"warning: skipping unreadable image {path} ({e}); delete or replace it "
                           f"({len(self._warned)} skipped in this process)", file=sys.stderr, flush=True)
-        raise RuntimeError(f"100 unreadable images in a row near {self.files[i]}: check the image folder")
+        raise RuntimeError(f"{tries} unreadable images in a row from {self.files[i]} on: check the image folder")
 
     def __getitem__(self, key):
         epoch, i = key if isinstance(key, tuple) else (0, key)
@@ -181,6 +195,8 @@ def load_data(args):
         pretrain, num_classes = train, 10
     if len(pretrain) == 0:
         fail(f"the {name} training split in {root} holds no images")
+    if test is not None and (len(train) == 0 or len(test) == 0):  # nothing to measure: as an unlabeled set
+        train, test, num_classes = None, None, 0
     for s in (pretrain, train, test):
         if s is not None:
             s.seed = args.seed
@@ -189,7 +205,10 @@ def load_data(args):
     elif pretrain.images is not None:
         image_size = pretrain.images.shape[1]
     else:  # an image folder: its first image's size, up to 224 (so a folder of 32 px images trains at 32)
-        image_size = min(224, *pretrain.load(0)[0].size)
+        try:
+            image_size = min(224, *pretrain.load(0)[0].size)
+        except RuntimeError as e:
+            fail(str(e))
     mean, std = NORMALISATION.get(name) or _mean_std(pretrain.images)
     return Data(pretrain, train, test, num_classes, image_size, mean, std)
 
@@ -215,8 +234,11 @@ def _npz(path):
         path = found[0]
     if not path.is_file():
         fail(f"--data-dir {path} does not exist; give the .npz file (MedMNIST layout: train_images, train_labels, ...)")
-    with np.load(path) as f:
-        arrays = dict(f)
+    try:
+        with np.load(path) as f:
+            arrays = dict(f)
+    except Exception as e:  # not a zip of arrays, truncated, or arrays of Python objects
+        fail(f"{path} is not a readable .npz file ({type(e).__name__}: {e}); write it with numpy.savez")
     if "train_images" not in arrays:
         fail(f"{path} has no 'train_images' array (it has {sorted(arrays)}); expected the MedMNIST layout")
 
@@ -234,6 +256,9 @@ def _npz(path):
         # Multi-label sets (ChestMNIST: N x 14) have no single class: treated as unlabeled.
         y = None if y is None else y.reshape(len(y), -1)
         y = y[:, 0].astype(np.int64) if y is not None and y.shape[1] == 1 else None
+        if y is not None and (len(y) != len(x) or (y < 0).any()):
+            fail(f"{path}: {name}_labels should hold one class number 0, 1, ... per image ({len(x)} images, "
+                 f"{len(y)} labels, {(y < 0).sum()} negative)")
         return ImageSet(np.ascontiguousarray(x), labels=y)
 
     train, test = split("train"), split("test") or split("val")
@@ -250,6 +275,10 @@ def _list_images(folder):
 def _scan(root):
     """(files, labels, classes) of a folder: class sub-folders, or a flat unlabeled folder."""
     if any(p.suffix.lower() in IMAGE_EXTENSIONS for p in root.iterdir() if p.is_file() and p.name[0] != "."):
+        if any(p.is_dir() and p.name[0] != "." for p in root.iterdir()):
+            print(f"warning: {root} holds images of its own, so its sub-folders are not classes: the set is "
+                  "unlabeled (no kNN, no linear probe); move those images into the class folders if it has "
+                  "classes", file=sys.stderr, flush=True)
         return _list_images(root), None, None
     files, labels, classes = [], [], []
     for d in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
@@ -270,7 +299,7 @@ def _image_folder(root, val_fraction):
     files, labels, classes = _scan(base)
     if not files:
         fail(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under --data-dir {root}")
-    if labels is None:  # unlabeled: train on everything, no kNN or linear probe
+    if labels is None or len(classes) == 1:  # unlabeled (or one dummy class): no kNN or linear probe
         return ImageSet(files=files), None, None, 0
     if held_out:
         test_files, test_labels, test_classes = _scan(held_out)
@@ -315,9 +344,12 @@ def pack_image_folder(root, out, image_size, val_fraction=0.1):
             except (OSError, ValueError, SyntaxError) as e:
                 bad.append(path)
                 print(f"warning: unreadable image {path} ({e}): left out", file=sys.stderr, flush=True)
-        np.save(out / f"{name}_images.npy", images[:len(keep)])
+        if keep:
+            np.save(out / f"{name}_images.npy", images[:len(keep)])
         del images
         os.remove(out / f"{name}_images.tmp.npy")
+        if not keep:
+            fail(f"none of the {len(split.files)} {name} images under {root} could be read: nothing packed")
         if split.labels is not None:
             np.save(out / f"{name}_labels.npy", np.asarray(split.labels)[keep])
         print(f"{name}: {len(keep)} images of {image_size} px", flush=True)
@@ -536,7 +568,7 @@ class BatchedView:
 
     def sample(self, n, height, width, rng):
         """The random parameters of n images, drawn on the CPU from the numpy Generator rng (numpy
-        is several times faster than torch on such small arrays): a dict of tensors of length n."""
+        is several times faster than torch on such small arrays): a dict of arrays of length n."""
         u = rng.random
         area = height * width * (self.scale[0] + (self.scale[1] - self.scale[0]) * u((n, 10)))
         log_r = math.log(self.ratio[0]), math.log(self.ratio[1])
@@ -564,7 +596,7 @@ class BatchedView:
         sigma = self.blur_sigma[0] + (self.blur_sigma[1] - self.blur_sigma[0]) * u(n)
         p["sigma"] = np.where(u(n) < self.blur_p, sigma, 0.0)  # 0: no blur
         p["solarize"] = u(n) < self.solarize_p
-        return {k: torch.from_numpy(v.astype(np.float32) if v.dtype == np.float64 else v) for k, v in p.items()}
+        return {k: v.astype(np.float32) if v.dtype == np.float64 else v for k, v in p.items()}
 
     def __call__(self, images, rng, rank=0, world_size=1):
         """One view of images (B, H, W, 3): BatchedView.many with this view alone."""
@@ -591,7 +623,7 @@ class BatchedView:
         contiguous run of rows (a view: no copy), and put back in order at the end."""
         n, view = len(images), views[0]
         ps = [v.sample(n * world_size, *images.shape[1:3], rng) for v in views]
-        p = {k: np.concatenate([q[k][rank::world_size].numpy() for q in ps]) for k in ps[0]}
+        p = {k: np.concatenate([q[k][rank::world_size] for q in ps]) for k in ps[0]}
         coef, group = view.jitter_plan(p["jitter"], p["order"])
         perm = np.argsort(group, kind="stable")
         ends = np.searchsorted(group[perm], np.arange(1, 5)).tolist()  # where groups 0-3 end
@@ -680,13 +712,20 @@ class BatchedView:
         kernel = torch.where(sigma[:, None] > 0, kernel, (t == 0).float())
         kernel = (kernel / kernel.sum(1, keepdim=True)).repeat_interleave(c, 0)  # one per channel
         x = F.pad(x.reshape(1, b * c, *x.shape[2:]), (k // 2,) * 4, mode="reflect")
-        x = F.conv2d(x, kernel.view(b * c, 1, 1, k), groups=b * c)
-        x = F.conv2d(x, kernel.view(b * c, 1, k, 1), groups=b * c)
+        # b, the number of rows drawn for blurring, changes every step: were cuDNN to run these
+        # convolutions with cudnn.benchmark on, it would time its algorithms again for each new b.
+        benchmark, torch.backends.cudnn.benchmark = torch.backends.cudnn.benchmark, False
+        try:
+            x = F.conv2d(x, kernel.view(b * c, 1, 1, k), groups=b * c)
+            x = F.conv2d(x, kernel.view(b * c, 1, k, 1), groups=b * c)
+        finally:
+            torch.backends.cudnn.benchmark = benchmark
         return x.view(b, c, *x.shape[2:])
 
 
 def _to_device(t, device):
-    """A small CPU tensor to the device without making the host wait for it (pinned, asynchronous)."""
+    """A CPU tensor to the device without making the host wait for the device (pinned memory, an
+    asynchronous copy): a plain .to("cuda") waits for all the work queued on the GPU."""
     return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
 
 
@@ -724,19 +763,18 @@ class DeviceLoader:
         if not pairs:
             return
         epoch, first = pairs[0][0], self.sampler.skip // self.local_batch  # batches already done
-        index = torch.tensor([i for _, i in pairs])
+        index = np.array([i for _, i in pairs])
         for b in range(len(self)):
             sel = index[b * self.local_batch:(b + 1) * self.local_batch]
             if torch.is_tensor(self.images):  # on the GPU already
-                x = self.images[sel.to(self.device)]
+                x = self.images.index_select(0, _to_device(torch.from_numpy(sel), self.device))
             else:  # a numpy array, memory-mapped or not: only these images are read
-                x = torch.from_numpy(self.images[sel.numpy()])
-                x = x.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else x
+                x = _to_device(torch.from_numpy(self.images[sel]), self.device)
             rng, views = np.random.default_rng([self.seed, epoch, first + b]), {}
             for group in self.groups:
                 views.update(zip(group, BatchedView.many([self.views[i] for i in group], x, rng, self.rank,
                                                          self.world_size)))
-            yield [views[i] for i in range(len(self.views))], self.labels[sel]
+            yield [views[i] for i in range(len(self.views))], self.labels[torch.from_numpy(sel)]
 
 
 def pretrain_loader(dataset, transforms, local_batch, world_size, rank, args, device):
@@ -798,12 +836,11 @@ def train_loader(dataset, local_batch, world_size, rank, workers, seed, pin_memo
 
 if __name__ == "__main__":
     # python common.py pack --data-dir FOLDER --out PACKED --image-size 64 [--val-fraction 0.1]
-    import argparse
     parser = argparse.ArgumentParser(description="pack an image folder into memory-mapped uint8 arrays")
     parser.add_argument("command", choices=["pack"], help="what to do")
     parser.add_argument("--data-dir", required=True, help="the image folder")
     parser.add_argument("--out", required=True, help="output folder, then given to --dataset packed --data-dir")
-    parser.add_argument("--image-size", type=int, required=True, help="side of the packed images in pixels")
+    parser.add_argument("--image-size", type=at_least(1), required=True, help="side of the packed images in pixels")
     parser.add_argument("--val-fraction", type=float, default=0.1, help="held out when there is no val/ folder")
     a = parser.parse_args()
     try:

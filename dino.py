@@ -41,6 +41,7 @@ import signal
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -63,52 +64,58 @@ def get_args_parser():
     common.add_data_args(parser)  # --dataset --data-dir --image-size --val-fraction --synthetic-size --workers
     g = parser.add_argument_group("model")
     g.add_argument("--arch", default="resnet18", choices=ARCHS, help="backbone")
-    g.add_argument("--patch-size", type=int, default=None,
+    g.add_argument("--patch-size", type=common.at_least(1), default=None,
                    help="ViT patch size (default: 4 up to 32 px, 8 up to 64 px, else 16)")
     g.add_argument("--drop-path", type=float, default=0.1, help="stochastic depth of the student ViT")
     g.add_argument("--grad-checkpointing", action="store_true", help="recompute ViT blocks in backward: less memory")
-    g.add_argument("--out-dim", type=int, default=4096, help="number of prototypes (65536 in the paper, ImageNet)")
-    g.add_argument("--head-hidden-dim", type=int, default=2048, help="hidden width of the DINO head")
-    g.add_argument("--bottleneck-dim", type=int, default=256, help="dimension before the prototypes")
+    g.add_argument("--out-dim", type=common.at_least(1), default=4096,
+                   help="number of prototypes (65536 in the paper, ImageNet)")
+    g.add_argument("--head-hidden-dim", type=common.at_least(1), default=2048, help="hidden width of the DINO head")
+    g.add_argument("--bottleneck-dim", type=common.at_least(1), default=256, help="dimension before the prototypes")
     g.add_argument("--norm-last-layer", action=argparse.BooleanOptionalAction, default=True,
                    help="fix the norm of the prototypes to 1 (more stable; --no-norm-last-layer learns it)")
-    g.add_argument("--freeze-last-layer", type=int, default=1, help="epochs during which the prototypes stay fixed")
+    g.add_argument("--freeze-last-layer", type=common.at_least(0), default=1,
+                   help="epochs during which the prototypes stay fixed")
     g.add_argument("--momentum-teacher", type=float, default=0.996, help="teacher EMA momentum at step 0 (cosine to 1)")
     g = parser.add_argument_group("multi-crop")
-    g.add_argument("--local-crops", type=int, default=0, help="number of small local crops (the paper: 6 to 10)")
-    g.add_argument("--local-crop-size", type=int, default=None, help="local crop size (default: 3/7 of the image)")
+    g.add_argument("--local-crops", type=common.at_least(0), default=0,
+                   help="number of small local crops (the paper: 6 to 10)")
+    g.add_argument("--local-crop-size", type=common.at_least(1), default=None,
+                   help="local crop size (default: 3/7 of the image)")
     g.add_argument("--global-crops-scale", type=float, nargs=2, default=None,
                    help="area range of the global crops (default: 0.4 1 with local crops, else 0.14 1)")
     g.add_argument("--local-crops-scale", type=float, nargs=2, default=(0.05, 0.4), help="area range of local crops")
     g = parser.add_argument_group("loss")
     g.add_argument("--warmup-teacher-temp", type=float, default=0.04, help="teacher temperature at epoch 0")
     g.add_argument("--teacher-temp", type=float, default=0.07, help="teacher temperature after the warm-up")
-    g.add_argument("--warmup-teacher-temp-epochs", type=int, default=30, help="epochs of linear temperature warm-up")
+    g.add_argument("--warmup-teacher-temp-epochs", type=common.at_least(0), default=30,
+                   help="epochs of linear temperature warm-up")
     g.add_argument("--student-temp", type=float, default=0.1, help="student temperature")
     g.add_argument("--center-momentum", type=float, default=0.9, help="momentum of the teacher-output centre")
     g = parser.add_argument_group("optimisation (None: ResNet recipe with LARS, ViT recipe with AdamW)")
-    g.add_argument("--epochs", type=int, default=1000, help="training epochs")
-    g.add_argument("--batch-size", type=int, default=256, help="global batch size, over all processes")
+    g.add_argument("--epochs", type=common.at_least(1), default=1000, help="training epochs")
+    g.add_argument("--batch-size", type=common.at_least(2), default=256, help="global batch size, over all processes")
     g.add_argument("--optimizer", default=None, choices=["lars", "sgd", "adamw"], help="optimizer (lars / adamw)")
     g.add_argument("--lr", type=float, default=None, help="learning rate for a batch of 256 (0.3 / 5e-4)")
     g.add_argument("--weight-decay", type=float, default=None, help="weight decay at step 0 (1e-6 / 0.04)")
     g.add_argument("--weight-decay-end", type=float, default=None, help="weight decay at the end, cosine (1e-6 / 0.4)")
     g.add_argument("--clip-grad", type=float, default=None, help="per-parameter gradient norm clip (0 / 3.0; 0: off)")
     g.add_argument("--lars-eta", type=float, default=0.02, help="LARS trust coefficient")
-    g.add_argument("--warmup-epochs", type=int, default=10, help="linear warm-up epochs before the cosine decay")
+    g.add_argument("--warmup-epochs", type=common.at_least(0), default=10,
+                   help="linear warm-up epochs before the cosine decay")
     g = parser.add_argument_group("run")
     g.add_argument("--output-dir", default="runs/dino", help="checkpoints and logs; resumed from if it holds last.pt")
     g.add_argument("--resume", default=None, help="checkpoint to start from when --output-dir has no last.pt")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to train")
     g.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                   help="autocast precision (auto: bf16 on GPUs that support it, else fp32)")
+                   help="autocast precision (auto: bf16 on Ampere or newer GPUs, else fp32)")
     g.add_argument("--compile", action="store_true", help="torch.compile the model: a slower start, faster steps")
-    g.add_argument("--seed", type=int, default=0, help="random seed")
+    g.add_argument("--seed", type=common.at_least(0), default=0, help="random seed")
     g.add_argument("--deterministic", action="store_true", help="deterministic algorithms (bitwise resume on CPU)")
-    g.add_argument("--save-every", type=int, default=1, help="write last.pt every N epochs")
-    g.add_argument("--log-every", type=int, default=50, help="log and print every N steps")
-    g.add_argument("--knn-every", type=int, default=5, help="kNN accuracy every N epochs (0 = never)")
-    g.add_argument("--max-steps", type=int, default=None, help="stop after N optimisation steps in all")
+    g.add_argument("--save-every", type=common.at_least(1), default=1, help="write last.pt every N epochs")
+    g.add_argument("--log-every", type=common.at_least(1), default=50, help="log and print every N steps")
+    g.add_argument("--knn-every", type=common.at_least(0), default=5, help="kNN accuracy every N epochs (0 = never)")
+    g.add_argument("--max-steps", type=common.at_least(1), default=None, help="stop after N optimisation steps in all")
     return parser
 
 
@@ -220,8 +227,9 @@ def build_backbone(arch, image_size, patch_size=None, drop_path=0.0):
     meta = {"arch": arch, "image_size": image_size}
     if arch in VIT_SIZES:
         patch_size = patch_size or (4 if image_size <= 32 else 8 if image_size <= 64 else 16)
-        if patch_size > image_size:
-            common.fail(f"--patch-size {patch_size} is larger than the {image_size} px images; lower it")
+        if image_size % patch_size:  # the convolution would silently drop the last rows and columns
+            common.fail(f"--image-size {image_size} is not a multiple of the ViT patch size {patch_size}; change "
+                        "either (--patch-size, --image-size)")
         dim, depth, heads = VIT_SIZES[arch]
         net = VisionTransformer(image_size, patch_size, dim, depth, heads, drop_path)
         return net, dict(meta, patch_size=patch_size, feat_dim=dim)
@@ -553,16 +561,19 @@ def save_checkpoint(obj, path):
 def load_checkpoint(path):
     """torch.load with weights_only=True: tensors and plain containers only, so a file holding
     pickled code is refused, never run. Any failure is one clear line."""
+    if os.path.isdir(path):
+        common.fail(f"checkpoint {path} is a folder; give the file, such as {Path(path) / 'last.pt'}")
     if not os.path.isfile(path):
         common.fail(f"checkpoint {path} does not exist")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        common.fail(f"{path} holds pickled Python objects, not only tensors: refused (loading it could run code); "
-                    "give a checkpoint written by these scripts")
     except Exception as e:
-        common.fail(f"{path} is not a readable checkpoint ({type(e).__name__}); it may be truncated or corrupt: "
-                    "delete it to start again, or give another with --resume")
+        if isinstance(e, pickle.UnpicklingError) and zipfile.is_zipfile(path):  # a torch.save archive, with objects
+            common.fail(f"{path} holds pickled Python objects, not only tensors: refused (loading it could run code); "
+                        "give a checkpoint written by these scripts")
+        common.fail(f"{path} is not a readable checkpoint ({type(e).__name__}): truncated, corrupt or another kind "
+                    "of file; give a last.pt or backbone.pt of these scripts (a damaged last.pt: delete it to start "
+                    "again)")
     if not isinstance(ckpt, dict) or "backbone" not in ckpt or "backbone_meta" not in ckpt:
         common.fail(f"{path} is not a checkpoint of these scripts (no backbone and backbone_meta entries)")
     return ckpt
@@ -611,8 +622,9 @@ class CSVLogger:
         self.path, self.fields = path, fields
         rows = []
         if resume_step is not None and os.path.exists(path):
-            with open(path, newline="") as f:
-                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
+            with open(path, newline="") as f:  # a row cut short by a kill (empty or missing fields) goes too
+                rows = [r for r in csv.DictReader(f)
+                        if None not in r.values() and r["step"].isdigit() and int(r["step"]) <= resume_step]
         with open(f"{path}.tmp", "w", newline="") as f:
             writer = csv.DictWriter(f, fields, extrasaction="ignore")
             writer.writeheader()
@@ -800,8 +812,9 @@ def check_resumable(ckpt, path, args, backbone_meta):
     if "model" not in ckpt:
         common.fail(f"{path} holds only a backbone; resume from a last.pt, or evaluate it with linear_eval.py")
     if ckpt.get("method") != "dino":
-        common.fail(f"{path} was written by {ckpt.get('method')}.py, not dino.py; use another --output-dir")
-    for key in ("arch", "batch_size", "optimizer", "out_dim", "head_hidden_dim", "bottleneck_dim",
+        common.fail(f"{path} was written by {ckpt.get('method')}.py, not dino.py: resume from a dino.py checkpoint, "
+                    "or use another --output-dir")
+    for key in ("dataset", "arch", "batch_size", "optimizer", "out_dim", "head_hidden_dim", "bottleneck_dim",
                 "image_size"):
         if ckpt["args"].get(key) != getattr(args, key):
             common.fail(f"{path} was trained with --{key.replace('_', '-')} {ckpt['args'].get(key)}, not "
@@ -819,8 +832,9 @@ def main(args):
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)  # warn where CUDA has no such kernel
     torch.backends.cudnn.benchmark = not args.deterministic
-    if args.precision == "auto":
-        args.precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    if args.precision == "auto":  # bf16 only where the GPU computes in it (Ampere and newer), not emulated
+        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
+        args.precision = "bf16" if bf16 else "fp32"
     amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
@@ -853,8 +867,10 @@ def main(args):
     raw_model = DINO(args, data.image_size).to(device)
     if ckpt:
         check_resumable(ckpt, resume_from, args, raw_model.backbone_meta)
-    if args.local_crops and args.local_crop_size < raw_model.backbone_meta.get("patch_size", 1):
-        common.fail(f"--local-crop-size {args.local_crop_size} is smaller than the ViT patch size; raise it")
+    patch = raw_model.backbone_meta.get("patch_size", 1)
+    if args.local_crops and args.local_crop_size % patch:
+        common.fail(f"--local-crop-size {args.local_crop_size} is not a multiple of the ViT patch size {patch}; "
+                    "change it")
     if world_size > 1:
         raw_model = convert_sync_batchnorm(raw_model, device)
     memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format

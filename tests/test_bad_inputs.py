@@ -2,6 +2,7 @@
 harms an existing run."""
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -160,7 +161,54 @@ def test_resume_with_another_backbone(tmp_path):
     assert all(torch.equal(before["model"][k], after["model"][k]) for k in before["model"])
 
 
-def test_local_crops_smaller_than_a_patch(tmp_path):
+@pytest.mark.parametrize("size", ["4", "12"])
+def test_local_crops_not_a_multiple_of_the_patch(tmp_path, size):
     msg = fails("dino.py", *TINY, "--arch", "vit_tiny", "--patch-size", "8", "--local-crops", "2",
-                "--local-crop-size", "4", "--output-dir", tmp_path)
-    assert "--local-crop-size 4 is smaller than the ViT patch size" in msg
+                "--local-crop-size", size, "--output-dir", tmp_path)
+    assert f"--local-crop-size {size} is not a multiple of the ViT patch size 8" in msg
+
+
+@pytest.mark.parametrize("script", ["simclr.py", "byol.py", "barlow.py", "dino.py", "linear_eval.py"])
+@pytest.mark.parametrize("flag,value,low", [("--batch-size", "1", 2), ("--epochs", "0", 1), ("--log-every", "0", 1),
+                                            ("--save-every", "0", 1), ("--max-steps", "0", 1), ("--workers", "-1", 0),
+                                            ("--seed", "-1", 0), ("--image-size", "0", 1), ("--patch-size", "0", 1)])
+def test_impossible_flag_values_are_one_usage_line(script, flag, value, low, capsys):
+    """Refused by argparse before anything runs (they used to end in a ZeroDivisionError mid-run,
+    a loss of exactly 0 with one image per batch, or "done at step 0" with an untrained backbone)."""
+    parser = __import__(script[:-3]).get_args_parser()
+    required = ["--ckpt", "random"] if script == "linear_eval.py" else []
+    with pytest.raises(SystemExit) as e:
+        parser.parse_args([*required, flag, value])
+    assert e.value.code == 2
+    assert f"argument {flag}: must be at least {low}, not {value}" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert getattr(parser.parse_args([*required, flag, str(low + 3)]), flag[2:].replace("-", "_")) == low + 3
+
+
+def test_resume_with_another_dataset(tmp_path, pretrained):
+    """A run resumed on other data would continue a schedule and a step count made for the first."""
+    np.savez(tmp_path / "d.npz", train_images=np.zeros((64, 16, 16, 3), np.uint8))
+    msg = fails("simclr.py", *TINY, "--dataset", "npz", "--data-dir", tmp_path / "d.npz", "--resume",
+                pretrained / "last.pt", "--output-dir", tmp_path / "run")
+    assert "--dataset synthetic, not npz" in msg
+    assert not (tmp_path / "run" / "last.pt").exists()
+
+
+def test_checkpoint_path_that_is_a_folder_or_a_csv(tmp_path, pretrained):
+    import simclr
+    with pytest.raises(SystemExit, match=f"{pretrained} is a folder; give the file, such as {pretrained}/last.pt"):
+        simclr.load_checkpoint(pretrained)
+    with pytest.raises(SystemExit, match="is not a readable checkpoint .*another kind of file") as e:
+        simclr.load_checkpoint(pretrained / "metrics.csv")
+    assert "pickled" not in str(e.value)
+
+
+def test_pack_a_folder_without_one_readable_image(tmp_path):
+    for c in ("a", "b"):
+        (tmp_path / "data" / c).mkdir(parents=True)
+        for i in range(3):
+            (tmp_path / "data" / c / f"{i}.png").write_bytes(b"not a png")
+    proc = run_script("common.py", "pack", "--data-dir", tmp_path / "data", "--out", tmp_path / "out",
+                      "--image-size", "8", check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: none of the 5 train images")
+    assert not list((tmp_path / "out").glob("*.npy"))

@@ -39,7 +39,7 @@ def test_crop_boxes_follow_torchvision_distribution(height, width, scale, ratio)
     RandomResizedCrop.get_params (a 96x40 image with scale >= 0.5 often needs the fallback)."""
     n = 20000
     view = common.BatchedView(32, scale, ratio, MEAN, STD)
-    i, j, h, w = view.sample(n, height, width, np.random.default_rng(0))["box"].double().unbind(1)
+    i, j, h, w = torch.from_numpy(view.sample(n, height, width, np.random.default_rng(0))["box"]).double().unbind(1)
     torch.manual_seed(0)
     ref = torch.tensor([T.RandomResizedCrop.get_params(torch.empty(3, height, width), list(scale), list(ratio))
                         for _ in range(n)], dtype=torch.float64)
@@ -55,7 +55,7 @@ def test_crop_boxes_follow_torchvision_distribution(height, width, scale, ratio)
 
 def test_jitter_flip_gray_blur_solarize_probabilities():
     view = common.BatchedView.from_transform(common.byol_augmentations(224, MEAN, STD)[1])
-    p = view.sample(40000, 64, 64, np.random.default_rng(1))
+    p = {k: torch.from_numpy(v) for k, v in view.sample(40000, 64, 64, np.random.default_rng(1)).items()}
     applied = p["jitter"][:, 0] != 1.0
     assert abs(applied.double().mean() - 0.8) < 0.01
     b, c, s, h = p["jitter"][applied].double().unbind(1)

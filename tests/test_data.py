@@ -159,7 +159,7 @@ def test_imagefolder_split_is_deterministic_disjoint_and_sized(tmp_path):
 
 
 def test_imagefolder_val_fraction_that_leaves_nothing_fails(tmp_path):
-    class_folder(tmp_path, {"a": ["0.png", "1.png"]})
+    class_folder(tmp_path, {"a": ["0.png", "1.png"], "b": ["2.png"]})
     with pytest.raises(SystemExit, match=r"^error: .*val-fraction"):
         common.load_data(make_args("imagefolder", tmp_path, val_fraction=0.0))
 
@@ -187,7 +187,7 @@ def test_imagefolder_val_class_missing_from_train_fails(tmp_path):
     assert msg.startswith("error:") and str(tmp_path / "val") in msg and "zebra" in msg
 
 
-def test_imagefolder_flat_folder_is_unlabeled(tmp_path):
+def test_imagefolder_flat_folder_is_unlabeled(tmp_path, capsys):
     paths = [save_image(tmp_path / f"{i}.png", (i * 30, 0, 0)) for i in range(4)]
     paths.append(save_image(tmp_path / "more" / "x.jpg"))
     (tmp_path / "readme.txt").write_text("hi")
@@ -195,6 +195,21 @@ def test_imagefolder_flat_folder_is_unlabeled(tmp_path):
     assert data.train is None and data.test is None and data.num_classes == 0
     assert sorted(imageset_files(data.pretrain)) == sorted(map(os.fspath, paths))
     assert data.pretrain.labels is None and data.pretrain[0][1] == -1
+    # Images beside sub-folders: the sub-folders are not classes, and the user is told so.
+    assert "its sub-folders are not classes" in capsys.readouterr().err
+
+
+def test_imagefolder_with_one_class_folder_is_unlabeled(tmp_path):
+    """ImageFolder's usual way to hold unlabeled images (one dummy class): a kNN or a probe on one
+    class would report 100% for nothing."""
+    class_folder(tmp_path, {"all": [f"{i}.png" for i in range(6)]})
+    data = common.load_data(make_args("imagefolder", tmp_path))
+    assert data.train is None and data.test is None and data.num_classes == 0 and len(data.pretrain) == 6
+
+
+def test_empty_test_split_means_no_evaluation():
+    data = common.load_data(make_args(synthetic_size=(40, 0)))
+    assert len(data.pretrain) == 40 and data.train is None and data.test is None and data.num_classes == 0
 
 
 @pytest.mark.parametrize("kind", ["missing", "empty", "no_images"])
@@ -238,8 +253,10 @@ def test_all_images_corrupt_raises(tmp_path):
     for i in range(3):
         (tmp_path / f"{i}.jpg").write_bytes(b"junk")
     s = common.ImageSet(files=sorted(tmp_path.iterdir()))
-    with pytest.raises(RuntimeError, match="unreadable"):
+    with pytest.raises(RuntimeError, match="3 unreadable images in a row"):
         s.load(0)
+    with pytest.raises(SystemExit, match="error: 3 unreadable images in a row"):  # one line from load_data
+        common.load_data(make_args("imagefolder", tmp_path))
 
 
 def test_corrupt_image_replacement_keeps_its_own_label(tmp_path):
@@ -348,6 +365,16 @@ def test_npz_errors_name_the_path(tmp_path):
     assert "found 2" in error(tmp_path / "two")
     (tmp_path / "none").mkdir()
     assert "found 0" in error(tmp_path / "none")
+    (tmp_path / "text.npz").write_text("train_images\n1,2,3\n")
+    assert "not a readable .npz" in error(tmp_path / "text.npz")
+    write_npz(tmp_path / "whole.npz")
+    (tmp_path / "cut.npz").write_bytes((tmp_path / "whole.npz").read_bytes()[:300])
+    assert "not a readable .npz" in error(tmp_path / "cut.npz")
+    images = np.zeros((4, 4, 4), np.uint8)
+    np.savez(tmp_path / "short.npz", train_images=images, train_labels=np.zeros(3, np.int64))
+    assert "4 images, 3 labels" in error(tmp_path / "short.npz")
+    np.savez(tmp_path / "neg.npz", train_images=images, train_labels=np.array([0, 1, -1, 1]))
+    assert "1 negative" in error(tmp_path / "neg.npz")
 
 
 # ---- 5. ImageSet: seeded views -------------------------------------------------------------

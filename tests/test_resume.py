@@ -47,15 +47,18 @@ def test_resume_is_exact(tmp_path, script, stop_at):
     assert epoch_rows[0] == epoch_rows[1] and len(epoch_rows[0]) == 1
 
 
-def test_rows_past_the_checkpoint_are_dropped_on_resume(tmp_path):
+@pytest.mark.parametrize("tail", ["step,1,9,1.0,0.1,1,1,,1\n", "step,0,", "step,0,2,0.5"])
+def test_rows_past_the_checkpoint_are_dropped_on_resume(tmp_path, tail):
+    """A run killed after logging step 9 but before saving it leaves rows the resumed run redoes;
+    one killed while writing a row leaves half a row (no newline), which must not stop the resume."""
     out = tmp_path / "run"
     run_script("simclr.py", *ARGS, "--max-steps", 2, "--output-dir", out)
-    # A run killed after logging step 9 but before saving it leaves rows the resumed run redoes.
     with open(out / "metrics.csv", "a") as f:
-        f.write("step,1,9,1.0,0.1,1,1,,1\n")
+        f.write(tail)
     run_script("simclr.py", *ARGS, "--max-steps", 4, "--output-dir", out)
-    steps = [int(r["step"]) for r in rows(out / "metrics.csv") if r["kind"] == "step"]
-    assert steps == [2, 4] and 9 not in steps
+    logged = rows(out / "metrics.csv")
+    assert [int(r["step"]) for r in logged if r["kind"] == "step"] == [2, 4]
+    assert all(None not in r.values() and r["loss"] for r in logged)
 
 
 def test_finished_run_started_again_does_nothing_more(tmp_path):

@@ -32,9 +32,12 @@ def test_default_patch_size_follows_the_image_size(size, patch):
     assert build_backbone("vit_tiny", size)[1]["patch_size"] == patch
 
 
-def test_patch_larger_than_the_image_is_one_clear_error():
-    with pytest.raises(SystemExit, match="--patch-size 16 is larger than the 8 px images"):
-        build_backbone("vit_tiny", 8, patch_size=16)
+@pytest.mark.parametrize("size,patch", [(8, 16), (30, 4), (32, 5)])
+def test_image_not_a_multiple_of_the_patch_is_one_clear_error(size, patch):
+    """A patch larger than the image, or one that leaves pixels over (the patch convolution would
+    drop them without a word)."""
+    with pytest.raises(SystemExit, match=f"--image-size {size} is not a multiple of the ViT patch size {patch}"):
+        build_backbone("vit_tiny", size, patch_size=patch)
 
 
 def test_position_embeddings_are_interpolated_for_other_input_sizes():

@@ -58,8 +58,10 @@ def setup(method, opts):
             "--workers", str(opts.workers), "--log-every", "1000000", "--precision", opts.precision, *opts.extra]
     args = m.get_args_parser().parse_args(argv)
     device = torch.device(opts.device)
-    if args.precision == "auto":
-        args.precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    torch.backends.cudnn.benchmark = True  # as main() does: the fastest convolution algorithms
+    if args.precision == "auto":  # bf16 only where the GPU computes in it (Ampere and newer), not emulated
+        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
+        args.precision = "bf16" if bf16 else "fp32"
     amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
     data = common.load_data(args)
     args.image_size = data.image_size
