@@ -104,6 +104,42 @@ def test_plot_metrics_draws_every_panel(tmp_path, run_dir):
     assert (tmp_path / "two.png").exists()
 
 
+DINO_CSV = ("kind,epoch,step,loss,lr,img_per_s,peak_mem_mb,knn_top1,time_s,teacher_entropy\n"
+            "step,0,2,5.1,0.001,7.0,1064,,8.9,4.25\nepoch,0,2,5.0,0.001,7.0,1064,12.5,9.0,4.5\n"
+            "step,1,4,4.9,0.001,7.2,1064,,17.0,4.0\n")
+
+
+def test_plot_metrics_of_a_running_dino_job(tmp_path):
+    """A method's own column gets its panel; the half row a job is writing is left out; --out may
+    be a folder; a wrong --out or a file that is not a metrics.csv is one line."""
+    pytest.importorskip("matplotlib", reason="matplotlib is optional: pip install matplotlib")
+    run = tmp_path / "dino-1"
+    run.mkdir()
+    (run / "metrics.csv").write_text(DINO_CSV + "step,1,6,4.")
+    proc = run_script("tools/plot_metrics.py", run, "--out", tmp_path)
+    assert proc.stdout.strip() == (f"wrote {tmp_path / 'metrics.png'}: loss, learning rate, images / s, "
+                                   "teacher entropy, kNN top-1")
+    for out, message in [(tmp_path / "no" / "x.png", "does not exist"), (tmp_path / "x.foo", "cannot write .foo")]:
+        proc = run_script("tools/plot_metrics.py", run, "--out", out, check=False)
+        assert proc.returncode == 1 and message in proc.stderr and "Traceback" not in proc.stderr
+    (run / "metrics.csv").write_text("a,b\n1,2\n")
+    proc = run_script("tools/plot_metrics.py", run, check=False)
+    assert proc.returncode == 1 and "not a metrics.csv of these scripts" in proc.stderr
+
+
+def test_wandb_sync_leaves_a_half_written_row_for_later(tmp_path):
+    run = tmp_path / "dino-1"
+    run.mkdir()
+    (run / "metrics.csv").write_text(DINO_CSV + "step,1,6,4.")
+    env = fake_module(tmp_path, "wandb", FAKE_WANDB)
+    run_script("tools/wandb_sync.py", run, "--mode", "offline", env=env)
+    assert [step for step, _ in json.loads((tmp_path / "wandb.log").read_text())["log"]] == [2, 4]
+    assert json.loads((run / "wandb_sync.json").read_text())["step"] == 4
+    (run / "args.json").write_text('{"lr": 0.3,')
+    proc = run_script("tools/wandb_sync.py", run, "--mode", "offline", env=env, check=False)
+    assert proc.returncode == 1 and "args.json is not valid JSON" in proc.stderr and "Traceback" not in proc.stderr
+
+
 def test_plot_metrics_without_matplotlib(tmp_path, run_dir):
     env = fake_module(tmp_path, "matplotlib", "raise ImportError('No module named matplotlib')")
     proc = run_script("tools/plot_metrics.py", run_dir, env=env, check=False)

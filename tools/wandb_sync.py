@@ -13,6 +13,7 @@ epoch/knn_top1, epoch/<own column>. wandb is imported here only: pip install wan
 """
 import argparse
 import csv
+import io
 import json
 import sys
 from pathlib import Path
@@ -29,10 +30,20 @@ def read_run(folder):
     folder = Path(folder)
     if not (folder / "metrics.csv").is_file():
         fail(f"{folder} has no metrics.csv: give the --output-dir of a run (e.g. runs/simclr-1234)")
-    config = json.loads((folder / "args.json").read_text()) if (folder / "args.json").is_file() else {}
-    with open(folder / "metrics.csv", newline="") as f:
-        rows = list(csv.DictReader(f))
-    return config, rows
+    config = read_json(folder / "args.json") if (folder / "args.json").is_file() else {}
+    # Whole lines only: a job still writing, or killed while writing, leaves half a row at the end.
+    text = (folder / "metrics.csv").read_text()
+    rows = list(csv.DictReader(io.StringIO(text[: text.rfind("\n") + 1])))
+    if rows and not set(COLUMNS) <= set(rows[0]):
+        fail(f"{folder / 'metrics.csv'} is not a metrics.csv of these scripts (columns {sorted(rows[0])})")
+    return config, [r for r in rows if None not in r.values() and r["step"].isdigit()]
+
+
+def read_json(path):
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        fail(f"{path} is not valid JSON ({e}); repair or delete it")
 
 
 def wandb_rows(rows, after_step):
@@ -66,7 +77,7 @@ def main(argv=None):
     except ImportError:
         fail("wandb is not installed: pip install wandb (only this tool needs it)")
     state_file = Path(args.run) / "wandb_sync.json"
-    state = json.loads(state_file.read_text()) if state_file.is_file() else {"id": wandb.util.generate_id(), "step": 0}
+    state = read_json(state_file) if state_file.is_file() else {"id": wandb.util.generate_id(), "step": 0}
     todo = wandb_rows(rows, state["step"])
     run = wandb.init(project=args.project, entity=args.entity, name=args.name or Path(args.run).resolve().name,
                      id=state["id"], resume="allow", config=config, mode=args.mode)
