@@ -10,6 +10,7 @@ import tarfile
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from conftest import REPO, clean_env, run_script
@@ -168,6 +169,9 @@ def test_benchmark_writes_every_figure(tmp_path):
     assert r["aug_pil_img_s"] > 0 and r["aug_batched_img_s"] > 0 and "model_only_img_s" not in r
     proc = run_script("tools/benchmark.py", "--aug-rounds", "0", check=False)
     assert proc.returncode == 2 and "--aug-rounds must be at least 1" in proc.stderr
+    if not torch.cuda.is_available():
+        proc = run_script("tools/benchmark.py", "--device", "cuda", check=False)
+        assert proc.returncode == 2 and "no GPU is visible" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_cifar10_figures_script_end_to_end(tmp_path):

@@ -171,7 +171,8 @@ def main():
     parser.add_argument("--arch", default="resnet18", help="backbone")
     parser.add_argument("--image-size", type=int, default=32, help="image size in pixels")
     parser.add_argument("--batch-size", type=int, default=256, help="batch size")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"],
+                        help="where to measure")
     parser.add_argument("--precision", default="auto", help="auto, fp32, bf16 or fp16")
     parser.add_argument("--workers", type=int, default=None, help="PIL loader processes (default: all cores)")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per measurement")
@@ -185,6 +186,8 @@ def main():
     opts = parser.parse_args()
     if min(opts.steps, opts.aug_steps, opts.aug_rounds) < 1:
         parser.error("--steps, --aug-steps and --aug-rounds must be at least 1")
+    if opts.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda but no GPU is visible to this process; use --device cpu or request a GPU")
     opts.extra = [a for a in opts.extra if a != "--"]
     cpus = len(os.sched_getaffinity(0))
     opts.workers = cpus if opts.workers is None else opts.workers
