@@ -65,14 +65,16 @@ def get_args_parser():
     g.add_argument("--proj-dim", type=common.at_least(1), default=256,
                    help="output dimension of the projector and predictor")
     g.add_argument("--pred-hidden-dim", type=common.at_least(1), default=4096, help="hidden width of the predictor")
-    g.add_argument("--base-tau", type=float, default=0.99, help="target momentum at step 0 (cosine to 1)")
+    g.add_argument("--base-tau", type=common.fraction, default=0.99, help="target momentum at step 0 (cosine to 1)")
     g = parser.add_argument_group("optimisation")
     g.add_argument("--epochs", type=common.at_least(1), default=1000, help="training epochs")
     g.add_argument("--batch-size", type=common.at_least(2), default=256, help="global batch size, over all processes")
     g.add_argument("--optimizer", default="lars", choices=["lars", "sgd", "adamw"], help="optimizer")
-    g.add_argument("--lr", type=float, default=1.0, help="learning rate for a batch of 256 (scaled by batch/256)")
-    g.add_argument("--weight-decay", type=float, default=1e-5, help="weight decay (not on biases and norms)")
-    g.add_argument("--lars-eta", type=float, default=0.02, help="LARS trust coefficient")
+    g.add_argument("--lr", type=common.at_least(0, float), default=1.0,
+                   help="learning rate for a batch of 256 (scaled by batch/256)")
+    g.add_argument("--weight-decay", type=common.at_least(0, float), default=1e-5,
+                   help="weight decay (not on biases and norms)")
+    g.add_argument("--lars-eta", type=common.positive, default=0.02, help="LARS trust coefficient")
     g.add_argument("--warmup-epochs", type=common.at_least(0), default=10,
                    help="linear warm-up epochs before the cosine decay")
     g = parser.add_argument_group("run")
@@ -302,7 +304,11 @@ def make_optimizer(params, args):
     "lr_scale". Biases and norm weights (1-D) get no weight decay with any optimizer, and their own
     learning rate where the script has --lr-biases (Barlow Twins, section 4 of the paper)."""
     params = [p for p in params if p.requires_grad]
-    bias_scale = args.lr_biases / args.lr if getattr(args, "lr_biases", None) else 1.0
+    bias_scale = 1.0
+    if getattr(args, "lr_biases", None) is not None:  # scheduled like the weights' lr, so a fraction of it
+        if args.lr == 0:
+            common.fail("--lr-biases needs a --lr above 0 (the biases follow the same schedule, scaled)")
+        bias_scale = args.lr_biases / args.lr
     groups = [{"params": [p for p in params if p.ndim > 1], "lr_scale": 1.0},
               {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0, "lr_scale": bias_scale}]
     if args.optimizer == "lars":

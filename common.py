@@ -60,6 +60,22 @@ def at_least(low, kind=int):
     return parse
 
 
+def positive(text):
+    """An argparse type: a number above 0 (a temperature, a trust coefficient)."""
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0, not {text}")
+    return value
+
+
+def fraction(text):
+    """An argparse type: a number from 0 to 1 (a momentum, a drop probability)."""
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, not {text}")
+    return value
+
+
 def add_data_args(parser):
     """The data flags, identical in every script."""
     g = parser.add_argument_group("data")
@@ -67,7 +83,7 @@ def add_data_args(parser):
     g.add_argument("--data-dir", default="./data",
                    help="dataset folder (download target for cifar/stl10, image folder, or .npz file)")
     g.add_argument("--image-size", type=at_least(1), default=None,
-                   help="crop size in pixels (default: native size; 224 for imagefolder)")
+                   help="crop size in pixels (default: the images' own size; up to 224 for imagefolder)")
     g.add_argument("--val-fraction", type=float, default=0.1,
                    help="imagefolder without train/ and val/: fraction held out for evaluation")
     g.add_argument("--synthetic-size", type=at_least(0), nargs=2, default=[2000, 500], metavar=("TRAIN", "TEST"),

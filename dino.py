@@ -66,7 +66,7 @@ def get_args_parser():
     g.add_argument("--arch", default="resnet18", choices=ARCHS, help="backbone")
     g.add_argument("--patch-size", type=common.at_least(1), default=None,
                    help="ViT patch size (default: 4 up to 32 px, 8 up to 64 px, else 16)")
-    g.add_argument("--drop-path", type=float, default=0.1, help="stochastic depth of the student ViT")
+    g.add_argument("--drop-path", type=common.fraction, default=0.1, help="stochastic depth of the student ViT")
     g.add_argument("--grad-checkpointing", action="store_true", help="recompute ViT blocks in backward: less memory")
     g.add_argument("--out-dim", type=common.at_least(1), default=4096,
                    help="number of prototypes (65536 in the paper, ImageNet)")
@@ -76,7 +76,8 @@ def get_args_parser():
                    help="fix the norm of the prototypes to 1 (more stable; --no-norm-last-layer learns it)")
     g.add_argument("--freeze-last-layer", type=common.at_least(0), default=1,
                    help="epochs during which the prototypes stay fixed")
-    g.add_argument("--momentum-teacher", type=float, default=0.996, help="teacher EMA momentum at step 0 (cosine to 1)")
+    g.add_argument("--momentum-teacher", type=common.fraction, default=0.996,
+                   help="teacher EMA momentum at step 0 (cosine to 1)")
     g = parser.add_argument_group("multi-crop")
     g.add_argument("--local-crops", type=common.at_least(0), default=0,
                    help="number of small local crops (the paper: 6 to 10)")
@@ -86,21 +87,25 @@ def get_args_parser():
                    help="area range of the global crops (default: 0.4 1 with local crops, else 0.14 1)")
     g.add_argument("--local-crops-scale", type=float, nargs=2, default=(0.05, 0.4), help="area range of local crops")
     g = parser.add_argument_group("loss")
-    g.add_argument("--warmup-teacher-temp", type=float, default=0.04, help="teacher temperature at epoch 0")
-    g.add_argument("--teacher-temp", type=float, default=0.07, help="teacher temperature after the warm-up")
+    g.add_argument("--warmup-teacher-temp", type=common.positive, default=0.04, help="teacher temperature at epoch 0")
+    g.add_argument("--teacher-temp", type=common.positive, default=0.07, help="teacher temperature after the warm-up")
     g.add_argument("--warmup-teacher-temp-epochs", type=common.at_least(0), default=30,
                    help="epochs of linear temperature warm-up")
-    g.add_argument("--student-temp", type=float, default=0.1, help="student temperature")
-    g.add_argument("--center-momentum", type=float, default=0.9, help="momentum of the teacher-output centre")
+    g.add_argument("--student-temp", type=common.positive, default=0.1, help="student temperature")
+    g.add_argument("--center-momentum", type=common.fraction, default=0.9, help="momentum of the teacher-output centre")
     g = parser.add_argument_group("optimisation (None: ResNet recipe with LARS, ViT recipe with AdamW)")
     g.add_argument("--epochs", type=common.at_least(1), default=1000, help="training epochs")
     g.add_argument("--batch-size", type=common.at_least(2), default=256, help="global batch size, over all processes")
     g.add_argument("--optimizer", default=None, choices=["lars", "sgd", "adamw"], help="optimizer (lars / adamw)")
-    g.add_argument("--lr", type=float, default=None, help="learning rate for a batch of 256 (0.3 / 5e-4)")
-    g.add_argument("--weight-decay", type=float, default=None, help="weight decay at step 0 (1e-6 / 0.04)")
-    g.add_argument("--weight-decay-end", type=float, default=None, help="weight decay at the end, cosine (1e-6 / 0.4)")
-    g.add_argument("--clip-grad", type=float, default=None, help="per-parameter gradient norm clip (0 / 3.0; 0: off)")
-    g.add_argument("--lars-eta", type=float, default=0.02, help="LARS trust coefficient")
+    g.add_argument("--lr", type=common.at_least(0, float), default=None,
+                   help="learning rate for a batch of 256 (0.3 / 5e-4)")
+    g.add_argument("--weight-decay", type=common.at_least(0, float), default=None,
+                   help="weight decay at step 0 (1e-6 / 0.04)")
+    g.add_argument("--weight-decay-end", type=common.at_least(0, float), default=None,
+                   help="weight decay at the end, cosine (1e-6 / 0.4)")
+    g.add_argument("--clip-grad", type=common.at_least(0, float), default=None,
+                   help="per-parameter gradient norm clip (0 / 3.0; 0: off)")
+    g.add_argument("--lars-eta", type=common.positive, default=0.02, help="LARS trust coefficient")
     g.add_argument("--warmup-epochs", type=common.at_least(0), default=10,
                    help="linear warm-up epochs before the cosine decay")
     g = parser.add_argument_group("run")
@@ -133,6 +138,10 @@ def fill_recipe(args):
         args.global_crops_scale = (0.4, 1.0) if args.local_crops else (0.14, 1.0)
     if args.local_crop_size is None:  # 96 px for 224 px images, 16 px for 32 px ones
         args.local_crop_size = max(8, round(args.image_size * 3 / 7 / 8) * 8)
+    for flag, (low, high) in (("global", args.global_crops_scale), ("local", args.local_crops_scale)):
+        if not 0 < low <= high <= 1:
+            common.fail(f"--{flag}-crops-scale {low} {high}: give the smallest then the largest fraction of the "
+                        "image area a crop covers, 0 < smallest <= largest <= 1")
     if args.grad_checkpointing and not args.arch.startswith("vit"):
         common.fail(f"--grad-checkpointing applies to ViT backbones, not {args.arch}; drop it or use --arch vit_*")
 
@@ -412,7 +421,11 @@ def make_optimizer(params, args):
     "lr_scale". Biases and norm weights (1-D) get no weight decay with any optimizer, and their own
     learning rate where the script has --lr-biases (Barlow Twins, section 4 of the paper)."""
     params = [p for p in params if p.requires_grad]
-    bias_scale = args.lr_biases / args.lr if getattr(args, "lr_biases", None) else 1.0
+    bias_scale = 1.0
+    if getattr(args, "lr_biases", None) is not None:  # scheduled like the weights' lr, so a fraction of it
+        if args.lr == 0:
+            common.fail("--lr-biases needs a --lr above 0 (the biases follow the same schedule, scaled)")
+        bias_scale = args.lr_biases / args.lr
     groups = [{"params": [p for p in params if p.ndim > 1], "lr_scale": 1.0},
               {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0, "lr_scale": bias_scale}]
     if args.optimizer == "lars":
@@ -815,7 +828,7 @@ def check_resumable(ckpt, path, args, backbone_meta):
         common.fail(f"{path} was written by {ckpt.get('method')}.py, not dino.py: resume from a dino.py checkpoint, "
                     "or use another --output-dir")
     for key in ("dataset", "arch", "batch_size", "optimizer", "out_dim", "head_hidden_dim", "bottleneck_dim",
-                "image_size"):
+                "norm_last_layer", "image_size"):
         if ckpt["args"].get(key) != getattr(args, key):
             common.fail(f"{path} was trained with --{key.replace('_', '-')} {ckpt['args'].get(key)}, not "
                         f"{getattr(args, key)}: use the same value to resume, or another --output-dir")

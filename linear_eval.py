@@ -53,7 +53,8 @@ def get_args_parser():
     parser = argparse.ArgumentParser("Linear evaluation", description=__doc__.split("\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     common.add_data_args(parser)  # --dataset --data-dir --image-size --val-fraction --synthetic-size --workers
-    parser.set_defaults(dataset=None, data_dir=None)  # None: the ones the checkpoint was trained on
+    # None: the checkpoint's pretraining values (the same data and split), or else the usual defaults
+    parser.set_defaults(dataset=None, data_dir=None, val_fraction=None, synthetic_size=None)
     g = parser.add_argument_group("evaluation")
     g.add_argument("--ckpt", required=True, help="last.pt or backbone.pt of any method script, or 'random'")
     g.add_argument("--arch", default="resnet18", choices=ARCHS, help="backbone of --ckpt random")
@@ -65,9 +66,10 @@ def get_args_parser():
     g.add_argument("--epochs", type=common.at_least(1), default=100, help="training epochs of the linear layer")
     g.add_argument("--batch-size", type=common.at_least(2), default=256, help="global batch size, over all processes")
     g.add_argument("--optimizer", default="sgd", choices=["lars", "sgd", "adamw"], help="optimizer")
-    g.add_argument("--lr", type=float, default=0.1, help="learning rate for a batch of 256 (scaled by batch/256)")
-    g.add_argument("--weight-decay", type=float, default=0.0, help="weight decay (not on the bias)")
-    g.add_argument("--lars-eta", type=float, default=0.02, help="LARS trust coefficient")
+    g.add_argument("--lr", type=common.at_least(0, float), default=0.1,
+                   help="learning rate for a batch of 256 (scaled by batch/256)")
+    g.add_argument("--weight-decay", type=common.at_least(0, float), default=0.0, help="weight decay (not on the bias)")
+    g.add_argument("--lars-eta", type=common.positive, default=0.02, help="LARS trust coefficient")
     g.add_argument("--warmup-epochs", type=common.at_least(0), default=0,
                    help="linear warm-up epochs before the cosine decay")
     g = parser.add_argument_group("run")
@@ -75,7 +77,8 @@ def get_args_parser():
     g.add_argument("--resume", default=None, help="probe checkpoint to start from when --output-dir has no last.pt")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to train")
     g.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                   help="autocast precision of the backbone (auto: bf16 on Ampere or newer GPUs, else fp32)")
+                   help="autocast precision of the backbone in --mode linear (auto: bf16 on Ampere or newer GPUs, "
+                        "else fp32); --mode fast extracts its features in fp32")
     g.add_argument("--seed", type=common.at_least(0), default=0, help="random seed")
     g.add_argument("--deterministic", action="store_true", help="deterministic algorithms (bitwise resume on CPU)")
     g.add_argument("--save-every", type=common.at_least(1), default=1, help="write last.pt every N epochs")
@@ -227,7 +230,11 @@ def make_optimizer(params, args):
     "lr_scale". Biases and norm weights (1-D) get no weight decay with any optimizer, and their own
     learning rate where the script has --lr-biases (Barlow Twins, section 4 of the paper)."""
     params = [p for p in params if p.requires_grad]
-    bias_scale = args.lr_biases / args.lr if getattr(args, "lr_biases", None) else 1.0
+    bias_scale = 1.0
+    if getattr(args, "lr_biases", None) is not None:  # scheduled like the weights' lr, so a fraction of it
+        if args.lr == 0:
+            common.fail("--lr-biases needs a --lr above 0 (the biases follow the same schedule, scaled)")
+        bias_scale = args.lr_biases / args.lr
     groups = [{"params": [p for p in params if p.ndim > 1], "lr_scale": 1.0},
               {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0, "lr_scale": bias_scale}]
     if args.optimizer == "lars":
@@ -658,13 +665,20 @@ def main(args):
 
     # 2. The backbone's checkpoint; dataset defaults from its pretraining --------------------
     state, meta, pretrain_args = load_backbone(args)
+    same_data = args.dataset in (None, pretrain_args.get("dataset"))
     if args.dataset is None:  # evaluate on the pretraining data (and its split) unless told otherwise
         args.dataset = pretrain_args.get("dataset", "cifar10")
         args.data_dir = args.data_dir or pretrain_args.get("data_dir")
-        args.val_fraction = pretrain_args.get("val_fraction", args.val_fraction)
-        args.synthetic_size = pretrain_args.get("synthetic_size", args.synthetic_size)
+    usual = argparse.ArgumentParser()
+    common.add_data_args(usual)
+    for key in ("val_fraction", "synthetic_size"):  # a flag given wins, then the pretraining's value
+        if getattr(args, key) is None:
+            setattr(args, key, pretrain_args.get(key, usual.get_default(key)) if same_data else usual.get_default(key))
     args.data_dir = args.data_dir or "./data"
     args.image_size = args.image_size or meta.get("image_size")
+    if args.ckpt != "random" and args.patch_size not in (None, meta.get("patch_size")):
+        common.fail(f"--patch-size {args.patch_size} is not the one {args.ckpt} was trained with "
+                    f"({meta.get('patch_size')}); drop the flag")
 
     # 3. Output directory, and the probe checkpoint to resume from ---------------------------
     default_out = Path(args.ckpt).parent / "linear_eval" if args.ckpt != "random" else Path("runs/linear_eval_random")
@@ -686,6 +700,9 @@ def main(args):
         dist.barrier()
     data = common.load_data(args)
     args.image_size = data.image_size
+    if meta.get("patch_size") and data.image_size % meta["patch_size"]:
+        common.fail(f"--image-size {data.image_size} is not a multiple of the ViT patch size {meta['patch_size']} "
+                    f"of {args.ckpt}; change --image-size")
     if data.train is None:
         common.fail(f"linear evaluation needs labels, and {args.dataset} in {args.data_dir} has none "
                     "(a flat image folder?); give a labeled --dataset/--data-dir")

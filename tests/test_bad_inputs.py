@@ -157,6 +157,15 @@ def test_resume_with_another_backbone(tmp_path):
     assert "--arch vit_tiny, not resnet18" in fails("dino.py", *TINY, *METHODS["dino.py"], "--output-dir", run)
     msg = fails("dino.py", *TINY, *METHODS["dino.py"], "--arch", "vit_tiny", "--patch-size", "8", "--output-dir", run)
     assert "'patch_size': 4" in msg and "'patch_size': 8" in msg and "--patch-size" in msg
+    msg = fails("dino.py", *TINY, *METHODS["dino.py"], "--arch", "vit_tiny", "--no-norm-last-layer",
+                "--output-dir", run)
+    assert "--norm-last-layer True, not False" in msg
+    # linear_eval.py on that ViT: its patch size is the checkpoint's, and the images must tile into patches.
+    probe = ["--mode", "fast", "--epochs", "1", "--device", "cpu", "--workers", "0", "--output-dir", tmp_path / "le"]
+    msg = fails("linear_eval.py", "--ckpt", run / "last.pt", "--patch-size", "8", *probe)
+    assert "--patch-size 8 is not the one" in msg and "(4)" in msg
+    assert "--image-size 18 is not a multiple of the ViT patch size 4" in fails(
+        "linear_eval.py", "--ckpt", run / "last.pt", "--image-size", "18", *probe)
     after = load(run / "last.pt")
     assert all(torch.equal(before["model"][k], after["model"][k]) for k in before["model"])
 
@@ -212,3 +221,29 @@ def test_pack_a_folder_without_one_readable_image(tmp_path):
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("error: none of the 5 train images")
     assert not list((tmp_path / "out").glob("*.npy"))
+
+
+@pytest.mark.parametrize("script,flag,value,message", [
+    ("simclr.py", "--temperature", "0", "more than 0"), ("dino.py", "--student-temp", "-1", "more than 0"),
+    ("dino.py", "--teacher-temp", "0", "more than 0"), ("barlow.py", "--scale-loss", "0", "more than 0"),
+    ("byol.py", "--base-tau", "1.5", "between 0 and 1"), ("dino.py", "--momentum-teacher", "2", "between 0 and 1"),
+    ("dino.py", "--drop-path", "-0.5", "between 0 and 1"), ("barlow.py", "--lr-biases", "-1", "at least 0"),
+    ("simclr.py", "--lr", "-1", "at least 0"), ("dino.py", "--weight-decay", "-0.1", "at least 0")])
+def test_impossible_method_values_are_one_usage_line(script, flag, value, message, capsys):
+    parser = __import__(script[:-3]).get_args_parser()
+    with pytest.raises(SystemExit):
+        parser.parse_args([flag, value])
+    assert f"argument {flag}: must be {message}, not {value}" in capsys.readouterr().err
+
+
+SCALES = [("--global-crops-scale", ["0.9", "0.2"]), ("--global-crops-scale", ["-1", "0.5"]),
+          ("--local-crops-scale", ["0.4", "0.05"])]
+
+
+@pytest.mark.parametrize("flag,scale", SCALES)
+def test_dino_crop_scales_out_of_order_or_range(flag, scale):
+    import dino
+    args = dino.get_args_parser().parse_args([*TINY, "--local-crops", "2", flag, *scale])
+    args.image_size = 16
+    with pytest.raises(SystemExit, match=f"{flag} {float(scale[0])} {float(scale[1])}: give the smallest"):
+        dino.fill_recipe(args)

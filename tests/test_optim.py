@@ -77,3 +77,14 @@ def test_lr_biases_scales_the_1d_group():
     assert weights["lr_scale"] == 1.0 and biases["lr_scale"] == pytest.approx(0.024)
     del args.lr_biases  # scripts without the flag: one learning rate for all
     assert [g["lr_scale"] for g in make_optimizer(model.parameters(), args).param_groups] == [1.0, 1.0]
+
+
+def test_lr_biases_zero_freezes_the_1d_group_and_needs_a_weights_lr():
+    """--lr-biases 0 is a value (biases and norms not trained), not "unset"; with --lr 0 there is no
+    schedule to take a fraction of: one line."""
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+    args = argparse.Namespace(optimizer="lars", weight_decay=1e-4, lars_eta=0.02, lr=0.2, lr_biases=0.0)
+    assert [g["lr_scale"] for g in make_optimizer(model.parameters(), args).param_groups] == [1.0, 0.0]
+    args.lr = 0.0
+    with pytest.raises(SystemExit, match="--lr-biases needs a --lr above 0"):
+        make_optimizer(model.parameters(), args)

@@ -44,8 +44,9 @@ def test_linear_eval_on_simclr_checkpoints(pretrained, tmp_path, ckpt, mode):
 
 
 def test_linear_eval_default_output_dir_and_random_baseline(pretrained, tmp_path):
-    run_script("linear_eval.py", "--ckpt", pretrained / "last.pt", "--mode", "fast", "--epochs", "1",
-               "--batch-size", "32", "--device", "cpu", "--workers", "0")
+    proc = run_script("linear_eval.py", "--ckpt", pretrained / "last.pt", "--mode", "fast", "--epochs", "1",
+                      "--batch-size", "32", "--device", "cpu", "--workers", "0", "--synthetic-size", "96", "48")
+    assert "on synthetic: 96 train / 48 test images" in proc.stdout  # the pretraining's dataset, a flag given wins
     assert json.loads((pretrained / "linear_eval" / "results.json").read_text())["ckpt"] == str(pretrained / "last.pt")
     (pretrained / "linear_eval" / "results.json").unlink()
     run_script("linear_eval.py", "--ckpt", "random", "--dataset", "synthetic", "--synthetic-size", "128", "64",
