@@ -914,6 +914,9 @@ def main(args):
         set_rng_states(ckpt["rng"])
         run.step, run.elapsed, (epoch_sums, run.n_epoch) = ckpt["step"], ckpt["elapsed"], ckpt["epoch_loss"]
         run.losses[1] = torch.tensor(epoch_sums)
+    if is_main and run.warmup_steps >= run.total_steps:  # a short run with the recipe's warm-up: say so
+        print(f"warning: --warmup-epochs {args.warmup_epochs} covers the whole run: the learning rate never reaches "
+              f"{run.base_lr:.4g} nor decays; lower --warmup-epochs for a short run", file=sys.stderr, flush=True)
     if is_main:
         fields = [*FIELDS, "teacher_entropy"]  # the last column: the losses' second entry
         run.logger = CSVLogger(out / "metrics.csv", fields, resume_step=run.step if ckpt else None)

@@ -212,3 +212,12 @@ def test_dino_head_and_teacher_flags(tmp_path):
     assert not torch.allclose(g, torch.ones_like(g))
     import dino
     assert not dino.DINOHead(8, 16, 8, 4, norm_last_layer=True).last_g.requires_grad
+
+
+def test_warm_up_longer_than_the_run_is_warned(tmp_path):
+    """The recipe's 10 warm-up epochs in a 2-epoch run: the learning rate never gets to its value."""
+    args = [*TINY, "--epochs", "2", "--max-steps", "1", "--knn-every", "0"]
+    proc = run_script("simclr.py", *args, "--output-dir", tmp_path / "a")
+    assert "warning: --warmup-epochs 10 covers the whole run" in proc.stderr
+    proc = run_script("simclr.py", *args, "--warmup-epochs", "1", "--output-dir", tmp_path / "b")
+    assert "warmup" not in proc.stderr
