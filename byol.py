@@ -10,7 +10,7 @@ Launch (the batch size is global, whatever the number of processes):
     python byol.py                                      # CIFAR-10, ResNet-18, one GPU or the CPU
     torchrun --nproc_per_node=4 byol.py                 # 4 GPUs of one machine
     sbatch sbatch/byol.sh --epochs 200                  # SLURM: srun starts one task per GPU
-    python byol.py --dataset synthetic --device cpu --epochs 2 --batch-size 64   # offline demo (CPU, minutes)
+    python byol.py --dataset synthetic --device cpu --epochs 2 --warmup-epochs 0 --batch-size 64  # CPU demo
     python linear_eval.py --ckpt runs/byol/last.pt      # evaluate the online backbone afterwards
 Starting the same command again resumes from <output-dir>/last.pt.
 
@@ -171,18 +171,23 @@ class VisionTransformer(nn.Module):
         return self.norm(x)[:, 0]
 
 
+def default_patch_size(image_size):
+    """4 px ViT patches up to 32 px images, 8 up to 64 px, else 16 (ViT-S/16 on 224 px: 196 tokens;
+    a 32 px image needs small patches to give more than a handful)."""
+    return 4 if image_size <= 32 else 8 if image_size <= 64 else 16
+
+
 def build_backbone(arch, image_size, patch_size=None, drop_path=0.0):
     """The backbone without a classifier, and its metadata (arch, image_size, feat_dim, and
     cifar_stem or patch_size), which checkpoints store so that linear_eval.py can rebuild it.
 
     ResNets (torchvision) get the CIFAR stem at 64 px or less: a 3x3 stride-1 first convolution and
     no max-pool (SimCLR paper, appendix B.9), as the ImageNet stem would shrink 32 px to 8 px at once.
-    ViTs take a patch size of 4 up to 32 px, 8 up to 64 px, else 16 unless told (ViT-S/16 on 224 px
-    gives 196 tokens; a 32 px image needs small patches to give more than a handful).
+    ViTs take default_patch_size(image_size) unless told; the image size must be a multiple of it.
     """
     meta = {"arch": arch, "image_size": image_size}
     if arch in VIT_SIZES:
-        patch_size = patch_size or (4 if image_size <= 32 else 8 if image_size <= 64 else 16)
+        patch_size = patch_size or default_patch_size(image_size)
         if image_size % patch_size:  # the convolution would silently drop the last rows and columns
             common.fail(f"--image-size {image_size} is not a multiple of the ViT patch size {patch_size}; change "
                         "either (--patch-size, --image-size)")
@@ -464,7 +469,7 @@ def load_checkpoint(path):
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        if isinstance(e, pickle.UnpicklingError) and zipfile.is_zipfile(path):  # a torch.save archive, with objects
+        if isinstance(e, pickle.UnpicklingError) and ("Unsupported global" in str(e) or zipfile.is_zipfile(path)):
             common.fail(f"{path} holds pickled Python objects, not only tensors: refused (loading it could run code); "
                         "give a checkpoint written by these scripts")
         common.fail(f"{path} is not a readable checkpoint ({type(e).__name__}): truncated, corrupt or another kind "
@@ -721,7 +726,7 @@ def main(args):
         torch.use_deterministic_algorithms(True, warn_only=True)  # warn where CUDA has no such kernel
     torch.backends.cudnn.benchmark = not args.deterministic
     if args.precision == "auto":  # bf16 only where the GPU computes in it (Ampere and newer), not emulated
-        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
+        bf16 = device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8
         args.precision = "bf16" if bf16 else "fp32"
     amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
     torch.manual_seed(args.seed)

@@ -166,18 +166,23 @@ class VisionTransformer(nn.Module):
         return self.norm(x)[:, 0]
 
 
+def default_patch_size(image_size):
+    """4 px ViT patches up to 32 px images, 8 up to 64 px, else 16 (ViT-S/16 on 224 px: 196 tokens;
+    a 32 px image needs small patches to give more than a handful)."""
+    return 4 if image_size <= 32 else 8 if image_size <= 64 else 16
+
+
 def build_backbone(arch, image_size, patch_size=None, drop_path=0.0):
     """The backbone without a classifier, and its metadata (arch, image_size, feat_dim, and
     cifar_stem or patch_size), which checkpoints store so that linear_eval.py can rebuild it.
 
     ResNets (torchvision) get the CIFAR stem at 64 px or less: a 3x3 stride-1 first convolution and
     no max-pool (SimCLR paper, appendix B.9), as the ImageNet stem would shrink 32 px to 8 px at once.
-    ViTs take a patch size of 4 up to 32 px, 8 up to 64 px, else 16 unless told (ViT-S/16 on 224 px
-    gives 196 tokens; a 32 px image needs small patches to give more than a handful).
+    ViTs take default_patch_size(image_size) unless told; the image size must be a multiple of it.
     """
     meta = {"arch": arch, "image_size": image_size}
     if arch in VIT_SIZES:
-        patch_size = patch_size or (4 if image_size <= 32 else 8 if image_size <= 64 else 16)
+        patch_size = patch_size or default_patch_size(image_size)
         if image_size % patch_size:  # the convolution would silently drop the last rows and columns
             common.fail(f"--image-size {image_size} is not a multiple of the ViT patch size {patch_size}; change "
                         "either (--patch-size, --image-size)")
@@ -390,7 +395,7 @@ def load_checkpoint(path):
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        if isinstance(e, pickle.UnpicklingError) and zipfile.is_zipfile(path):  # a torch.save archive, with objects
+        if isinstance(e, pickle.UnpicklingError) and ("Unsupported global" in str(e) or zipfile.is_zipfile(path)):
             common.fail(f"{path} holds pickled Python objects, not only tensors: refused (loading it could run code); "
                         "give a checkpoint written by these scripts")
         common.fail(f"{path} is not a readable checkpoint ({type(e).__name__}): truncated, corrupt or another kind "
@@ -656,7 +661,7 @@ def main(args):
         torch.use_deterministic_algorithms(True, warn_only=True)  # warn where CUDA has no such kernel
     torch.backends.cudnn.benchmark = not args.deterministic
     if args.precision == "auto":  # bf16 only where the GPU computes in it (Ampere and newer), not emulated
-        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
+        bf16 = device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8
         args.precision = "bf16" if bf16 else "fp32"
     amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
     torch.manual_seed(args.seed)
@@ -677,8 +682,9 @@ def main(args):
     args.data_dir = args.data_dir or "./data"
     args.image_size = args.image_size or meta.get("image_size")
     if args.ckpt != "random" and args.patch_size not in (None, meta.get("patch_size")):
-        common.fail(f"--patch-size {args.patch_size} is not the one {args.ckpt} was trained with "
-                    f"({meta.get('patch_size')}); drop the flag")
+        trained = f"patch size {meta['patch_size']}" if meta.get("patch_size") else "no patches"
+        common.fail(f"--patch-size {args.patch_size}: {args.ckpt} holds a {meta['arch']} with {trained}; "
+                    "drop the flag")
 
     # 3. Output directory, and the probe checkpoint to resume from ---------------------------
     default_out = Path(args.ckpt).parent / "linear_eval" if args.ckpt != "random" else Path("runs/linear_eval_random")
@@ -705,7 +711,7 @@ def main(args):
                     f"of {args.ckpt}; change --image-size")
     if data.train is None:
         common.fail(f"linear evaluation needs labels, and {args.dataset} in {args.data_dir} has none "
-                    "(a flat image folder?); give a labeled --dataset/--data-dir")
+                    "(a flat or one-class image folder, or no test images?); give a labeled --dataset/--data-dir")
     if args.batch_size > len(data.train):
         common.fail(f"--batch-size {args.batch_size} is larger than the {len(data.train)} training images; lower it")
     eval_t = common.eval_transform(data.image_size, data.mean, data.std)

@@ -99,3 +99,14 @@ def test_gradient_checkpointing_same_loss_and_gradients_less_memory():
     for name in g0:
         assert torch.allclose(g0[name], g1[name], rtol=1e-5, atol=1e-7), name
     assert m1 < m0 / 4, (m0, m1)  # 12 blocks' activations against their 12 inputs
+
+
+@pytest.mark.parametrize("arch,size,local", [("vit_tiny", 32, 16), ("vit_tiny", 64, 24), ("vit_tiny", 96, 48),
+                                             ("vit_tiny", 224, 96), ("resnet18", 96, 40), ("resnet18", 32, 16)])
+def test_dino_default_local_crop_is_whole_patches(arch, size, local):
+    """3/7 of the image side (DINO: 96 of 224 px), in whole patches of the default patch size."""
+    import dino
+    args = dino.get_args_parser().parse_args(["--arch", arch, "--local-crops", "2"])
+    args.image_size = size
+    dino.fill_recipe(args)
+    assert args.local_crop_size == local
