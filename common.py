@@ -17,9 +17,10 @@ Datasets (--dataset):
 Small-image datasets are held in memory as uint8 arrays (N, H, W, 3) and augmented in batches on
 the training device (BatchedView); image folders are read from disk in the loader's workers.
 
-Every augmentation is seeded by (seed, epoch, image index), not by the worker that happens to
-load the image: a run gives the same views whatever the number of workers or processes, and a
-run resumed in the middle of an epoch sees exactly the views it would have seen.
+Every augmentation is seeded by (seed, epoch, image index) in the PIL pipeline, by (seed, epoch,
+global batch) in the batched one, not by the worker or process that happens to load the image: a
+run gives the same views whatever the number of workers or processes, and a run resumed in the
+middle of an epoch sees exactly the views it would have seen.
 """
 import argparse
 import copy

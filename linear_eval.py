@@ -12,9 +12,10 @@ Launch:
 Results go to <output-dir>/results.json (default: a linear_eval/ folder beside the checkpoint);
 starting the same command again resumes the probe from <output-dir>/last.pt.
 
-Protocol (--mode linear, the standard one): frozen backbone in eval mode, a linear layer trained
-with SGD (momentum 0.9, lr 0.1 x batch/256, no weight decay, cosine, 100 epochs, batch 256) on
-random-resized crops and flips; top-1 and top-5 on the test split with centre crops.
+Protocol (--mode linear, the standard one): frozen backbone in eval mode, BatchNorm without affine
+parameters then a linear layer (MAE's probe), trained with SGD (momentum 0.9, lr 0.1 x batch/256,
+no weight decay, cosine, 100 epochs, batch 256) on random-resized crops and flips; top-1 and top-5
+on the test split with centre crops.
 --mode fast computes the features of the un-augmented training images once and trains the linear
 layer on them: minutes instead of hours, usually a little below the full protocol.
 kNN: weighted, k=200, temperature 0.1, on L2-normalised features (as in DINO).

@@ -14,7 +14,8 @@ Starting the same command again resumes from <output-dir>/last.pt.
 
 Defaults follow solo-learn's CIFAR recipe (scripts/pretrain/cifar/simclr.yaml): ResNet-18 with the
 CIFAR stem, batch 256, LARS (eta 0.02, lr 0.4 x batch/256, weight decay 1e-4, 10 warm-up epochs,
-cosine), temperature 0.2, projector 2048 -> 256, 1000 epochs; augmentations as in the paper
+cosine), temperature 0.2, projector 2048 -> 256 (with BatchNorm, as the official code; solo-learn's has
+none), 1000 epochs; augmentations as in the paper
 (colour strength 0.5, no blur at 32 px). Expected, from the sources, not measured here:
 about 90.7% top-1 (solo-learn, online linear probe, 1000 epochs) and about 85% kNN after
 200 epochs (lightly's benchmark, batch 512). Measured with this script: see README.md.
