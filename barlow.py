@@ -796,7 +796,8 @@ def main(args):
         run.logger = CSVLogger(out / "metrics.csv", FIELDS, resume_step=run.step if ckpt else None)
         (out / "args.json").write_text(json.dumps(vars(args), indent=2))
         print(f"{f'resumed from {resume_from} at step {run.step}' if ckpt else 'new run'}: "
-              f"{len(data.pretrain)} images, {world_size} process(es) on {device.type}, {args.precision}, "
+              f"{len(data.pretrain)} images{'' if data.train else ' (unlabeled: no kNN)'}, "
+              f"{world_size} process(es) on {device.type}, {args.precision}, "
               f"{steps_per_epoch} steps/epoch", flush=True)
 
     # 6. Train -------------------------------------------------------------------------------

@@ -48,7 +48,7 @@ def test_pack_an_unlabeled_folder(tmp_path):
     proc = run_script("byol.py", "--dataset", "packed", "--data-dir", tmp_path / "packed", "--batch-size", "4",
                       "--epochs", "1", "--device", "cpu", "--workers", "0", "--proj-hidden-dim", "32",
                       "--pred-hidden-dim", "32", "--output-dir", tmp_path / "run")
-    assert "20 images" in proc.stdout and "knn" not in proc.stdout
+    assert "20 images (unlabeled: no kNN)" in proc.stdout and "knn" not in proc.stdout
 
 
 def test_packed_without_arrays_is_one_clear_line(tmp_path):
