@@ -837,4 +837,7 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    try:
+        main(get_args_parser().parse_args())
+    except common.UnreadableImages as e:  # perhaps from a loader process: its last line, not its traceback
+        common.fail(str(e).strip().splitlines()[-1].split("UnreadableImages: ")[-1])

@@ -101,6 +101,11 @@ def add_data_args(parser):
 # ---- Datasets ------------------------------------------------------------------------------
 
 
+class UnreadableImages(RuntimeError):
+    """Many images in a row could not be read: the folder is the problem, not one file. The scripts'
+    __main__ turn it into one error line, also when a loader process raised it."""
+
+
 class ImageSet(torch.utils.data.Dataset):
     """Images in memory (uint8 array N x H x W x 3) or as files, with labels or without (None).
 
@@ -138,7 +143,7 @@ class ImageSet(torch.utils.data.Dataset):
                     self._warned.add(path)
                     print(f"warning: skipping unreadable image {path} ({e}); delete or replace it "
                           f"({len(self._warned)} skipped in this process)", file=sys.stderr, flush=True)
-        raise RuntimeError(f"{tries} unreadable images in a row from {self.files[i]} on: check the image folder")
+        raise UnreadableImages(f"{tries} unreadable images in a row from {self.files[i]} on: check the image folder")
 
     def __getitem__(self, key):
         epoch, i = key if isinstance(key, tuple) else (0, key)
@@ -224,7 +229,7 @@ def load_data(args):
     else:  # an image folder: its first image's size, up to 224 (so a folder of 32 px images trains at 32)
         try:
             image_size = min(224, *pretrain.load(0)[0].size)
-        except RuntimeError as e:
+        except UnreadableImages as e:
             fail(str(e))
     mean, std = NORMALISATION.get(name) or _mean_std(pretrain.images)
     return Data(pretrain, train, test, num_classes, image_size, mean, std)

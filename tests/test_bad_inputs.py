@@ -253,3 +253,18 @@ def test_dino_crop_scales_out_of_order_or_range(flag, scale):
     args.image_size = 16
     with pytest.raises(SystemExit, match=f"{flag} {float(scale[0])} {float(scale[1])}: give the smallest"):
         dino.fill_recipe(args)
+
+
+@pytest.mark.parametrize("workers", ["0", "1"])
+def test_a_folder_of_unreadable_images_is_one_line(tmp_path, workers):
+    """A half-copied dataset (every file empty): stopped with one line naming the folder's files, also
+    when a loader process finds it (its traceback is not shown)."""
+    for c in ("a", "b"):
+        (tmp_path / "data" / c).mkdir(parents=True)
+        for i in range(4):
+            (tmp_path / "data" / c / f"{i}.jpg").write_bytes(b"")
+    msg = fails("simclr.py", "--dataset", "imagefolder", "--data-dir", tmp_path / "data", "--image-size", "8",
+                "--batch-size", "2", "--epochs", "1", "--device", "cpu", "--workers", workers,
+                "--output-dir", tmp_path / "run")
+    assert msg.startswith("error: ") and "unreadable images in a row from" in msg and str(tmp_path / "data") in msg
+    assert not (tmp_path / "run" / "last.pt").exists()
