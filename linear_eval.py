@@ -830,5 +830,5 @@ def main(args):
 if __name__ == "__main__":
     try:
         main(get_args_parser().parse_args())
-    except common.UnreadableImages as e:  # perhaps from a loader process: its last line, not its traceback
+    except common.UnreadableImages as e:  # maybe raised in a loader process: one line, no traceback
         common.fail(str(e).strip().splitlines()[-1].split("UnreadableImages: ")[-1])
