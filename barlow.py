@@ -22,6 +22,11 @@ paper's ImageNet settings: --proj-hidden-dim 8192 --proj-dim 8192 --lr 0.2 --lr-
 --weight-decay 1.5e-6 --scale-loss 1 --batch-size 2048. Expected, from the sources, not measured
 here: about 92.1% top-1 (solo-learn, online linear probe, 1000 epochs; 91.6% offline) and about
 82% kNN after 200 epochs (lightly's benchmark, batch 512). Measured with this script: see README.md.
+
+Reading order: the method is in Arguments, Model, Loss and Training (about 340 lines). The blocks
+marked `# SHARED: identical in every script` (backbone, LARS and schedules, distributed setup,
+checkpoints, logging, preemption, kNN monitor; about 500 lines) are the same in every script:
+read them once, in any of them.
 """
 import argparse
 import csv

@@ -21,6 +21,11 @@ paper uses 0.996 on ImageNet), 1000 epochs; asymmetric augmentations (solarisati
 second view, no blur at 32 px). Expected, from the sources, not measured here: about 92.6% top-1
 (solo-learn, online linear probe, 1000 epochs) and about 87% kNN after 200 epochs (lightly's
 benchmark, batch 512). Measured with this script: see README.md.
+
+Reading order: the method is in Arguments, Model, Loss and Training (about 340 lines). The blocks
+marked `# SHARED: identical in every script` (backbone, LARS and schedules, distributed setup,
+checkpoints, logging, preemption, kNN monitor; about 500 lines) are the same in every script:
+read them once, in any of them.
 """
 import argparse
 import copy

@@ -19,6 +19,11 @@ on the test split with centre crops.
 --mode fast computes the features of the un-augmented training images once and trains the linear
 layer on them: minutes instead of hours, usually a little below the full protocol.
 kNN: weighted, k=200, temperature 0.1, on L2-normalised features (as in DINO).
+
+Reading order: the evaluation is in Arguments and Training (about 330 lines). The blocks
+marked `# SHARED: identical in every script` (backbone, LARS and schedules, distributed setup,
+checkpoints, logging, preemption, kNN monitor; about 500 lines) are the same in every script:
+read them once, in any of them.
 """
 import argparse
 import csv

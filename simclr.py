@@ -19,6 +19,11 @@ none), 1000 epochs; augmentations as in the paper
 (colour strength 0.5, no blur at 32 px). Expected, from the sources, not measured here:
 about 90.7% top-1 (solo-learn, online linear probe, 1000 epochs) and about 85% kNN after
 200 epochs (lightly's benchmark, batch 512). Measured with this script: see README.md.
+
+Reading order: the method is in Arguments, Model, Loss and Training (about 320 lines). The blocks
+marked `# SHARED: identical in every script` (backbone, LARS and schedules, distributed setup,
+checkpoints, logging, preemption, kNN monitor; about 500 lines) are the same in every script:
+read them once, in any of them.
 """
 import argparse
 import csv

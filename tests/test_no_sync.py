@@ -52,26 +52,30 @@ class ReadBackRecorder(TorchFunctionMode):
             self.calls.append((name, caller.f_code.co_name, caller.f_lineno))
 
 
-@pytest.mark.parametrize("script,extra", [("simclr.py", METHODS["simclr.py"]), ("byol.py", METHODS["byol.py"]),
-                                          ("barlow.py", METHODS["barlow.py"]), ("dino.py", DINO_VIT)])
-def test_loss_read_back_only_at_log_steps(script, extra, tmp_path, monkeypatch):
+def run_recorded(module, argv, monkeypatch):
+    """module.main() in this process, as a user's shell would start it (no torchrun or SLURM
+    variables), under a ReadBackRecorder; the signal handlers main() installs are put back."""
     for key in list(os.environ):
         if key.startswith(("SLURM_", "RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_")):
             monkeypatch.delenv(key)
-    module = __import__(script[:-3])
-    args = module.get_args_parser().parse_args(
-        [*TINY, *extra, "--log-every", "3", "--max-steps", "6", "--knn-every", "0", "--aug-device", "auto",
-         "--output-dir", str(tmp_path)])
     handlers = {s: signal.getsignal(s) for s in (signal.SIGUSR1, signal.SIGTERM)}
     try:
         with ReadBackRecorder() as recorder:
-            module.main(args)
+            module.main(module.get_args_parser().parse_args([*TINY, *argv]))
     finally:
         for s, h in handlers.items():
             signal.signal(s, h)
+    return [c[:2] for c in recorder.calls]
+
+
+@pytest.mark.parametrize("script,extra", [("simclr.py", METHODS["simclr.py"]), ("byol.py", METHODS["byol.py"]),
+                                          ("barlow.py", METHODS["barlow.py"]), ("dino.py", DINO_VIT)])
+def test_loss_read_back_only_at_log_steps(script, extra, tmp_path, monkeypatch):
+    calls = run_recorded(__import__(script[:-3]), [*extra, "--log-every", "3", "--max-steps", "6", "--knn-every", "0",
+                                                   "--aug-device", "auto", "--output-dir", str(tmp_path)], monkeypatch)
     assert (tmp_path / "last.pt").exists()
     # 6 steps, a log row every 3: one read-back of [loss, metrics] each time, and nothing else.
-    assert [c[:2] for c in recorder.calls] == [("tolist", "log_row")] * 2, recorder.calls
+    assert calls == [("tolist", "log_row")] * 2, calls
 
 
 def test_the_recorder_sees_a_read_back_in_the_loop(tmp_path, monkeypatch):
@@ -86,14 +90,6 @@ def test_the_recorder_sees_a_read_back_in_the_loop(tmp_path, monkeypatch):
         return loss
 
     monkeypatch.setattr(simclr, "info_nce_loss", loss_read_every_step)
-    args = simclr.get_args_parser().parse_args([*TINY, "--log-every", "100", "--max-steps", "2", "--knn-every", "0",
-                                                "--output-dir", str(tmp_path)])
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGUSR1, signal.SIGTERM)}
-    try:
-        with ReadBackRecorder() as recorder:
-            simclr.main(args)
-    finally:
-        for s, h in handlers.items():
-            signal.signal(s, h)
-    injected = "loss_read_every_step"
-    assert [c[:2] for c in recorder.calls] == [("__bool__", injected)] * 2, recorder.calls
+    calls = run_recorded(simclr, ["--log-every", "100", "--max-steps", "2", "--knn-every", "0",
+                                  "--output-dir", str(tmp_path)], monkeypatch)
+    assert calls == [("__bool__", "loss_read_every_step")] * 2, calls
