@@ -27,6 +27,7 @@ import copy
 import json
 import math
 import os
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -799,6 +800,11 @@ class DeviceLoader:
             yield [views[i] for i in range(len(self.views))], self.labels[torch.from_numpy(sel)]
 
 
+def _major_minor(version):
+    """'0.18.1+cu121' -> (0, 18)."""
+    return tuple(int(part) for part in re.findall(r"\d+", version)[:2])
+
+
 def pretrain_loader(dataset, transforms, local_batch, world_size, rank, args, device):
     """The loader of the pretraining views: batched on the training device (BatchedView,
     DeviceLoader) where --aug-device allows it and the images are in memory, otherwise the PIL
@@ -809,6 +815,9 @@ def pretrain_loader(dataset, transforms, local_batch, world_size, rank, args, de
     if args.aug_device == "cuda" and not batched:
         fail(f"--aug-device cuda needs images held in memory, and --dataset {args.dataset} reads files; "
              "pack the folder (python common.py pack ...) or use --aug-device cpu")
+    if not batched and _major_minor(torchvision.__version__) < (0, 19) and _major_minor(np.__version__) >= (2, 0):
+        fail(f"torchvision {torchvision.__version__} predates numpy 2: its PIL colour jitter stops with an "
+             f"OverflowError under numpy {np.__version__}; pip install 'numpy<2' (or torchvision >= 0.19)")
     if batched:
         return DeviceLoader(dataset.images, dataset.labels, [BatchedView.from_transform(t) for t in transforms],
                             local_batch, world_size, rank, args.seed, device)

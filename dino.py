@@ -592,7 +592,8 @@ def load_checkpoint(path):
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        if isinstance(e, pickle.UnpicklingError) and ("Unsupported global" in str(e) or zipfile.is_zipfile(path)):
+        objects = re.search("Unsupported (global|class)", str(e)) or zipfile.is_zipfile(path)  # torch 2.4+ | 2.3
+        if isinstance(e, pickle.UnpicklingError) and objects:
             common.fail(f"{path} holds pickled Python objects, not only tensors: refused (loading it could run code); "
                         "give a checkpoint written by these scripts")
         common.fail(f"{path} is not a readable checkpoint ({type(e).__name__}): truncated, corrupt or another kind "

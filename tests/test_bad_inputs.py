@@ -268,3 +268,26 @@ def test_a_folder_of_unreadable_images_is_one_line(tmp_path, workers):
                 "--output-dir", tmp_path / "run")
     assert msg.startswith("error: ") and "unreadable images in a row from" in msg and str(tmp_path / "data") in msg
     assert not (tmp_path / "run" / "last.pt").exists()
+
+
+def test_torchvision_018_with_numpy_2_is_one_line_before_the_pil_loader(monkeypatch, tmp_path):
+    """torchvision 0.18 (torch 2.3) computes hue shifts with np.uint8 of a negative number, an
+    OverflowError under numpy 2 in a loader process; the batched path does not use that code."""
+    import types
+    import common
+    from PIL import Image
+    images, labels = common.synthetic_images(16, size=8)
+    for i, image in enumerate(images):
+        Image.fromarray(image).save(tmp_path / f"{i}.png")
+    files = common.ImageSet(files=sorted(tmp_path.glob("*.png")), labels=labels)
+    views = [common.simclr_augmentation(8, (0.5,) * 3, (0.2,) * 3)] * 2
+    args = types.SimpleNamespace(aug_device="auto", dataset="imagefolder", seed=0, workers=0)
+    monkeypatch.setattr(common.torchvision, "__version__", "0.18.1+cu121")
+    monkeypatch.setattr(common.np, "__version__", "2.1.3")
+    with pytest.raises(SystemExit, match=r"torchvision 0.18.1\+cu121 predates numpy 2: .*pip install 'numpy<2'"):
+        common.pretrain_loader(files, views, 8, 1, 0, args, torch.device("cpu"))
+    in_memory = common.ImageSet(images=images, labels=labels)
+    assert isinstance(common.pretrain_loader(in_memory, views, 8, 1, 0, args, torch.device("cpu")), common.DeviceLoader)
+    monkeypatch.setattr(common.np, "__version__", "1.26.4")
+    x1, x2 = next(iter(common.pretrain_loader(files, views, 8, 1, 0, args, torch.device("cpu"))))[0]
+    assert x1.shape == x2.shape == (8, 3, 8, 8)
