@@ -581,17 +581,21 @@ class Preemption:
         signal.signal(signal.SIGTERM, lambda *_: setattr(self, "term", True))
         # Processes agree on stopping through a CPU (gloo) all-reduce: no GPU sync per step.
         self.group = dist.new_group(backend="gloo") if world_size > 1 and device.type == "cuda" else None
+        # One tensor for the whole run, never a temporary: with torch < 2.8, a gloo worker thread that
+        # frees the last tensor of a collective needs the GIL, and the process group's destructor at
+        # exit holds it while waiting for that thread: the job hangs instead of ending.
+        self.flags = torch.zeros(2, dtype=torch.int32)
 
     def requested(self):
-        flags = torch.tensor([self.usr1, self.term], dtype=torch.int32)
+        self.flags[0], self.flags[1] = self.usr1, self.term
         if self.world_size > 1:
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.group)
+            dist.all_reduce(self.flags, op=dist.ReduceOp.MAX, group=self.group)
         # Only ever set flags here: writing False back could erase a signal arriving meanwhile.
-        if flags[0]:
+        if self.flags[0]:
             self.usr1 = True
-        if flags[1]:
+        if self.flags[1]:
             self.term = True
-        return bool(flags.any())
+        return bool(self.flags.any())
 
     def exit(self, is_main, message):
         """After saving: on SIGUSR1 under SLURM, requeue the job (it keeps its id, so it resumes)."""

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from conftest import METHODS, REPO, TINY, clean_env, load, run_script
 
@@ -106,7 +107,33 @@ def test_two_tasks_agree_to_stop_when_one_gets_the_signal(tmp_path, fake_scontro
         if line.startswith("epoch 0 step"):
             procs[1].send_signal(signal.SIGUSR1)
             break
-    outs = [procs[0].communicate(timeout=180)[0], procs[1].communicate(timeout=180)[0]]
+    try:
+        outs = [procs[0].communicate(timeout=180)[0], procs[1].communicate(timeout=180)[0]]
+    finally:  # a hung process must not outlive the test
+        for p in procs:
+            p.kill()
     assert [p.returncode for p in procs] == [0, 0], "".join(lines) + outs[0] + outs[1]
     assert log.read_text().split() == ["requeue", str(job_id)]  # rank 0 requeues, once
     assert load(tmp_path / "run" / "last.pt")["step"] < 200
+
+
+def test_the_flags_tensor_outlives_every_all_reduce(monkeypatch):
+    """Every process all-reduces the signal flags at each step. With torch < 2.8 a gloo worker thread
+    that frees the last tensor of a collective needs the GIL, which the process group's destructor
+    holds at exit: a job could hang at its end (seen with torch 2.4: a 2-task run stopped by a
+    signal never exited). So the tensor handed to all_reduce must stay alive after the call."""
+    import weakref
+    import torch.distributed as dist
+    from simclr import Preemption
+    handed = []
+
+    def all_reduce(t, op=None, group=None):
+        handed.append(weakref.ref(t))
+        t[1] = 1  # another process got SIGTERM
+
+    monkeypatch.setattr(dist, "all_reduce", all_reduce)
+    monkeypatch.setattr(signal, "signal", lambda *a: None)  # leave pytest's handlers alone
+    p = Preemption(2, torch.device("cpu"))
+    assert p.requested() and p.term and not p.usr1
+    p.requested()
+    assert len(handed) == 2 and all(r() is not None for r in handed) and handed[0]() is handed[1]()
