@@ -536,8 +536,9 @@ class CPUSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
         if not self.training:
             return super().forward(x)
         dims, c = [0] + list(range(2, x.dim())), x.shape[1]
-        count = torch.full((1,), x.numel() / c, dtype=x.dtype)
-        stats = GatherWithGrad.apply(torch.cat([x.sum(dims), (x * x).sum(dims), count])[None]).sum(0)
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))  # bf16/fp16 (autocast): statistics in fp32
+        count = torch.full((1,), x.numel() / c, dtype=xf.dtype)
+        stats = GatherWithGrad.apply(torch.cat([xf.sum(dims), (xf * xf).sum(dims), count])[None]).sum(0)
         n = stats[-1]
         mean, var = stats[:c] / n, stats[c:2 * c] / n - (stats[:c] / n) ** 2
         with torch.no_grad():
@@ -545,8 +546,9 @@ class CPUSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
             self.running_var.lerp_(var * n / (n - 1), self.momentum)
             self.num_batches_tracked += 1
         shape = (1, c) + (1,) * (x.dim() - 2)
-        y = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
-        return y * self.weight.view(shape) + self.bias.view(shape) if self.affine else y
+        y = (xf - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
+        y = y * self.weight.view(shape) + self.bias.view(shape) if self.affine else y
+        return y.to(x.dtype)  # the input's dtype, as torch's BatchNorm under autocast
 
 
 def convert_sync_batchnorm(module, device):

@@ -65,6 +65,29 @@ def test_cpu_sync_batchnorm_matches_batchnorm_single_process():
     dist.destroy_process_group()
 
 
+def test_cpu_sync_batchnorm_takes_half_precision_input_as_torch_batchnorm():
+    """--precision bf16 (or fp16) on CPU with several processes: autocast hands BatchNorm bf16
+    activations while its parameters and running statistics stay fp32. The statistics are computed
+    in fp32 and the output has the input's dtype, as with torch's BatchNorm (it used to crash)."""
+    from simclr import CPUSyncBatchNorm
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", init_method="tcp://127.0.0.1:29532", rank=0, world_size=1)
+    torch.manual_seed(0)
+    x = torch.randn(16, 4, 6, 6) * 0.5 + 3.0  # a mean far from 0: bf16 sums of squares would cancel
+    for dtype in (torch.bfloat16, torch.float16):
+        bn, sync = nn.BatchNorm2d(4), CPUSyncBatchNorm(4)
+        xs = [x.to(dtype).requires_grad_() for _ in range(2)]
+        y1, y2 = bn(xs[0]), sync(xs[1])
+        assert y2.dtype == dtype and sync.running_mean.dtype == torch.float32
+        assert (y1.float() - y2.float()).abs().max() <= 2 * torch.finfo(dtype).eps * y1.float().abs().max()
+        assert torch.allclose(bn.running_mean, sync.running_mean, rtol=1e-5)
+        assert torch.allclose(bn.running_var, sync.running_var, rtol=1e-4)
+        (g1,), (g2,) = (torch.autograd.grad(y.float().pow(3).sum(), xx) for y, xx in zip((y1, y2), xs))
+        assert g2.dtype == dtype and torch.allclose(g1.float(), g2.float(), rtol=0.05, atol=0.05)
+    dist.destroy_process_group()
+
+
 def test_linear_eval_two_processes_matches_one(tmp_path, pretrained):
     from conftest import run_script as run
     args = ["--ckpt", pretrained / "last.pt", "--mode", "fast", "--epochs", "2", "--batch-size", "32",
