@@ -566,6 +566,7 @@ class BatchedView:
         self.size, self.scale, self.ratio, self.mean, self.std = size, scale, ratio, mean, std
         self.flip_p, self.jitter_p, self.jitter, self.gray_p = flip_p, jitter_p, jitter, gray_p
         self.blur_p, self.blur_kernel, self.blur_sigma, self.solarize_p = blur_p, blur_kernel, blur_sigma, solarize_p
+
     @classmethod
     def from_transform(cls, compose):
         kw = {}
@@ -800,29 +801,6 @@ class DeviceLoader:
             yield [views[i] for i in range(len(self.views))], self.labels[torch.from_numpy(sel)]
 
 
-def _major_minor(version):
-    """'0.18.1+cu121' -> (0, 18)."""
-    return tuple(int(part) for part in re.findall(r"\d+", version)[:2])
-
-
-def pretrain_loader(dataset, transforms, local_batch, world_size, rank, args, device):
-    """The loader of the pretraining views: batched on the training device (BatchedView,
-    DeviceLoader) where --aug-device allows it and the images are in memory, otherwise the PIL
-    transforms in --workers worker processes (image folders)."""
-    if args.aug_device == "cuda" and device.type != "cuda":
-        fail("--aug-device cuda but training runs on the CPU; use --aug-device auto or cpu")
-    batched = args.aug_device != "cpu" and dataset.images is not None
-    if args.aug_device == "cuda" and not batched:
-        fail(f"--aug-device cuda needs images held in memory, and --dataset {args.dataset} reads files; "
-             "pack the folder (python common.py pack ...) or use --aug-device cpu")
-    if not batched and _major_minor(torchvision.__version__) < (0, 19) and _major_minor(np.__version__) >= (2, 0):
-        fail(f"torchvision {torchvision.__version__} predates numpy 2: its PIL colour jitter stops with an "
-             f"OverflowError under numpy {np.__version__}; pip install 'numpy<2' (or torchvision >= 0.19)")
-    if batched:
-        return DeviceLoader(dataset.images, dataset.labels, [BatchedView.from_transform(t) for t in transforms],
-                            local_batch, world_size, rank, args.seed, device)
-    return train_loader(dataset.with_transform(Views(*transforms)), local_batch, world_size, rank, args.workers,
-                        args.seed, pin_memory=device.type == "cuda")
 # ---- Loader --------------------------------------------------------------------------------
 
 
@@ -863,6 +841,31 @@ def train_loader(dataset, local_batch, world_size, rank, workers, seed, pin_memo
         dataset, batch_size=local_batch, sampler=EpochSampler(dataset, world_size, rank, seed),
         num_workers=workers, pin_memory=pin_memory, drop_last=True, persistent_workers=workers > 0,
         worker_init_fn=_seed_worker, generator=torch.Generator().manual_seed(seed))
+
+
+def _major_minor(version):
+    """'0.18.1+cu121' -> (0, 18)."""
+    return tuple(int(part) for part in re.findall(r"\d+", version)[:2])
+
+
+def pretrain_loader(dataset, transforms, local_batch, world_size, rank, args, device):
+    """The loader of the pretraining views: batched on the training device (BatchedView,
+    DeviceLoader) where --aug-device allows it and the images are in memory, otherwise the PIL
+    transforms in --workers worker processes (image folders)."""
+    if args.aug_device == "cuda" and device.type != "cuda":
+        fail("--aug-device cuda but training runs on the CPU; use --aug-device auto or cpu")
+    batched = args.aug_device != "cpu" and dataset.images is not None
+    if args.aug_device == "cuda" and not batched:
+        fail(f"--aug-device cuda needs images held in memory, and --dataset {args.dataset} reads files; "
+             "pack the folder (python common.py pack ...) or use --aug-device cpu")
+    if not batched and _major_minor(torchvision.__version__) < (0, 19) and _major_minor(np.__version__) >= (2, 0):
+        fail(f"torchvision {torchvision.__version__} predates numpy 2: its PIL colour jitter stops with an "
+             f"OverflowError under numpy {np.__version__}; pip install 'numpy<2' (or torchvision >= 0.19)")
+    if batched:
+        return DeviceLoader(dataset.images, dataset.labels, [BatchedView.from_transform(t) for t in transforms],
+                            local_batch, world_size, rank, args.seed, device)
+    return train_loader(dataset.with_transform(Views(*transforms)), local_batch, world_size, rank, args.workers,
+                        args.seed, pin_memory=device.type == "cuda")
 
 
 if __name__ == "__main__":
