@@ -91,7 +91,7 @@ def get_args_parser():
     g.add_argument("--resume", default=None, help="checkpoint to start from when --output-dir has no last.pt")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to train")
     g.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                   help="autocast precision (auto: bf16 on Ampere or newer GPUs, else fp32)")
+                   help="autocast precision (auto: bf16 on Ampere+ GPUs, fp16 on V100/T4, else fp32)")
     g.add_argument("--compile", action="store_true", help="torch.compile the model: a slower start, faster steps")
     g.add_argument("--seed", type=common.at_least(0), default=0, help="random seed")
     g.add_argument("--deterministic", action="store_true", help="deterministic algorithms (bitwise resume on CPU)")
@@ -383,6 +383,16 @@ def setup_distributed(args):
     if world_size > 1:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world_size)
     return rank, local_rank, world_size, device
+
+
+def autocast_dtype(args, device):
+    """The autocast dtype of --precision (None: fp32). auto: bf16 on GPUs that compute in it
+    (Ampere and newer), fp16 with loss scaling on Volta and Turing (tensor cores but no bf16: V100,
+    T4), fp32 on older GPUs and CPUs. args.precision becomes the choice, as saved in checkpoints."""
+    if args.precision == "auto":
+        major = torch.cuda.get_device_capability(device)[0] if device.type == "cuda" else 0
+        args.precision = "bf16" if major >= 8 else "fp16" if major == 7 else "fp32"
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
 
 
 def cleanup_distributed():
@@ -742,10 +752,7 @@ def main(args):
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)  # warn where CUDA has no such kernel
     torch.backends.cudnn.benchmark = not args.deterministic
-    if args.precision == "auto":  # bf16 only where the GPU computes in it (Ampere and newer), not emulated
-        bf16 = device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8
-        args.precision = "bf16" if bf16 else "fp32"
-    amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
+    amp_dtype = autocast_dtype(args, device)
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
     random.seed(args.seed)
@@ -797,7 +804,8 @@ def main(args):
     if ckpt:
         raw_model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
+        if ckpt["scaler"]:  # empty when saved without fp16: a fresh scaler then starts the scaling
+            scaler.load_state_dict(ckpt["scaler"])
         set_rng_states(ckpt["rng"])
         run.step, run.elapsed, (epoch_sums, run.n_epoch) = ckpt["step"], ckpt["elapsed"], ckpt["epoch_loss"]
         run.losses[1] = torch.tensor(epoch_sums)

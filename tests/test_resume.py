@@ -81,3 +81,15 @@ def test_linear_eval_resume_is_exact(tmp_path, pretrained, mode):
     for key in a["head"]:
         assert torch.equal(a["head"][key], b["head"][key]), key
     assert (tmp_path / "straight" / "results.json").read_text() != ""
+
+
+def test_resume_with_another_precision(tmp_path):
+    """A checkpoint saved without fp16 holds an empty loss-scaler state (torch refuses to load it
+    into an active scaler); resuming with --precision fp16 (or auto on another GPU generation)
+    starts a fresh scaler instead, and the way back ignores the saved scale."""
+    args = [*TINY, "--image-size", "8", "--epochs", "1", "--knn-every", "0", "--output-dir", tmp_path]
+    for step, precision in enumerate(["fp32", "fp16", "bf16"], start=1):
+        run_script("simclr.py", *args, "--precision", precision, "--max-steps", step)
+        ckpt = load(tmp_path / "last.pt")
+        assert ckpt["step"] == step and ckpt["args"]["precision"] == precision
+        assert bool(ckpt["scaler"]) == (precision == "fp16")

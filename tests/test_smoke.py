@@ -68,6 +68,24 @@ def test_mixed_precision_paths(tmp_path, precision, script):
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
 
 
+def test_precision_auto_by_gpu_generation(monkeypatch):
+    """--precision auto: bf16 from Ampere (compute capability 8) on, fp16 with loss scaling on
+    Volta and Turing (7.x: V100, T4), fp32 on older GPUs and on the CPU; a precision given is kept."""
+    import argparse
+    from simclr import autocast_dtype
+    cuda = torch.device("cuda", 0)
+    for capability, name, dtype in [((9, 0), "bf16", torch.bfloat16), ((8, 0), "bf16", torch.bfloat16),
+                                    ((7, 5), "fp16", torch.float16), ((7, 0), "fp16", torch.float16),
+                                    ((6, 0), "fp32", None)]:
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device, c=capability: c)
+        args = argparse.Namespace(precision="auto")
+        assert autocast_dtype(args, cuda) == dtype and args.precision == name
+        args = argparse.Namespace(precision="fp32")
+        assert autocast_dtype(args, cuda) is None and args.precision == "fp32"
+    args = argparse.Namespace(precision="auto")
+    assert autocast_dtype(args, torch.device("cpu")) is None and args.precision == "fp32"
+
+
 @pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
 def test_other_optimizers_and_no_projector(tmp_path, optimizer):
     run_script("simclr.py", *TINY, "--epochs", "1", "--max-steps", "2", "--optimizer", optimizer,

@@ -59,10 +59,7 @@ def setup(method, opts):
     args = m.get_args_parser().parse_args(argv)
     device = torch.device(opts.device)
     torch.backends.cudnn.benchmark = True  # as main() does: the fastest convolution algorithms
-    if args.precision == "auto":  # bf16 only where the GPU computes in it (Ampere and newer), not emulated
-        bf16 = device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8
-        args.precision = "bf16" if bf16 else "fp32"
-    amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
+    amp_dtype = m.autocast_dtype(args, device)  # as main(): bf16, fp16 or fp32 by GPU generation
     data = common.load_data(args)
     args.image_size = data.image_size
     if method == "dino":
