@@ -852,7 +852,12 @@ def main(args):
 
 
 if __name__ == "__main__":
+    args = get_args_parser().parse_args()
     try:
-        main(get_args_parser().parse_args())
+        main(args)
     except common.UnreadableImages as e:  # maybe raised in a loader process: one line, no traceback
         common.fail(str(e).strip().splitlines()[-1].split("UnreadableImages: ")[-1])
+    except torch.cuda.OutOfMemoryError as e:  # a batch too large for the GPU: what to change, not a traceback
+        need = re.search(r"Tried to allocate [\d.]+ \w+", str(e))
+        common.fail(f"out of GPU memory with --batch-size {args.batch_size}" + (f" ({need[0]})" if need else "")
+                    + "; lower --batch-size (it is global: more GPUs also help) or use --precision bf16 or fp16")

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY, load, run_script
+from conftest import REPO, TINY, load, run_script
 
 
 def fails(script, *args, cwd=None):
@@ -127,6 +127,29 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     assert "the loss is nan" in msg and "step 6" in msg
     kept = load(tmp_path / "last.pt")
     assert kept["step"] == 4 and all(torch.equal(good["model"][k], kept["model"][k]) for k in good["model"])
+
+
+@pytest.mark.parametrize("script", ["simclr.py", "dino.py"])
+def test_out_of_gpu_memory_is_one_line_and_keeps_the_checkpoint(tmp_path, script):
+    """A batch too large for the GPU: torch's CUDA out-of-memory error (raised here by a stand-in
+    for backward(), as there is no GPU) becomes one line saying what to change; last.pt is kept."""
+    args = [*TINY, "--epochs", "2", "--knn-every", "0", "--output-dir", tmp_path / "run"]
+    run_script(script, *args, "--max-steps", "2")
+    before = (tmp_path / "run" / "last.pt").read_bytes()
+    wrapper = tmp_path / "oom.py"
+    wrapper.write_text(
+        "import runpy, sys, torch\n"
+        "def backward(*args, **kwargs):\n"
+        "    raise torch.cuda.OutOfMemoryError('CUDA out of memory. Tried to allocate 2.50 GiB. GPU 0 has a total '\n"
+        "                                      'capacity of 15.77 GiB of which 1.06 GiB is free.')\n"
+        "torch.Tensor.backward = backward\n"
+        f"sys.path.insert(0, {str(REPO)!r})\n"
+        f"sys.argv[0] = {str(REPO / script)!r}\n"
+        f"runpy.run_path({str(REPO / script)!r}, run_name='__main__')\n")
+    msg = fails(wrapper, *args)
+    assert msg == ("error: out of GPU memory with --batch-size 32 (Tried to allocate 2.50 GiB); lower --batch-size "
+                   "(it is global: more GPUs also help) or use --precision bf16 or fp16")
+    assert (tmp_path / "run" / "last.pt").read_bytes() == before
 
 
 def test_corrupt_image_is_skipped_with_its_name(tmp_path):
