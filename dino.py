@@ -585,13 +585,21 @@ def convert_sync_batchnorm(module, device):
 
 def save_checkpoint(obj, path):
     """Write atomically: to a temporary file, flushed to disk, then renamed over `path`. A kill at
-    any moment leaves the old file or the new one, never half of one."""
+    any moment leaves the old file or the new one, never half of one. A write that fails (a full
+    disk, a quota) removes the temporary file and stops with one line; the old file is kept."""
     tmp = f"{path}.tmp"
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
+        Path(tmp).unlink(missing_ok=True)
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else "the write failed"
+        kept = f"{Path(path).name} is unchanged; " if os.path.exists(path) else ""
+        common.fail(f"could not write {path} ({reason}: a full disk or quota?); {kept}free some space, then run "
+                    "the same command again to resume")
 
 
 def load_checkpoint(path):

@@ -1,5 +1,5 @@
 """Faults: SIGKILL at a random step, a kill while the checkpoint is being written, resuming with
-another number of processes, a full file system. The promise: no finished step is lost (beyond
+another number of processes, a full file system (at start or while saving). The promise: no finished step is lost (beyond
 the last checkpoint), and a resumed run ends where an uninterrupted one would."""
 import csv
 import os
@@ -115,3 +115,32 @@ def test_full_file_system_fails_at_start(tmp_path):
         assert "No space left on device" in proc.stderr and "new run" not in proc.stdout
     finally:
         subprocess.run(["umount", str(disk)])
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
+def test_disk_full_while_saving_keeps_the_checkpoint_and_says_so(tmp_path):
+    """The disk fills up during a run: a file system with room for one checkpoint and a half, so
+    the next save runs out of space while writing its temporary file. One line, last.pt unchanged,
+    no temporary file left behind; with room again, the same command resumes and finishes."""
+    args = [*TINY, "--epochs", "2", "--knn-every", "0", "--max-steps", "4"]
+    run_script("simclr.py", *args, "--max-steps", "2", "--output-dir", tmp_path / "run")
+    before = (tmp_path / "run" / "last.pt").read_bytes()
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    size = len(before) * 3 // 2 + 2**20
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(disk)]).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        (disk / "run").mkdir()
+        (disk / "run" / "last.pt").write_bytes(before)
+        proc = run_script("simclr.py", *args, "--output-dir", disk / "run", check=False)
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+        assert "resumed from" in proc.stdout
+        assert proc.stderr.strip().splitlines()[-1] == (
+            f"error: could not write {disk / 'run' / 'last.pt'} (the write failed: a full disk or quota?); last.pt "
+            "is unchanged; free some space, then run the same command again to resume")
+        assert (disk / "run" / "last.pt").read_bytes() == before and not (disk / "run" / "last.pt.tmp").exists()
+    finally:
+        subprocess.run(["umount", str(disk)])
+    run_script("simclr.py", *args, "--output-dir", tmp_path / "run")
+    assert load(tmp_path / "run" / "last.pt")["step"] == 4
