@@ -1,6 +1,7 @@
 """Faults: SIGKILL at a random step, a kill while the checkpoint is being written, resuming with
-another number of processes, a full file system (at start or while saving). The promise: no finished step is lost (beyond
-the last checkpoint), and a resumed run ends where an uninterrupted one would."""
+another number of processes, a full file system (at start or while saving). The promise: no
+finished step is lost (beyond the last checkpoint), and a resumed run ends where an uninterrupted
+one would."""
 import csv
 import os
 import random
