@@ -347,13 +347,18 @@ def pack_image_folder(root, out, image_size, val_fraction=0.1):
     --data-dir OUT` reads with memory mapping: a custom small-image dataset then trains at memory
     speed, with the batched augmentation (in the spirit of `ketos compile`). Each image is resized
     (shorter side) and centre-cropped to image_size px. Unreadable files are reported by name and
-    left out. Writes OUT/train_images.npy (and train_labels.npy, test_*.npy, classes.json if labeled)."""
+    left out. Writes OUT/train_images.npy (and train_labels.npy, test_*.npy, classes.json if labeled),
+    each file atomically and train_images.npy last: a pack cut short is not taken for a dataset."""
     pretrain, train, test, num_classes = _image_folder(root, val_fraction)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    for name in ("train_images.npy", "train_labels.npy", "test_images.npy", "test_labels.npy", "classes.json"):
+        (out / name).unlink(missing_ok=True)  # no file of an earlier pack is mixed with this one
+    if num_classes:
+        (out / "classes.json").write_text(json.dumps({"num_classes": num_classes}))
     resize = T.Compose([T.Resize(image_size), T.CenterCrop(image_size)])
     bad = []
-    for name, split in (("train", pretrain), ("test", test)):
+    for name, split in (("test", test), ("train", pretrain)):
         if split is None:
             continue
         images = np.lib.format.open_memmap(out / f"{name}_images.tmp.npy", mode="w+", dtype=np.uint8,
@@ -367,18 +372,23 @@ def pack_image_folder(root, out, image_size, val_fraction=0.1):
             except (OSError, ValueError, SyntaxError) as e:
                 bad.append(path)
                 print(f"warning: unreadable image {path} ({e}): left out", file=sys.stderr, flush=True)
+        if keep and split.labels is not None:
+            _save_npy(out / f"{name}_labels.npy", np.asarray(split.labels)[keep])
         if keep:
-            np.save(out / f"{name}_images.npy", images[:len(keep)])
+            _save_npy(out / f"{name}_images.npy", images[:len(keep)])
         del images
         os.remove(out / f"{name}_images.tmp.npy")
         if not keep:
             fail(f"none of the {len(split.files)} {name} images under {root} could be read: nothing packed")
-        if split.labels is not None:
-            np.save(out / f"{name}_labels.npy", np.asarray(split.labels)[keep])
         print(f"{name}: {len(keep)} images of {image_size} px", flush=True)
-    if num_classes:
-        (out / "classes.json").write_text(json.dumps({"num_classes": num_classes}))
     return bad
+
+
+def _save_npy(path, array):
+    """np.save to a temporary file, then renamed: an interrupted pack leaves no half-written array."""
+    with open(f"{path}.part", "wb") as f:
+        np.save(f, array)
+    os.replace(f"{path}.part", path)
 
 
 def _packed(root):
@@ -391,8 +401,11 @@ def _packed(root):
         if not (root / f"{name}_images.npy").is_file():
             return None
         labels = root / f"{name}_labels.npy"
-        return ImageSet(np.load(root / f"{name}_images.npy", mmap_mode="r"),  # read from disk as needed
-                        labels=np.load(labels) if labels.is_file() else None)
+        try:
+            return ImageSet(np.load(root / f"{name}_images.npy", mmap_mode="r"),  # read from disk as needed
+                            labels=np.load(labels) if labels.is_file() else None)
+        except (OSError, ValueError) as e:  # truncated or not an array file
+            fail(f"the {name} arrays in --data-dir {root} are damaged ({e}); pack the image folder again")
     train, test = split("train"), split("test")
     if train.labels is None or test is None:
         return train, None, None, 0

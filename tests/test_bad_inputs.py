@@ -248,7 +248,7 @@ def test_pack_a_folder_without_one_readable_image(tmp_path):
     proc = run_script("common.py", "pack", "--data-dir", tmp_path / "data", "--out", tmp_path / "out",
                       "--image-size", "8", check=False)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
-    assert proc.stderr.strip().splitlines()[-1].startswith("error: none of the 5 train images")
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: none of the 1 test images")
     assert not list((tmp_path / "out").glob("*.npy"))
 
 

@@ -3,6 +3,7 @@ training on it with --dataset packed and the batched augmentation."""
 import json
 
 import numpy as np
+import pytest
 from PIL import Image
 
 import common
@@ -63,3 +64,43 @@ def test_pack_into_an_unwritable_place_is_one_clear_line(tmp_path):
                       "--image-size", "8", check=False)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert "cannot write the packed arrays to --out" in proc.stderr.strip().splitlines()[-1]
+
+
+def test_repacking_replaces_every_file_and_an_interrupted_pack_is_no_dataset(tmp_path, monkeypatch):
+    """Packing again into the same folder leaves no file of the earlier pack (an unlabeled folder
+    over a labeled one: no stale test split or labels). A pack cut short (here while writing the
+    training images, written last) leaves no train_images.npy, so it is not taken for a dataset."""
+    make_folder(tmp_path / "imgs")
+    make_folder(tmp_path / "flat", labeled=False)
+    common.pack_image_folder(tmp_path / "imgs", tmp_path / "packed", 8)
+    assert (tmp_path / "packed" / "test_images.npy").exists()
+    common.pack_image_folder(tmp_path / "flat", tmp_path / "packed", 8)
+    assert sorted(p.name for p in (tmp_path / "packed").iterdir()) == ["train_images.npy"]
+
+    common.pack_image_folder(tmp_path / "imgs", tmp_path / "packed", 8)
+    save = np.save
+
+    def interrupted(f, array):
+        if str(getattr(f, "name", "")).endswith("train_images.npy.part"):
+            f.write(b"\x93NUMPY half an array")
+            raise KeyboardInterrupt
+        save(f, array)
+    monkeypatch.setattr(np, "save", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        common.pack_image_folder(tmp_path / "imgs", tmp_path / "packed", 8)
+    monkeypatch.setattr(np, "save", save)
+    assert not (tmp_path / "packed" / "train_images.npy").exists()
+    proc = run_script("simclr.py", *TINY[9:], "--dataset", "packed", "--data-dir", tmp_path / "packed", check=False)
+    assert proc.returncode == 1 and "holds no train_images.npy; make it with python common.py pack" in proc.stderr
+
+
+def test_damaged_packed_array_is_one_clear_line(tmp_path):
+    make_folder(tmp_path / "imgs")
+    common.pack_image_folder(tmp_path / "imgs", tmp_path / "packed", 8)
+    path = tmp_path / "packed" / "train_images.npy"
+    path.write_bytes(path.read_bytes()[:-100])  # truncated, as by a copy cut short
+    proc = run_script("simclr.py", *TINY[9:], "--dataset", "packed", "--data-dir", tmp_path / "packed", check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: the train arrays in --data-dir {tmp_path / 'packed'} are damaged")
+    assert last.endswith("pack the image folder again")
