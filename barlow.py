@@ -25,7 +25,7 @@ here: about 92.1% top-1 (solo-learn, online linear probe, 1000 epochs; 91.6% off
 
 Reading order: the method is in Arguments, Model, Loss and Training (about 340 lines). The blocks
 marked `# SHARED: identical in every script` (backbone, LARS and schedules, distributed setup,
-checkpoints, logging, preemption, kNN monitor; about 500 lines) are the same in every script:
+checkpoints, logging, preemption, kNN monitor; about 520 lines) are the same in every script:
 read them once, in any of them.
 """
 import argparse

@@ -29,7 +29,7 @@ benchmark, batch 512). Measured with this script: see README.md.
 
 Reading order: the method is in Arguments, Model, Loss and Training (about 480 lines). The blocks
 marked `# SHARED: identical in every script` (backbone, LARS and schedules, distributed setup,
-checkpoints, logging, preemption, kNN monitor; about 500 lines) are the same in every script:
+checkpoints, logging, preemption, kNN monitor; about 520 lines) are the same in every script:
 read them once, in any of them.
 """
 import argparse

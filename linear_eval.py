@@ -22,7 +22,7 @@ kNN: weighted, k=200, temperature 0.1, on L2-normalised features (as in DINO).
 
 Reading order: the evaluation is in Arguments and Training (about 330 lines). The blocks
 marked `# SHARED: identical in every script` (backbone, LARS and schedules, distributed setup,
-checkpoints, logging, preemption, kNN monitor; about 500 lines) are the same in every script:
+checkpoints, logging, preemption, kNN monitor; about 520 lines) are the same in every script:
 read them once, in any of them.
 """
 import argparse

@@ -22,7 +22,7 @@ about 90.7% top-1 (solo-learn, online linear probe, 1000 epochs) and about 85% k
 
 Reading order: the method is in Arguments, Model, Loss and Training (about 320 lines). The blocks
 marked `# SHARED: identical in every script` (backbone, LARS and schedules, distributed setup,
-checkpoints, logging, preemption, kNN monitor; about 500 lines) are the same in every script:
+checkpoints, logging, preemption, kNN monitor; about 520 lines) are the same in every script:
 read them once, in any of them.
 """
 import argparse
