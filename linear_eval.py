@@ -769,7 +769,7 @@ def main(args):
         raw_head = convert_sync_batchnorm(raw_head, device)
         head = nn.parallel.DistributedDataParallel(raw_head)
     optimizer = make_optimizer(raw_head.parameters(), args)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    scaler = torch.amp.GradScaler(device.type, enabled=False)  # the head trains in fp32: nothing to scale
 
     train_feats = train_labels = loader = None
     local_batch = args.batch_size // world_size

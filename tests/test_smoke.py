@@ -68,6 +68,18 @@ def test_mixed_precision_paths(tmp_path, precision, script):
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
 
 
+def test_linear_eval_in_fp16_trains_its_head_in_fp32(pretrained, tmp_path):
+    """--precision fp16 (auto on V100/T4) applies to the frozen backbone only: the head trains in
+    fp32, so no loss scaling (and none of the scaler's read-backs)."""
+    run_script("linear_eval.py", "--ckpt", pretrained / "last.pt", "--epochs", "1", "--max-steps", "1",
+               "--batch-size", "32", "--device", "cpu", "--workers", "0", "--precision", "fp16", "--knn-every", "0",
+               "--output-dir", tmp_path)
+    ckpt = load(tmp_path / "last.pt")
+    assert ckpt["args"]["precision"] == "fp16" and ckpt["scaler"] == {}
+    assert ckpt["head"]["1.weight"].dtype == torch.float32
+    assert json.loads((tmp_path / "results.json").read_text())["steps"] == 1
+
+
 def test_precision_auto_by_gpu_generation(monkeypatch):
     """--precision auto: bf16 from Ampere (compute capability 8) on, fp16 with loss scaling on
     Volta and Turing (7.x: V100, T4), fp32 on older GPUs and on the CPU; a precision given is kept."""
