@@ -543,8 +543,12 @@ class CSVLogger:
         os.replace(f"{path}.tmp", path)
 
     def log(self, **row):
-        with open(self.path, "a", newline="") as f:
-            csv.DictWriter(f, self.fields, extrasaction="ignore").writerow(row)
+        try:
+            with open(self.path, "a", newline="") as f:
+                csv.DictWriter(f, self.fields, extrasaction="ignore").writerow(row)
+        except OSError as e:  # the next checkpoint would fail too; a row cut short is dropped on resume
+            common.fail(f"could not append to {self.path} ({e.strerror or e}: a full disk or quota?); the last "
+                        "checkpoint is kept; free some space, then run the same command again to resume")
 
 
 def peak_memory_mb(device):

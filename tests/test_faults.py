@@ -145,3 +145,34 @@ def test_disk_full_while_saving_keeps_the_checkpoint_and_says_so(tmp_path):
         subprocess.run(["umount", str(disk)])
     run_script("simclr.py", *args, "--output-dir", tmp_path / "run")
     assert load(tmp_path / "run" / "last.pt")["step"] == 4
+
+
+def test_disk_full_while_logging_is_one_line_and_the_run_resumes(tmp_path):
+    """The disk fills up while a row is appended to metrics.csv (raised here by a stand-in for the
+    CSV writer: on a real disk this needs the append to cross a block boundary at the right
+    moment). One line, last.pt unchanged; the same command then resumes and logs every step once."""
+    args = [*TINY, "--epochs", "2", "--knn-every", "0", "--log-every", "1", "--output-dir", tmp_path / "run"]
+    run_script("simclr.py", *args, "--max-steps", "2")
+    before = (tmp_path / "run" / "last.pt").read_bytes()
+    wrapper = tmp_path / "full.py"
+    wrapper.write_text(
+        "import csv, errno, os, runpy, sys\n"
+        "writerow = csv.DictWriter.writerow\n"
+        "def full(self, row):\n"
+        "    if str(row['step']).isdigit() and int(row['step']) >= 4:  # not the header\n"
+        "        raise OSError(errno.EDQUOT, os.strerror(errno.EDQUOT))\n"
+        "    return writerow(self, row)\n"
+        "csv.DictWriter.writerow = full\n"
+        f"sys.path.insert(0, {str(REPO)!r})\n"
+        f"sys.argv[0] = {str(REPO / 'simclr.py')!r}\n"
+        f"runpy.run_path({str(REPO / 'simclr.py')!r}, run_name='__main__')\n")
+    proc = run_script(wrapper, *args, check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"error: could not append to {tmp_path / 'run' / 'metrics.csv'} (Disk quota exceeded: a full disk or "
+        "quota?); the last checkpoint is kept; free some space, then run the same command again to resume")
+    assert (tmp_path / "run" / "last.pt").read_bytes() == before
+    assert steps_logged(tmp_path / "run" / "metrics.csv") == [1, 2, 3]
+    out = run_script("simclr.py", *args).stdout
+    assert "at step 2" in out and load(tmp_path / "run" / "last.pt")["step"] == 8
+    assert steps_logged(tmp_path / "run" / "metrics.csv") == list(range(1, 9))
