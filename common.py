@@ -1,7 +1,7 @@
 """Data loading and augmentation shared by simclr.py, linear_eval.py and the other method scripts.
 
 Only data lives here: datasets, augmentations and the loader (and the data flags, with three
-argparse types that check flag values). Everything a reader needs to learn a method (model, loss,
+argparse types that check flag values and the --help format). Everything a reader needs to learn a method (model, loss,
 optimiser, distributed training, checkpoints) is written out in the method script itself.
 
 Datasets (--dataset):
@@ -76,6 +76,13 @@ def fraction(text):
     if not 0 <= value <= 1:
         raise argparse.ArgumentTypeError(f"must be between 0 and 1, not {text}")
     return value
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows every flag's default, except None: the flag's help says what happens then."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
 
 
 def add_data_args(parser):

@@ -65,7 +65,7 @@ import common
 
 def get_args_parser():
     parser = argparse.ArgumentParser("DINO", description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=common.HelpFormatter)
     common.add_data_args(parser)  # --dataset --data-dir --image-size --val-fraction --synthetic-size --workers
     g = parser.add_argument_group("model")
     g.add_argument("--arch", default="resnet18", choices=ARCHS, help="backbone")
@@ -98,7 +98,7 @@ def get_args_parser():
                    help="epochs of linear temperature warm-up")
     g.add_argument("--student-temp", type=common.positive, default=0.1, help="student temperature")
     g.add_argument("--center-momentum", type=common.fraction, default=0.9, help="momentum of the teacher-output centre")
-    g = parser.add_argument_group("optimisation (None: ResNet recipe with LARS, ViT recipe with AdamW)")
+    g = parser.add_argument_group("optimisation (x / y: the default of the ResNet recipe / of the ViT recipe)")
     g.add_argument("--epochs", type=common.at_least(1), default=1000, help="training epochs")
     g.add_argument("--batch-size", type=common.at_least(2), default=256, help="global batch size, over all processes")
     g.add_argument("--optimizer", default=None, choices=["lars", "sgd", "adamw"], help="optimizer (lars / adamw)")

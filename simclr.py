@@ -57,7 +57,7 @@ import common
 
 def get_args_parser():
     parser = argparse.ArgumentParser("SimCLR", description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=common.HelpFormatter)
     common.add_data_args(parser)  # --dataset --data-dir --image-size --val-fraction --synthetic-size --workers
     g = parser.add_argument_group("model")
     g.add_argument("--arch", default="resnet18", choices=ARCHS, help="backbone")

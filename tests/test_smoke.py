@@ -2,6 +2,7 @@
 import csv
 import json
 import math
+import re
 import subprocess
 import sys
 
@@ -110,6 +111,9 @@ def test_help_documents_every_core_flag(script):
     out = run_script(script, "--help").stdout
     for flag in CORE_FLAGS:
         assert flag in out, f"{script} --help lacks {flag}"
+    flat = " ".join(out.split())  # a default is shown once, and never as None
+    assert "(default: None)" not in flat and not re.search(r"\(default: [^()]*\) \(default:", flat), flat
+    assert "(default: 256)" in flat and "(default: auto)" in flat
 
 
 def test_import_has_no_side_effects(tmp_path):
