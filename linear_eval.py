@@ -447,9 +447,11 @@ def check_writable(folder):
 
 
 def rng_states():
+    """Rank 0's random states. Every process is seeded alike and draws alike (drop path: same shapes;
+    the augmentations have their own seeds), so they are every process's, each on its own GPU."""
     np_state = np.random.get_state()
     return {"torch": torch.get_rng_state(), "python": random.getstate(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "cuda": [torch.cuda.get_rng_state()] if torch.cuda.is_available() else [],  # this process's GPU
             "numpy": [torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]]}
 
 
@@ -457,7 +459,7 @@ def set_rng_states(s):
     torch.set_rng_state(s["torch"])
     random.setstate(s["python"])
     if s["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"][: torch.cuda.device_count()])
+        torch.cuda.set_rng_state(s["cuda"][0])  # onto this process's GPU (older checkpoints: GPU 0 first)
     np.random.set_state(("MT19937", s["numpy"][0].numpy().astype(np.uint32), *s["numpy"][1:]))
 
 

@@ -93,3 +93,24 @@ def test_resume_with_another_precision(tmp_path):
         ckpt = load(tmp_path / "last.pt")
         assert ckpt["step"] == step and ckpt["args"]["precision"] == precision
         assert bool(ckpt["scaler"]) == (precision == "fp16")
+
+
+def test_gpu_random_state_goes_to_each_process_gpu(monkeypatch):
+    """With several GPUs per machine, rank r trains on GPU r (drop path draws there). Rank 0 saves
+    the state of its own GPU, and every rank restores it onto its own: all ranks were seeded alike
+    and draw alike, so that is each one's state. (Restoring every GPU's state from rank 0's process
+    would restart rank r's stream from its seed at each resume.) torch.cuda is a stand-in here."""
+    import simclr
+    gpus, current = {0: torch.tensor([7], dtype=torch.uint8), 1: torch.tensor([1], dtype=torch.uint8)}, [0]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": gpus[current[0]].clone())
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device="cuda": gpus.__setitem__(current[0], state))
+    saved = simclr.rng_states()  # rank 0, on GPU 0
+    assert [s.tolist() for s in saved["cuda"]] == [[7]]
+    current[0], gpus[1] = 1, torch.tensor([0], dtype=torch.uint8)  # rank 1 restarts on GPU 1
+    simclr.set_rng_states(saved)
+    assert gpus[1].tolist() == [7] and gpus[0].tolist() == [7]
+    old = dict(saved, cuda=[torch.tensor([5], dtype=torch.uint8), torch.tensor([1], dtype=torch.uint8)])
+    simclr.set_rng_states(old)  # a checkpoint with every GPU of rank 0's process: GPU 0's is rank 0's
+    assert gpus[1].tolist() == [5]
