@@ -778,7 +778,7 @@ class DeviceLoader:
     uint8 array, with no worker processes (the array is copied to the GPU when under 2 GB, else read
     per batch, from a memory map for packed datasets), and the BatchedViews augment them on the
     training device, those of the same size in one pass (BatchedView.many). Same sampler and same
-    output as the PIL loader, ([view, ...], labels).
+    output as the PIL loader, ([view, ...], labels), already on the training device.
 
     The random parameters of a step are drawn for the whole global batch from a generator seeded
     with (seed, epoch, batch), and each process keeps the rows of its own images: the views do not
@@ -818,7 +818,8 @@ class DeviceLoader:
             for group in self.groups:
                 views.update(zip(group, BatchedView.many([self.views[i] for i in group], x, rng, self.rank,
                                                          self.world_size)))
-            yield [views[i] for i in range(len(self.views))], self.labels[torch.from_numpy(sel)]
+            labels = _to_device(self.labels[torch.from_numpy(sel)], self.device)  # linear_eval's targets
+            yield [views[i] for i in range(len(self.views))], labels
 
 
 # ---- Loader --------------------------------------------------------------------------------
