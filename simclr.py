@@ -333,7 +333,7 @@ def first_host(nodelist):
 def setup_distributed(args):
     """Start torch.distributed from torchrun's variables (RANK, WORLD_SIZE, LOCAL_RANK,
     MASTER_ADDR/PORT) or, inside an `srun` step, from SLURM's (SLURM_PROCID, SLURM_NTASKS,
-    SLURM_LOCALID; master = first host of the job, port derived from the job id); otherwise
+    SLURM_LOCALID; master = first host of the step, port derived from the job and step ids); otherwise
     run as a single process. nccl on GPUs, gloo on CPUs. Returns (rank, local_rank, world_size, device).
     The global --batch-size is checked first, so that a bad one never leaves a process waiting."""
     env = os.environ
@@ -342,8 +342,10 @@ def setup_distributed(args):
         rank, local_rank, world_size = int(env["RANK"]), int(env.get("LOCAL_RANK", 0)), int(env["WORLD_SIZE"])
     elif "SLURM_STEP_ID" in env and "SLURM_PROCID" in env:  # an srun step (the batch shell has no step id)
         rank, local_rank, world_size = int(env["SLURM_PROCID"]), int(env["SLURM_LOCALID"]), int(env["SLURM_NTASKS"])
-        env.setdefault("MASTER_ADDR", first_host(env["SLURM_JOB_NODELIST"]))
-        env.setdefault("MASTER_PORT", str(15000 + int(env["SLURM_JOB_ID"]) % 20000))
+        # Rank 0 runs on the step's first node; steps of one job running side by side get other ports.
+        env.setdefault("MASTER_ADDR", first_host(env.get("SLURM_STEP_NODELIST", env["SLURM_JOB_NODELIST"])))
+        port = 15000 + (int(env["SLURM_JOB_ID"]) + 1000 * int(env["SLURM_STEP_ID"])) % 20000
+        env.setdefault("MASTER_PORT", str(port))
         torch.set_num_threads(int(env.get("SLURM_CPUS_PER_TASK", torch.get_num_threads())))  # no oversubscription
     elif int(env.get("SLURM_NTASKS", 1)) > 1:
         print(f"warning: this SLURM job has {env['SLURM_NTASKS']} tasks but this process was not started by "

@@ -36,6 +36,20 @@ def test_single_task_srun_step(monkeypatch):
     assert os.environ["MASTER_ADDR"] == "localhost" and os.environ["MASTER_PORT"] == str(15000 + 1234)
 
 
+def test_second_step_of_a_job_on_its_second_node(monkeypatch):
+    """Two multi-task steps of one 2-node job side by side (`srun -N1 -n4 ... &` twice): the second
+    one's rank 0 is on the step's first node, not the job's, and its port is not the first one's."""
+    env = {**slurm_vars(0, 1, 1234), "SLURM_JOB_NODELIST": "gpu[1-2]", "SLURM_STEP_NODELIST": "gpu2",
+           "SLURM_STEP_ID": "1"}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("MASTER_PORT", raising=False)
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    simclr.setup_distributed(argparse.Namespace(device="cpu", batch_size=8))
+    import os
+    assert os.environ["MASTER_ADDR"] == "gpu2" and os.environ["MASTER_PORT"] == str(15000 + 2234)
+
+
 def test_batch_shell_of_a_multi_task_job_runs_one_process_with_a_warning(monkeypatch, capsys):
     for key, value in slurm_vars(0, 4, 99, step=False).items():
         monkeypatch.setenv(key, value)
