@@ -1,8 +1,9 @@
 """Data loading and augmentation shared by simclr.py, linear_eval.py and the other method scripts.
 
 Only data lives here: datasets, augmentations and the loader (and the data flags, with three
-argparse types that check flag values and the --help format). Everything a reader needs to learn a method (model, loss,
-optimiser, distributed training, checkpoints) is written out in the method script itself.
+argparse types that check flag values and the --help format). Everything a reader needs to learn
+a method (model, loss, optimiser, distributed training, checkpoints) is written out in the method
+script itself.
 
 Datasets (--dataset):
   cifar10, cifar100  torchvision, downloaded into --data-dir
