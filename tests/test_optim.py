@@ -29,6 +29,31 @@ def test_lars_hand_computed_two_steps():
     assert torch.allclose(b, torch.tensor([0.75 - 0.5 * (0.9 * 0.5 + 0.5)], dtype=torch.float64), atol=1e-12)
 
 
+@pytest.mark.parametrize("clip,lr,step", [(False, 0.5, 0.5 / 30), (True, 0.5, 1 / 30), (True, 0.01, 0.01)])
+def test_lars_trust_ratio_and_clip_as_solo_learn(clip, lr, step):
+    """A gradient orthogonal to the weights (where ||g|| + wd ||w|| and ||g + wd w|| differ):
+    r = eta ||w|| / (||g|| + wd ||w||) = 0.01 * 5 / (1 + 0.1 * 5) = 1/30, and the weights move by
+    (g + wd w) times lr * r without clip, min(r, lr) with solo-learn's clip_lr."""
+    w = torch.nn.Parameter(torch.tensor([[3.0, 4.0]], dtype=torch.float64))
+    opt = LARS([w], lr=lr, momentum=0.9, weight_decay=0.1, eta=0.01, clip=clip)
+    w.grad = torch.tensor([[0.8, -0.6]], dtype=torch.float64)
+    opt.step()
+    u = torch.tensor([[0.8 + 0.3, -0.6 + 0.4]], dtype=torch.float64)
+    assert torch.allclose(w, torch.tensor([[3.0, 4.0]], dtype=torch.float64) - step * u, atol=1e-12)
+
+
+def test_lars_state_without_clip_steps_unclipped():
+    """Optimizer states saved before the clip existed resume as they were trained: unclipped."""
+    w = torch.nn.Parameter(torch.tensor([[3.0, 4.0]], dtype=torch.float64))
+    opt = LARS([w], lr=0.5, momentum=0.9, weight_decay=0.1, eta=0.01, clip=True)
+    state = opt.state_dict()
+    del state["param_groups"][0]["clip"]
+    opt.load_state_dict(state)
+    w.grad = torch.tensor([[0.8, -0.6]], dtype=torch.float64)
+    opt.step()
+    assert torch.allclose(w, torch.tensor([[3.0 - 1.1 / 60, 4.0 + 0.2 / 60]], dtype=torch.float64), atol=1e-12)
+
+
 def test_lars_zero_weight_uses_ratio_one():
     w = torch.nn.Parameter(torch.zeros(2, 2))
     opt = LARS([w], lr=1.0, momentum=0.0, weight_decay=0.0, eta=0.001)
@@ -63,8 +88,9 @@ def test_cosine_schedule():
 @pytest.mark.parametrize("name,cls", [("lars", LARS), ("sgd", torch.optim.SGD), ("adamw", torch.optim.AdamW)])
 def test_make_optimizer_excludes_1d_from_weight_decay(name, cls):
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4))
-    opt = make_optimizer(model.parameters(), argparse.Namespace(optimizer=name, weight_decay=0.5, lars_eta=0.02))
-    assert isinstance(opt, cls)
+    opt = make_optimizer(model.parameters(), argparse.Namespace(optimizer=name, weight_decay=0.5, lars_eta=0.02,
+                                                                lars_clip=True))
+    assert isinstance(opt, cls) and (name != "lars" or opt.param_groups[0]["clip"] is True)
     decayed, plain = opt.param_groups
     assert [p.ndim for p in decayed["params"]] == [2] and decayed["weight_decay"] == 0.5
     assert all(p.ndim == 1 for p in plain["params"]) and len(plain["params"]) == 3 and plain["weight_decay"] == 0.0
@@ -72,7 +98,8 @@ def test_make_optimizer_excludes_1d_from_weight_decay(name, cls):
 
 def test_lr_biases_scales_the_1d_group():
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4))
-    args = argparse.Namespace(optimizer="lars", weight_decay=1e-4, lars_eta=0.02, lr=0.2, lr_biases=0.0048)
+    args = argparse.Namespace(optimizer="lars", weight_decay=1e-4, lars_eta=0.02, lars_clip=True, lr=0.2,
+                              lr_biases=0.0048)
     weights, biases = make_optimizer(model.parameters(), args).param_groups
     assert weights["lr_scale"] == 1.0 and biases["lr_scale"] == pytest.approx(0.024)
     del args.lr_biases  # scripts without the flag: one learning rate for all
@@ -83,7 +110,7 @@ def test_lr_biases_zero_freezes_the_1d_group_and_needs_a_weights_lr():
     """--lr-biases 0 is a value (biases and norms not trained), not "unset"; with --lr 0 there is no
     schedule to take a fraction of: one line."""
     model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
-    args = argparse.Namespace(optimizer="lars", weight_decay=1e-4, lars_eta=0.02, lr=0.2, lr_biases=0.0)
+    args = argparse.Namespace(optimizer="lars", weight_decay=1e-4, lars_eta=0.02, lars_clip=True, lr=0.2, lr_biases=0.0)
     assert [g["lr_scale"] for g in make_optimizer(model.parameters(), args).param_groups] == [1.0, 0.0]
     args.lr = 0.0
     with pytest.raises(SystemExit, match="--lr-biases needs a --lr above 0"):
