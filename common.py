@@ -476,9 +476,9 @@ def simclr_augmentation(image_size, mean, std):
 
 
 def _view(size, scale, blur_p, solarize_p, blur, mean, std):
-    """One view of the BYOL / DINO recipe: crop to `size` px with area `scale`, flip, colour jitter
-    0.4/0.4/0.2/0.1 (p=0.8), grayscale p=0.2, Gaussian blur (sigma 0.1-2, p=blur_p) if `blur`,
-    solarisation p=solarize_p."""
+    """One view of the BYOL / DINO recipe: crop to `size` px with area `scale` (bilinear resize; the
+    official BYOL and DINO code resize bicubic), flip, colour jitter 0.4/0.4/0.2/0.1 (p=0.8),
+    grayscale p=0.2, Gaussian blur (sigma 0.1-2, p=blur_p) if `blur`, solarisation p=solarize_p."""
     blurs = [T.RandomApply([T.GaussianBlur(size // 20 * 2 + 1, sigma=(0.1, 2.0))], p=blur_p)] if blur else []
     return T.Compose([
         T.RandomResizedCrop(size, scale=scale),
