@@ -63,8 +63,9 @@ def get_args_parser():
     g = common.add_data_args(parser)  # --dataset --data-dir --image-size --val-fraction --synthetic-size --workers
     # None: the checkpoint's pretraining values (the same data and split), or else the usual defaults
     parser.set_defaults(dataset=None, data_dir=None, val_fraction=None, synthetic_size=None)
-    g.description = ("--dataset, --data-dir, --val-fraction, --synthetic-size: when not given, the checkpoint's (the "
-                     "same images and split as in pretraining), with --ckpt random the method scripts' defaults")
+    g.description = ("--dataset, --data-dir, --image-size, --val-fraction, --synthetic-size: when not given, the "
+                     "checkpoint's (the same images, size and split as in pretraining), with --ckpt random the method "
+                     "scripts' defaults")
     g = parser.add_argument_group("evaluation")
     g.add_argument("--ckpt", required=True, help="last.pt or backbone.pt of any method script, or 'random'")
     g.add_argument("--arch", default="resnet18", choices=ARCHS, help="backbone of --ckpt random")
