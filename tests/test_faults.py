@@ -82,8 +82,9 @@ def test_kill_while_writing_the_checkpoint_keeps_a_loadable_one(tmp_path):
 def test_resume_with_another_number_of_processes(tmp_path, first, second):
     """Stopped mid-epoch with `first` processes, resumed with `second`: the global batch stays 32,
     the resumed steps see the same images as an uninterrupted 1-process run (the losses of steps
-    4-6 agree to float precision; another data order would change them by far more)."""
-    args = [*TINY, "--epochs", "2", "--deterministic", "--knn-every", "0", "--log-every", "1"]
+    4-6 agree to float precision; another data order would change them by far more). LARS without
+    its clipped rate, whose larger steps amplify float32 summation-order drift (test_distributed)."""
+    args = [*TINY, "--epochs", "2", "--deterministic", "--knn-every", "0", "--log-every", "1", "--no-lars-clip"]
 
     def run(nproc, max_steps, out):
         go = torchrun if nproc == 2 else run_script
