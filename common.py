@@ -182,6 +182,17 @@ def fail(msg):
     raise SystemExit(f"error: {msg}")
 
 
+def check_same_flags(path, saved, args, keys):
+    """Resuming: fail unless each flag in `keys` has the value `path` was trained with (a flag that
+    an older checkpoint did not record is not checked)."""
+    for key in keys:
+        old, new, dashed = saved.get(key), getattr(args, key), key.replace("_", "-")
+        if key in saved and old != new:
+            what = (f"--{'' if old else 'no-'}{dashed}, not --{'' if new else 'no-'}{dashed}" if isinstance(new, bool)
+                    else f"--{dashed} {old}, not {new}")  # as typed on the command line
+            fail(f"{path} was trained with {what}: use the same value to resume, or another --output-dir")
+
+
 def download_data(args):
     """Download cifar/stl10 into --data-dir (call on rank 0 only, before load_data)."""
     cls = {"cifar10": "CIFAR10", "cifar100": "CIFAR100", "stl10": "STL10"}.get(args.dataset)

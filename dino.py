@@ -879,11 +879,11 @@ def check_resumable(ckpt, path, args, backbone_meta):
     if ckpt.get("method") != "dino":
         common.fail(f"{path} was written by {ckpt.get('method')}.py, not dino.py: resume from a dino.py checkpoint, "
                     "or use another --output-dir")
-    for key in ("dataset", "arch", "batch_size", "optimizer", "out_dim", "head_hidden_dim", "bottleneck_dim",
-                "norm_last_layer", "image_size"):
-        if ckpt["args"].get(key) != getattr(args, key):
-            common.fail(f"{path} was trained with --{key.replace('_', '-')} {ckpt['args'].get(key)}, not "
-                        f"{getattr(args, key)}: use the same value to resume, or another --output-dir")
+    # The optimizer's saved state carries its eta and clip (LARS): a changed flag would be ignored.
+    common.check_same_flags(path, ckpt["args"], args, (
+        "dataset", "arch", "batch_size", "optimizer", "out_dim", "head_hidden_dim", "bottleneck_dim",
+        "norm_last_layer", "image_size",
+        *(("lars_eta", "lars_clip") if args.optimizer == "lars" else ())))
     if ckpt["backbone_meta"] != backbone_meta:
         common.fail(f"{path} holds a backbone {ckpt['backbone_meta']}, not {backbone_meta}: use the same --arch, "
                     "--patch-size and --image-size to resume, or another --output-dir")

@@ -742,10 +742,13 @@ def main(args):
         check_writable(out)
     resume_from = last if last.exists() else args.resume
     ckpt = load_checkpoint(resume_from) if resume_from else None
-    same = ("ckpt", "dataset", "mode", "batch_size", "optimizer")  # a probe resumes only the same evaluation
-    if ckpt and (ckpt.get("method") != "linear_eval" or any(ckpt["args"].get(k) != getattr(args, k) for k in same)):
-        common.fail(f"{resume_from} is not a probe of {args.ckpt} with these --dataset, --mode, --batch-size and "
-                    "--optimizer; use another --output-dir")
+    if ckpt and ckpt.get("method") != "linear_eval":
+        common.fail(f"{resume_from} was written by {ckpt.get('method')}.py, not linear_eval.py: give another "
+                    "--output-dir")
+    if ckpt:  # a probe resumes only the same evaluation; its optimizer's state carries weight decay, eta, clip
+        common.check_same_flags(resume_from, ckpt["args"], args, (
+            "ckpt", "dataset", "mode", "batch_size", "optimizer",
+            "weight_decay", *(("lars_eta", "lars_clip") if args.optimizer == "lars" else ())))
 
     # 4. Data --------------------------------------------------------------------------------
     if is_main:

@@ -738,11 +738,10 @@ def check_resumable(ckpt, path, args, backbone_meta):
     if ckpt.get("method") != "simclr":
         common.fail(f"{path} was written by {ckpt.get('method')}.py, not simclr.py: resume from a simclr.py "
                     "checkpoint, or use another --output-dir")
-    for key in ("dataset", "arch", "batch_size", "optimizer", "proj_layers", "proj_hidden_dim", "proj_dim",
-                "image_size"):
-        if ckpt["args"].get(key) != getattr(args, key):
-            common.fail(f"{path} was trained with --{key.replace('_', '-')} {ckpt['args'].get(key)}, not "
-                        f"{getattr(args, key)}: use the same value to resume, or another --output-dir")
+    # The optimizer's saved state carries its weight decay, eta and clip (LARS): a changed flag would be ignored.
+    common.check_same_flags(path, ckpt["args"], args, (
+        "dataset", "arch", "batch_size", "optimizer", "proj_layers", "proj_hidden_dim", "proj_dim", "image_size",
+        "weight_decay", *(("lars_eta", "lars_clip") if args.optimizer == "lars" else ())))
     if ckpt["backbone_meta"] != backbone_meta:
         common.fail(f"{path} holds a backbone {ckpt['backbone_meta']}, not {backbone_meta}: use the same --arch, "
                     "--patch-size and --image-size to resume, or another --output-dir")

@@ -183,7 +183,7 @@ def test_resume_with_another_backbone(tmp_path):
     assert "'patch_size': 4" in msg and "'patch_size': 8" in msg and "--patch-size" in msg
     msg = fails("dino.py", *TINY, *METHODS["dino.py"], "--arch", "vit_tiny", "--no-norm-last-layer",
                 "--output-dir", run)
-    assert "--norm-last-layer True, not False" in msg
+    assert "--norm-last-layer, not --no-norm-last-layer" in msg
     # linear_eval.py on that ViT: its patch size is the checkpoint's, and the images must tile into patches.
     probe = ["--mode", "fast", "--epochs", "1", "--device", "cpu", "--workers", "0", "--output-dir", tmp_path / "le"]
     msg = fails("linear_eval.py", "--ckpt", run / "last.pt", "--patch-size", "8", *probe)
@@ -314,3 +314,35 @@ def test_torchvision_018_with_numpy_2_is_one_line_before_the_pil_loader(monkeypa
     monkeypatch.setattr(common.np, "__version__", "1.26.4")
     x1, x2 = next(iter(common.pretrain_loader(files, views, 8, 1, 0, args, torch.device("cpu"))))[0]
     assert x1.shape == x2.shape == (8, 3, 8, 8)
+
+
+def test_resume_with_other_optimizer_settings(tmp_path, pretrained):
+    """The optimizer's saved state holds its weight decay, eta and clip, so a changed flag would be
+    silently ignored on resume: it is refused, naming both values as typed on the command line."""
+    run_dir = tmp_path / "run"
+    for flags, message in ((["--weight-decay", "0.001"], "--weight-decay 0.0001, not 0.001"),
+                           (["--lars-eta", "0.001"], "--lars-eta 0.02, not 0.001"),
+                           (["--no-lars-clip"], "--lars-clip, not --no-lars-clip")):
+        msg = fails("simclr.py", *TINY, *flags, "--epochs", "3", "--resume", pretrained / "last.pt",
+                    "--output-dir", run_dir)
+        assert message in msg and "use the same value to resume" in msg, msg
+    assert not (run_dir / "last.pt").exists()
+    # With SGD, LARS's eta plays no part; a checkpoint from before a flag existed is not checked for it.
+    old = load(pretrained / "last.pt")
+    del old["args"]["lars_clip"]
+    torch.save(old, tmp_path / "old.pt")
+    run_script("simclr.py", *TINY, "--no-lars-clip", "--epochs", "3", "--knn-every", "0", "--resume",
+               tmp_path / "old.pt", "--output-dir", run_dir)
+    assert load(run_dir / "last.pt")["step"] == 12
+
+
+def test_linear_eval_resume_with_other_settings(tmp_path, pretrained):
+    args = ["--ckpt", pretrained / "backbone.pt", "--mode", "fast", "--epochs", "2", "--batch-size", "32",
+            "--device", "cpu", "--workers", "0", "--output-dir", tmp_path / "probe"]
+    run_script("linear_eval.py", *args, "--max-steps", "1")
+    assert "--weight-decay 0.0, not 0.1" in fails("linear_eval.py", *args, "--weight-decay", "0.1")
+    assert "--mode fast, not linear" in fails("linear_eval.py", *args, "--mode", "linear")
+    run_script("linear_eval.py", *args)  # the same flags resume
+    (tmp_path / "probe" / "last.pt").replace(tmp_path / "probe.pt")
+    torch.save(load(pretrained / "last.pt"), tmp_path / "probe" / "last.pt")
+    assert "written by simclr.py, not linear_eval.py" in fails("linear_eval.py", *args)
