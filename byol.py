@@ -334,6 +334,15 @@ def make_optimizer(params, args):
     return torch.optim.AdamW(groups, lr=0.0, weight_decay=args.weight_decay)
 
 
+def load_optimizer_state(optimizer, state):
+    """torch's load_state_dict also restores each group's settings. The learning-rate scales are
+    set again from the command line, as --lr is (the other settings are checked unchanged on resume)."""
+    scales = [g["lr_scale"] for g in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for g, scale in zip(optimizer.param_groups, scales):
+        g["lr_scale"] = scale
+
+
 def cosine_schedule(step, total_steps, warmup_steps, base, final=0.0):
     """Linear warm-up to `base` over warmup_steps, then cosine decay to `final` at total_steps."""
     if step < warmup_steps:
@@ -743,22 +752,27 @@ def save_state(path, raw_model, optimizer, scaler, run, args):
             "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
             "scaler": scaler.state_dict(), "rng": rng_states(), "elapsed": run.elapsed + time.time() - run.t_start,
             "epoch_loss": [run.losses[1].tolist(), run.n_epoch],
-            "backbone": raw_model.online.backbone.state_dict(), "backbone_meta": run.backbone_meta}, path)
+            "backbone": raw_model.online.backbone.state_dict(), "backbone_meta": run.backbone_meta,
+            "num_images": run.num_images}, path)
 
 
-def check_resumable(ckpt, path, args, backbone_meta):
+def check_resumable(ckpt, path, args, backbone_meta, num_images):
     if "model" not in ckpt:
         common.fail(f"{path} holds only a backbone; resume from a last.pt, or evaluate it with linear_eval.py")
     if ckpt.get("method") != "byol":
         common.fail(f"{path} was written by {ckpt.get('method')}.py, not byol.py: resume from a byol.py checkpoint, "
                     "or use another --output-dir")
-    # The optimizer's saved state carries its weight decay, eta and clip (LARS): a changed flag would be ignored.
+    # Checked: the data, structure and seed (the data order) of the run, and what the optimizer's saved
+    # state carries (weight decay, LARS eta and clip), which a changed flag could not alter.
     common.check_same_flags(path, ckpt["args"], args, (
-        "dataset", "arch", "batch_size", "optimizer", "proj_hidden_dim", "proj_dim", "pred_hidden_dim", "image_size",
-        "weight_decay", *(("lars_eta", "lars_clip") if args.optimizer == "lars" else ())))
+        "dataset", "arch", "batch_size", "seed", "optimizer", "proj_hidden_dim", "proj_dim", "pred_hidden_dim",
+        "image_size", "weight_decay", *(("lars_eta", "lars_clip") if args.optimizer == "lars" else ())))
     if ckpt["backbone_meta"] != backbone_meta:
         common.fail(f"{path} holds a backbone {ckpt['backbone_meta']}, not {backbone_meta}: use the same --arch, "
                     "--patch-size and --image-size to resume, or another --output-dir")
+    if ckpt.get("num_images", num_images) != num_images:  # another --data-dir, --synthetic-size, --val-fraction
+        common.fail(f"{path} was trained on {ckpt['num_images']} images, these data hold {num_images}: use the same "
+                    "images to resume, or another --output-dir")
 
 
 def main(args):
@@ -798,7 +812,7 @@ def main(args):
     # 4. Model, optimizer, mixed precision ----------------------------------------------------
     raw_model = BYOL(args, data.image_size).to(device)
     if ckpt:
-        check_resumable(ckpt, resume_from, args, raw_model.backbone_meta)
+        check_resumable(ckpt, resume_from, args, raw_model.backbone_meta, len(data.pretrain))
     if world_size > 1:
         raw_model = convert_sync_batchnorm(raw_model, device)
     memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
@@ -816,11 +830,11 @@ def main(args):
         step=0, epoch=0, lr=0.0, elapsed=0.0, n_row=0, n_epoch=0, losses=torch.zeros(2, 1, device=device),
         base_lr=args.lr * args.batch_size / 256, total_steps=args.epochs * steps_per_epoch,
         warmup_steps=args.warmup_epochs * steps_per_epoch, preemption=Preemption(world_size, device),
-        backbone_meta=raw_model.backbone_meta)
+        backbone_meta=raw_model.backbone_meta, num_images=len(data.pretrain))
     run.end_step = min(run.total_steps, args.max_steps or run.total_steps)
     if ckpt:
         raw_model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
+        load_optimizer_state(optimizer, ckpt["optimizer"])
         if ckpt["scaler"]:  # empty when saved without fp16: a fresh scaler then starts the scaling
             scaler.load_state_dict(ckpt["scaler"])
         set_rng_states(ckpt["rng"])

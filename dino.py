@@ -98,7 +98,8 @@ def get_args_parser():
                    help="epochs of linear temperature warm-up")
     g.add_argument("--student-temp", type=common.positive, default=0.1, help="student temperature")
     g.add_argument("--center-momentum", type=common.fraction, default=0.9, help="momentum of the teacher-output centre")
-    g = parser.add_argument_group("optimisation (x / y: the default of the ResNet recipe / of the ViT recipe)")
+    g = parser.add_argument_group("optimisation (x / y: the default of the ResNet recipe / of the ViT recipe; the "
+                                  "recipe is the backbone's, or the optimizer's with --optimizer lars or adamw)")
     g.add_argument("--epochs", type=common.at_least(1), default=1000, help="training epochs")
     g.add_argument("--batch-size", type=common.at_least(2), default=256, help="global batch size, over all processes")
     g.add_argument("--optimizer", default=None, choices=["lars", "sgd", "adamw"], help="optimizer (lars / adamw)")
@@ -107,7 +108,7 @@ def get_args_parser():
     g.add_argument("--weight-decay", type=common.at_least(0, float), default=None,
                    help="weight decay at step 0 (1e-6 / 0.04)")
     g.add_argument("--weight-decay-end", type=common.at_least(0, float), default=None,
-                   help="weight decay at the end, cosine (1e-6 / 0.4)")
+                   help="weight decay at the end, cosine (--weight-decay / 0.4)")
     g.add_argument("--clip-grad", type=common.at_least(0, float), default=None,
                    help="per-parameter gradient norm clip (0 / 3.0; 0: off)")
     g.add_argument("--lars-eta", type=common.positive, default=0.02, help="LARS trust coefficient")
@@ -131,16 +132,22 @@ def get_args_parser():
     return parser
 
 
-RECIPES = {  # the defaults of the optimisation flags left unset, by backbone family
-    "resnet": dict(optimizer="lars", lr=0.3, weight_decay=1e-6, weight_decay_end=1e-6, clip_grad=0.0),
+RECIPES = {  # the defaults of the optimisation flags left unset (weight_decay_end None: constant decay)
+    "resnet": dict(optimizer="lars", lr=0.3, weight_decay=1e-6, weight_decay_end=None, clip_grad=0.0),
     "vit": dict(optimizer="adamw", lr=5e-4, weight_decay=0.04, weight_decay_end=0.4, clip_grad=3.0)}
 
 
 def fill_recipe(args):
-    """Set the optimisation flags left at None from the backbone's recipe, and the crop settings."""
-    for key, value in RECIPES["vit" if args.arch.startswith("vit") else "resnet"].items():
+    """Set the optimisation flags left at None from a recipe, and the crop settings. The recipe is
+    the backbone's, or the optimizer's when --optimizer lars or adamw is given (LARS at a ViT's
+    lr 5e-4 would barely move, AdamW at lr 0.3 diverges)."""
+    recipe = "vit" if args.arch.startswith("vit") else "resnet"
+    recipe = {"lars": "resnet", "adamw": "vit"}.get(args.optimizer, recipe)
+    for key, value in RECIPES[recipe].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if args.weight_decay_end is None:  # the ResNet recipe keeps its weight decay, the given one too
+        args.weight_decay_end = args.weight_decay
     if args.global_crops_scale is None:  # main_dino.py's advice: (0.14, 1) when training without local crops
         args.global_crops_scale = (0.4, 1.0) if args.local_crops else (0.14, 1.0)
     if args.local_crop_size is None:  # 3/7 of the image, in whole ViT patches: 96 px of 224, 48 of 96, 16 of 32
@@ -451,6 +458,15 @@ def make_optimizer(params, args):
     if args.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=0.0, momentum=0.9, weight_decay=args.weight_decay)
     return torch.optim.AdamW(groups, lr=0.0, weight_decay=args.weight_decay)
+
+
+def load_optimizer_state(optimizer, state):
+    """torch's load_state_dict also restores each group's settings. The learning-rate scales are
+    set again from the command line, as --lr is (the other settings are checked unchanged on resume)."""
+    scales = [g["lr_scale"] for g in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for g, scale in zip(optimizer.param_groups, scales):
+        g["lr_scale"] = scale
 
 
 def cosine_schedule(step, total_steps, warmup_steps, base, final=0.0):
@@ -870,23 +886,28 @@ def save_state(path, raw_model, criterion, optimizer, scaler, run, args):
             "model": raw_model.state_dict(), "dino_loss": criterion.state_dict(), "optimizer": optimizer.state_dict(),
             "scaler": scaler.state_dict(), "rng": rng_states(), "elapsed": run.elapsed + time.time() - run.t_start,
             "epoch_loss": [run.losses[1].tolist(), run.n_epoch],
-            "backbone": raw_model.teacher.backbone.state_dict(), "backbone_meta": run.backbone_meta}, path)
+            "backbone": raw_model.teacher.backbone.state_dict(), "backbone_meta": run.backbone_meta,
+            "num_images": run.num_images}, path)
 
 
-def check_resumable(ckpt, path, args, backbone_meta):
+def check_resumable(ckpt, path, args, backbone_meta, num_images):
     if "model" not in ckpt:
         common.fail(f"{path} holds only a backbone; resume from a last.pt, or evaluate it with linear_eval.py")
     if ckpt.get("method") != "dino":
         common.fail(f"{path} was written by {ckpt.get('method')}.py, not dino.py: resume from a dino.py checkpoint, "
                     "or use another --output-dir")
-    # The optimizer's saved state carries its eta and clip (LARS): a changed flag would be ignored.
+    # Checked: the data, structure and seed (the data order) of the run, and what the optimizer's saved
+    # state carries (LARS eta and clip), which a changed flag could not alter.
     common.check_same_flags(path, ckpt["args"], args, (
-        "dataset", "arch", "batch_size", "optimizer", "out_dim", "head_hidden_dim", "bottleneck_dim",
+        "dataset", "arch", "batch_size", "seed", "optimizer", "out_dim", "head_hidden_dim", "bottleneck_dim",
         "norm_last_layer", "image_size",
         *(("lars_eta", "lars_clip") if args.optimizer == "lars" else ())))
     if ckpt["backbone_meta"] != backbone_meta:
         common.fail(f"{path} holds a backbone {ckpt['backbone_meta']}, not {backbone_meta}: use the same --arch, "
                     "--patch-size and --image-size to resume, or another --output-dir")
+    if ckpt.get("num_images", num_images) != num_images:  # another --data-dir, --synthetic-size, --val-fraction
+        common.fail(f"{path} was trained on {ckpt['num_images']} images, these data hold {num_images}: use the same "
+                    "images to resume, or another --output-dir")
 
 
 def main(args):
@@ -928,7 +949,7 @@ def main(args):
     # 4. Model, loss, optimizer, mixed precision ------------------------------------------------
     raw_model = DINO(args, data.image_size).to(device)
     if ckpt:
-        check_resumable(ckpt, resume_from, args, raw_model.backbone_meta)
+        check_resumable(ckpt, resume_from, args, raw_model.backbone_meta, len(data.pretrain))
     patch = raw_model.backbone_meta.get("patch_size", 1)
     if args.local_crops and args.local_crop_size % patch:
         common.fail(f"--local-crop-size {args.local_crop_size} is not a multiple of the ViT patch size {patch}; "
@@ -953,12 +974,12 @@ def main(args):
         step=0, epoch=0, lr=0.0, elapsed=0.0, n_row=0, n_epoch=0, losses=torch.zeros(2, 2, device=device),
         base_lr=args.lr * args.batch_size / 256, total_steps=args.epochs * steps_per_epoch,
         warmup_steps=args.warmup_epochs * steps_per_epoch, preemption=Preemption(world_size, device),
-        backbone_meta=raw_model.backbone_meta)
+        backbone_meta=raw_model.backbone_meta, num_images=len(data.pretrain))
     run.end_step = min(run.total_steps, args.max_steps or run.total_steps)
     if ckpt:
         raw_model.load_state_dict(ckpt["model"])
         criterion.load_state_dict(ckpt["dino_loss"])  # the centre
-        optimizer.load_state_dict(ckpt["optimizer"])
+        load_optimizer_state(optimizer, ckpt["optimizer"])
         if ckpt["scaler"]:  # empty when saved without fp16: a fresh scaler then starts the scaling
             scaler.load_state_dict(ckpt["scaler"])
         set_rng_states(ckpt["rng"])

@@ -266,6 +266,15 @@ def make_optimizer(params, args):
     return torch.optim.AdamW(groups, lr=0.0, weight_decay=args.weight_decay)
 
 
+def load_optimizer_state(optimizer, state):
+    """torch's load_state_dict also restores each group's settings. The learning-rate scales are
+    set again from the command line, as --lr is (the other settings are checked unchanged on resume)."""
+    scales = [g["lr_scale"] for g in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for g, scale in zip(optimizer.param_groups, scales):
+        g["lr_scale"] = scale
+
+
 def cosine_schedule(step, total_steps, warmup_steps, base, final=0.0):
     """Linear warm-up to `base` over warmup_steps, then cosine decay to `final` at total_steps."""
     if step < warmup_steps:
@@ -719,8 +728,8 @@ def main(args):
     # 2. The backbone's checkpoint; dataset defaults from its pretraining --------------------
     state, meta, pretrain_args = load_backbone(args)
     same_data = args.dataset in (None, pretrain_args.get("dataset"))
-    if args.dataset is None:  # evaluate on the pretraining data (and its split) unless told otherwise
-        args.dataset = pretrain_args.get("dataset", "cifar10")
+    args.dataset = args.dataset or pretrain_args.get("dataset", "cifar10")
+    if same_data:  # evaluate on the pretraining data (and its split) unless told otherwise
         args.data_dir = args.data_dir or pretrain_args.get("data_dir")
     usual = argparse.ArgumentParser()
     common.add_data_args(usual)
@@ -745,10 +754,6 @@ def main(args):
     if ckpt and ckpt.get("method") != "linear_eval":
         common.fail(f"{resume_from} was written by {ckpt.get('method')}.py, not linear_eval.py: give another "
                     "--output-dir")
-    if ckpt:  # a probe resumes only the same evaluation; its optimizer's state carries weight decay, eta, clip
-        common.check_same_flags(resume_from, ckpt["args"], args, (
-            "ckpt", "dataset", "mode", "batch_size", "optimizer",
-            "weight_decay", *(("lars_eta", "lars_clip") if args.optimizer == "lars" else ())))
 
     # 4. Data --------------------------------------------------------------------------------
     if is_main:
@@ -757,6 +762,11 @@ def main(args):
         dist.barrier()
     data = common.load_data(args)
     args.image_size = data.image_size
+    if ckpt:  # a probe resumes only the same evaluation; its optimizer's state carries weight decay, eta, clip
+        common.check_same_flags(resume_from, ckpt["args"], args, (
+            "ckpt", "arch", "patch_size", "dataset", "val_fraction", "synthetic_size", "image_size", "mode",
+            "batch_size", "seed", "optimizer", "weight_decay",
+            *(("lars_eta", "lars_clip") if args.optimizer == "lars" else ())))
     if meta.get("patch_size") and data.image_size % meta["patch_size"]:
         common.fail(f"--image-size {data.image_size} is not a multiple of the ViT patch size {meta['patch_size']} "
                     f"of {args.ckpt}; change --image-size")
@@ -817,7 +827,7 @@ def main(args):
     run.end_step = min(run.total_steps, args.max_steps or run.total_steps)
     if ckpt:
         raw_head.load_state_dict(ckpt["head"])
-        optimizer.load_state_dict(ckpt["optimizer"])
+        load_optimizer_state(optimizer, ckpt["optimizer"])
         if ckpt["scaler"]:  # empty when saved without fp16: a fresh scaler then starts the scaling
             scaler.load_state_dict(ckpt["scaler"])
         set_rng_states(ckpt["rng"])

@@ -316,16 +316,19 @@ def test_torchvision_018_with_numpy_2_is_one_line_before_the_pil_loader(monkeypa
     assert x1.shape == x2.shape == (8, 3, 8, 8)
 
 
-def test_resume_with_other_optimizer_settings(tmp_path, pretrained):
+def test_resume_with_other_optimizer_settings_seed_or_images(tmp_path, pretrained):
     """The optimizer's saved state holds its weight decay, eta and clip, so a changed flag would be
-    silently ignored on resume: it is refused, naming both values as typed on the command line."""
+    silently ignored on resume: it is refused, naming both values as typed on the command line. So
+    are another seed (another data order in the middle of an epoch) and other images."""
     run_dir = tmp_path / "run"
     for flags, message in ((["--weight-decay", "0.001"], "--weight-decay 0.0001, not 0.001"),
                            (["--lars-eta", "0.001"], "--lars-eta 0.02, not 0.001"),
-                           (["--no-lars-clip"], "--lars-clip, not --no-lars-clip")):
+                           (["--no-lars-clip"], "--lars-clip, not --no-lars-clip"),
+                           (["--seed", "1"], "--seed 0, not 1"),
+                           (["--synthetic-size", "256", "64"], "trained on 128 images, these data hold 256")):
         msg = fails("simclr.py", *TINY, *flags, "--epochs", "3", "--resume", pretrained / "last.pt",
                     "--output-dir", run_dir)
-        assert message in msg and "use the same value to resume" in msg, msg
+        assert message in msg and "to resume" in msg, msg
     assert not (run_dir / "last.pt").exists()
     # With SGD, LARS's eta plays no part; a checkpoint from before a flag existed is not checked for it.
     old = load(pretrained / "last.pt")
@@ -342,7 +345,23 @@ def test_linear_eval_resume_with_other_settings(tmp_path, pretrained):
     run_script("linear_eval.py", *args, "--max-steps", "1")
     assert "--weight-decay 0.0, not 0.1" in fails("linear_eval.py", *args, "--weight-decay", "0.1")
     assert "--mode fast, not linear" in fails("linear_eval.py", *args, "--mode", "linear")
+    assert "--image-size 16, not 32" in fails("linear_eval.py", *args, "--image-size", "32")
+    random = ["--ckpt", "random", "--dataset", "synthetic", "--synthetic-size", "64", "32", *args[2:-1], tmp_path / "r"]
+    run_script("linear_eval.py", *random, "--max-steps", "1")
+    assert "--arch resnet18, not resnet34" in fails("linear_eval.py", *random, "--arch", "resnet34")
     run_script("linear_eval.py", *args)  # the same flags resume
     (tmp_path / "probe" / "last.pt").replace(tmp_path / "probe.pt")
     torch.save(load(pretrained / "last.pt"), tmp_path / "probe" / "last.pt")
     assert "written by simclr.py, not linear_eval.py" in fails("linear_eval.py", *args)
+
+
+def test_barlow_bias_learning_rate_follows_the_command_line_on_resume(tmp_path):
+    """--lr-biases is kept in the optimizer as a fraction of --lr; a resumed run with another --lr
+    still gives the biases the --lr-biases asked for (torch's load_state_dict restored the old fraction)."""
+    from conftest import METHODS
+    run = ["barlow.py", *TINY, *METHODS["barlow.py"], "--knn-every", "0", "--lr-biases", "0.0048", "--output-dir",
+           tmp_path]
+    run_script(*run, "--lr", "0.2", "--max-steps", "1")
+    run_script(*run, "--lr", "0.1", "--max-steps", "2")
+    groups = load(tmp_path / "last.pt")["optimizer"]["param_groups"]
+    assert groups[1]["lr_scale"] == pytest.approx(0.048) and groups[0]["lr_scale"] == 1.0

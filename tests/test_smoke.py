@@ -56,6 +56,21 @@ def test_linear_eval_default_output_dir_and_random_baseline(pretrained, tmp_path
     assert json.loads((tmp_path / "results.json").read_text())["ckpt"] == "random"
 
 
+def test_linear_eval_keeps_the_pretraining_data_dir_when_given_its_dataset(tmp_path):
+    """--dataset npz alone (the pretraining's): its --data-dir is the checkpoint's, not ./data."""
+    import numpy as np
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "d.npz", train_images=rng.integers(0, 255, (64, 16, 16, 3), np.uint8),
+             train_labels=np.arange(64) % 4, test_images=rng.integers(0, 255, (32, 16, 16, 3), np.uint8),
+             test_labels=np.arange(32) % 4)
+    npz = ["--dataset", "npz", "--data-dir", tmp_path / "d.npz"]
+    run_script("simclr.py", *TINY, *npz, "--max-steps", "1", "--knn-every", "0", "--output-dir", tmp_path / "run")
+    proc = run_script(REPO / "linear_eval.py", "--ckpt", tmp_path / "run" / "backbone.pt", "--dataset", "npz", "--mode",
+                      "fast", "--epochs", "1", "--batch-size", "32", "--device", "cpu", "--workers", "0",
+                      cwd=tmp_path)  # no ./data here
+    assert "on npz: 64 train / 32 test images" in proc.stdout
+
+
 @pytest.mark.parametrize("script", ["simclr.py", "dino.py"])
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_mixed_precision_paths(tmp_path, precision, script):

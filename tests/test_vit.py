@@ -110,3 +110,20 @@ def test_dino_default_local_crop_is_whole_patches(arch, size, local):
     args.image_size = size
     dino.fill_recipe(args)
     assert args.local_crop_size == local
+
+
+@pytest.mark.parametrize("flags,expected", [
+    ([], ("lars", 0.3, 1e-6, 1e-6, 0.0)),
+    (["--arch", "vit_tiny"], ("adamw", 5e-4, 0.04, 0.4, 3.0)),
+    (["--weight-decay", "1e-4"], ("lars", 0.3, 1e-4, 1e-4, 0.0)),  # the ResNet recipe's decay stays constant
+    (["--arch", "vit_tiny", "--weight-decay", "0.05"], ("adamw", 5e-4, 0.05, 0.4, 3.0)),
+    (["--optimizer", "adamw"], ("adamw", 5e-4, 0.04, 0.4, 3.0)),  # AdamW's settings, not LARS's lr 0.3
+    (["--arch", "vit_tiny", "--optimizer", "lars"], ("lars", 0.3, 1e-6, 1e-6, 0.0)),
+    (["--optimizer", "sgd", "--lr", "0.03"], ("sgd", 0.03, 1e-6, 1e-6, 0.0)),  # sgd: the backbone's recipe
+])
+def test_dino_unset_optimisation_flags_follow_the_backbone_or_the_optimizer(flags, expected):
+    import dino
+    args = dino.get_args_parser().parse_args(flags)
+    args.image_size = 32
+    dino.fill_recipe(args)
+    assert (args.optimizer, args.lr, args.weight_decay, args.weight_decay_end, args.clip_grad) == expected
