@@ -627,6 +627,22 @@ def save_checkpoint(obj, path):
                     "the same command again to resume")
 
 
+def check_last_writer(path, write_id):
+    """Before replacing last.pt: it must still hold the "write_id" this run last read or wrote there
+    (None: no file yet, or one from before write ids). Otherwise a second run writes to the same
+    folder (two jobs given one --output-dir): this one stops without saving, leaving that run's file."""
+    found = None
+    if os.path.exists(path):
+        try:  # mmap: the tensors are not read
+            found = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("write_id", None)
+        except Exception:
+            found = "unreadable"
+    if found != write_id:
+        common.fail(f"{path} was replaced or removed by another run since this one last read or wrote it: two runs "
+                    f"share --output-dir {Path(path).parent}; this one stops without saving (metrics.csv may hold "
+                    "rows of both); give each run its own --output-dir")
+
+
 def load_checkpoint(path):
     """torch.load with weights_only=True: tensors and plain containers only, so a file holding
     pickled code is refused, never run. Any failure is one clear line."""
@@ -881,13 +897,15 @@ def save_state(path, raw_model, criterion, optimizer, scaler, run, args):
     if run.n_row:
         log_row(run, args, "step")
     if run.is_main:
+        check_last_writer(path, run.write_id)
+        run.write_id = os.urandom(8).hex()  # this write's id, checked before the next one
         save_checkpoint({
             "method": "dino", "args": vars(args), "step": run.step, "epoch": run.epoch,
             "model": raw_model.state_dict(), "dino_loss": criterion.state_dict(), "optimizer": optimizer.state_dict(),
             "scaler": scaler.state_dict(), "rng": rng_states(), "elapsed": run.elapsed + time.time() - run.t_start,
             "epoch_loss": [run.losses[1].tolist(), run.n_epoch],
             "backbone": raw_model.teacher.backbone.state_dict(), "backbone_meta": run.backbone_meta,
-            "num_images": run.num_images}, path)
+            "num_images": run.num_images, "write_id": run.write_id}, path)
 
 
 def check_resumable(ckpt, path, args, backbone_meta, num_images):
@@ -974,7 +992,8 @@ def main(args):
         step=0, epoch=0, lr=0.0, elapsed=0.0, n_row=0, n_epoch=0, losses=torch.zeros(2, 2, device=device),
         base_lr=args.lr * args.batch_size / 256, total_steps=args.epochs * steps_per_epoch,
         warmup_steps=args.warmup_epochs * steps_per_epoch, preemption=Preemption(world_size, device),
-        backbone_meta=raw_model.backbone_meta, num_images=len(data.pretrain))
+        backbone_meta=raw_model.backbone_meta, num_images=len(data.pretrain),
+        write_id=ckpt.get("write_id") if resume_from is last else None)  # the last.pt read: see check_last_writer
     run.end_step = min(run.total_steps, args.max_steps or run.total_steps)
     if ckpt:
         raw_model.load_state_dict(ckpt["model"])

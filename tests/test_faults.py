@@ -177,3 +177,50 @@ def test_disk_full_while_logging_is_one_line_and_the_run_resumes(tmp_path):
     out = run_script("simclr.py", *args).stdout
     assert "at step 2" in out and load(tmp_path / "run" / "last.pt")["step"] == 8
     assert steps_logged(tmp_path / "run" / "metrics.csv") == list(range(1, 9))
+
+
+def test_a_second_run_on_the_same_output_dir_stops_without_saving(tmp_path):
+    """Another run writes last.pt in the middle of this one (here a stand-in writes it at step 5, the
+    second epoch): at its next save this run stops with one line and leaves that file alone."""
+    out = tmp_path / "run"
+    args = [*TINY, "--epochs", "3", "--knn-every", "0", "--log-every", "1", "--output-dir", out]
+    run_script("simclr.py", *args, "--max-steps", "4")
+    assert load(out / "last.pt")["write_id"]
+    wrapper = tmp_path / "other.py"
+    wrapper.write_text(
+        "import csv, runpy, sys, torch\n"
+        "writerow = csv.DictWriter.writerow\n"
+        "def row(self, r):\n"
+        "    if str(r['step']) == '5':  # the other run saves\n"
+        f"        ckpt = torch.load({str(out / 'last.pt')!r}, weights_only=True)\n"
+        "        torch.save({**ckpt, 'write_id': 'the other run', 'step': 99}, " f"{str(out / 'last.pt')!r})\n"
+        "    return writerow(self, r)\n"
+        "csv.DictWriter.writerow = row\n"
+        f"sys.path.insert(0, {str(REPO)!r})\n"
+        f"sys.argv[0] = {str(REPO / 'simclr.py')!r}\n"
+        f"runpy.run_path({str(REPO / 'simclr.py')!r}, run_name='__main__')\n")
+    proc = run_script(wrapper, *args, check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: {out / 'last.pt'} was replaced or removed by another run") and \
+        f"two runs share --output-dir {out}" in last and "give each run its own --output-dir" in last, last
+    ckpt = load(out / "last.pt")
+    assert (ckpt["write_id"], ckpt["step"]) == ("the other run", 99)
+
+
+def test_a_second_command_started_while_the_first_runs(tmp_path):
+    """The same command started twice on one output dir, the second once the first has saved: the run
+    that finds last.pt written by the other stops at its next save; the other finishes, its last.pt whole."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, str(REPO / "simclr.py"), *map(str, TINY), "--epochs", "4", "--knn-every", "0",
+           "--output-dir", str(out)]
+    env = clean_env(OMP_NUM_THREADS="1")
+    procs = [subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)]
+    deadline = time.time() + 120
+    while not (out / "last.pt").exists() and procs[0].poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
+    assert sorted(rc for rc, _ in results) == [0, 1], results
+    assert "two runs share --output-dir" in next(err for rc, err in results if rc == 1)
+    assert load(out / "last.pt")["step"] == 16
