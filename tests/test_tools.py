@@ -2,10 +2,12 @@
 tools/plot_metrics.py (curves from metrics.csv), tools/benchmark.py and tools/cifar10_figures.sh
 (the README's figures). wandb is replaced by a fake module that records
 the calls; matplotlib draws for real."""
+import argparse
 import csv
 import json
 import shutil
 import subprocess
+import sys
 import tarfile
 
 import numpy as np
@@ -63,15 +65,22 @@ def test_wandb_sync_replays_the_run_then_only_new_rows(tmp_path, run_dir):
             assert values["loss"] == float(r["loss"]) and values["lr"] == float(r["lr"])
         else:
             assert values["epoch/loss"] == float(r["loss"]) and values["epoch/knn_top1"] == float(r["knn_top1"])
-    # The job went on: only the new rows are sent, to the same wandb run.
+    # The job went on (resumed with more epochs): only the new rows are sent, to the same wandb run. The
+    # last step row waits: its epoch row, with the kNN accuracy, is written after the kNN, and wandb
+    # takes each step once.
     with open(run_dir / "metrics.csv", "a") as f:
-        f.write("step,2,10,3.5,0.01,40.0,900,,12.0\n")
+        f.write("step,2,10,3.5,0.01,40.0,900,,12.0\nstep,2,12,3.4,0.01,40.0,900,,13.0\n")
     run_script("tools/wandb_sync.py", run_dir, "--mode", "offline", env=env)
     second = json.loads((tmp_path / "wandb.log").read_text().splitlines()[1])
     assert second["init"]["id"] == "abc123" and second["log"] == [[10, {"epoch": 2, "loss": 3.5, "lr": 0.01,
                                                                        "img_per_s": 40.0, "peak_mem_mb": 900.0,
                                                                        "time_s": 12.0}]]
     assert json.loads((run_dir / "wandb_sync.json").read_text()) == {"id": "abc123", "step": 10}
+    with open(run_dir / "metrics.csv", "a") as f:
+        f.write("epoch,2,12,3.45,0.01,40.0,900,31.5,14.0\n")
+    run_script("tools/wandb_sync.py", run_dir, "--mode", "offline", env=env)
+    third = json.loads((tmp_path / "wandb.log").read_text().splitlines()[2])
+    assert [(s, v.get("loss"), v.get("epoch/knn_top1")) for s, v in third["log"]] == [(12, 3.4, 31.5)]
 
 
 def test_wandb_sync_sends_a_methods_own_columns(tmp_path):
@@ -105,6 +114,23 @@ def test_plot_metrics_draws_every_panel(tmp_path, run_dir):
     assert (tmp_path / "two.png").exists()
 
 
+def test_plot_metrics_labels_runs_with_the_same_folder_name_apart(tmp_path, monkeypatch):
+    """a/simclr and b/simclr (cifar10_figures.sh's layout) are two curves, labelled a/simclr and b/simclr."""
+    pytest.importorskip("matplotlib", reason="matplotlib is optional: pip install matplotlib")
+    sys.path.insert(0, str(REPO / "tools"))
+    import matplotlib.axes
+    import plot_metrics
+    for parent, rows in (("a", DINO_CSV), ("b", DINO_CSV.replace("5.1", "6.1"))):
+        (tmp_path / parent / "simclr").mkdir(parents=True)
+        (tmp_path / parent / "simclr" / "metrics.csv").write_text(rows)
+    labels = []
+    plot = matplotlib.axes.Axes.plot
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot",
+                        lambda self, *a, **kw: labels.append(kw.get("label")) or plot(self, *a, **kw))
+    plot_metrics.main([str(tmp_path / "a" / "simclr"), str(tmp_path / "b" / "simclr"), "--out", str(tmp_path)])
+    assert set(labels) == {"a/simclr", "b/simclr"}
+
+
 DINO_CSV = ("kind,epoch,step,loss,lr,img_per_s,peak_mem_mb,knn_top1,time_s,teacher_entropy\n"
             "step,0,2,5.1,0.001,7.0,1064,,8.9,4.25\nepoch,0,2,5.0,0.001,7.0,1064,12.5,9.0,4.5\n"
             "step,1,4,4.9,0.001,7.2,1064,,17.0,4.0\n")
@@ -135,8 +161,8 @@ def test_wandb_sync_leaves_a_half_written_row_for_later(tmp_path):
     (run / "metrics.csv").write_text(DINO_CSV + "step,1,6,4.")
     env = fake_module(tmp_path, "wandb", FAKE_WANDB)
     run_script("tools/wandb_sync.py", run, "--mode", "offline", env=env)
-    assert [step for step, _ in json.loads((tmp_path / "wandb.log").read_text())["log"]] == [2, 4]
-    assert json.loads((run / "wandb_sync.json").read_text())["step"] == 4
+    assert [step for step, _ in json.loads((tmp_path / "wandb.log").read_text())["log"]] == [2]  # 4: see above
+    assert json.loads((run / "wandb_sync.json").read_text())["step"] == 2
     (run / "args.json").write_text('{"lr": 0.3,')
     proc = run_script("tools/wandb_sync.py", run, "--mode", "offline", env=env, check=False)
     assert proc.returncode == 1 and "args.json is not valid JSON" in proc.stderr and "Traceback" not in proc.stderr
@@ -170,6 +196,22 @@ def test_benchmark_writes_every_figure(tmp_path):
     assert r["aug_pil_img_s"] > 0 and r["aug_batched_img_s"] > 0 and "model_only_img_s" not in r
     proc = run_script("tools/benchmark.py", "--aug-rounds", "0", check=False)
     assert proc.returncode == 2 and "--aug-rounds must be at least 1" in proc.stderr
+    for bad, message in ((["--images", "16"], "--images 16 is too few"),
+                         (["--", "--batch-size", "4"], "--batch-size after --: give it to the benchmark itself")):
+        proc = run_script("tools/benchmark.py", *tiny, *bad, check=False)
+        assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_benchmark_times_the_pil_loader_after_what_it_made_ahead():
+    """Each of the --workers loader processes has 2 batches made ahead, and they finish theirs in
+    bursts of --workers: 16 workers timed over 10 batches once measured 350 times the true rate of a
+    slowed-down pipeline. The made-ahead batches are skipped and at least 4 bursts are timed."""
+    sys.path.insert(0, str(REPO / "tools"))
+    import benchmark
+    opts = argparse.Namespace(warmup=2, steps=10, aug_steps=30, aug_rounds=3, workers=16)
+    assert benchmark.pil_counts(opts) == (2 + 32, 64)
+    opts.workers = 2
+    assert benchmark.pil_counts(opts) == (2 + 4, 10)
     if not torch.cuda.is_available():
         proc = run_script("tools/benchmark.py", "--device", "cuda", check=False)
         assert proc.returncode == 2 and "no GPU is visible" in proc.stderr and "Traceback" not in proc.stderr
@@ -200,4 +242,7 @@ def test_cifar10_figures_script_end_to_end(tmp_path):
     assert "train: 64 images of 32 px" in proc.stdout
     proc = subprocess.run(["bash", REPO / "tools" / "cifar10_figures.sh", tmp_path / "nothing.tar.xz", tmp_path],
                           env=env, capture_output=True, text=True)
-    assert proc.returncode == 2 and proc.stderr.startswith("usage:") and "not a file" in proc.stderr
+    assert proc.returncode == 2 and proc.stderr.startswith("error: archive") and "not a file" in proc.stderr
+    proc = subprocess.run(["bash", REPO / "tools" / "cifar10_figures.sh", tmp_path / "c10.tar.xz"],
+                          env=env, capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.startswith("usage:")

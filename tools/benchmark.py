@@ -11,12 +11,14 @@ For each method it runs the script's own train_one_epoch on synthetic in-memory 
   end_to_end_device_aug_img_s   with batched augmentation on the training device (--aug-device auto)
   aug_pil_img_s                 the PIL loader alone (--workers processes)
   aug_batched_img_s             the batched augmentation alone, on the device (the two in turns)
-  peak_mem_bytes                peak GPU memory allocated (the process's peak RSS on a CPU)
+  peak_mem_bytes                peak GPU memory allocated (on a CPU the process's peak RSS so far, loader
+                                processes not included: with --method all, the largest up to that method)
 and the ratio of each end-to-end figure to the model-only one. Images/s count images, not views.
 --json FILE writes the figures (with --method all, one object per method, under its name).
 """
 import argparse
 import importlib
+import itertools
 import json
 import os
 import resource
@@ -98,17 +100,11 @@ def setup(method, opts):
     return args, data, views, device, train
 
 
-class Limited:
-    """The first n batches of a loader, with its sampler (train_one_epoch only iterates)."""
-
-    def __init__(self, loader, n):
-        self.loader, self.n = loader, n
-
-    def __iter__(self):
-        for k, batch in enumerate(self.loader):
-            if k == self.n:
-                return
-            yield batch
+def pil_counts(opts):
+    """Batches to skip and to time with the PIL loader. Its --workers processes have 2 batches each
+    made ahead (DataLoader's prefetch) before the timing starts, and they finish theirs in bursts of
+    --workers batches: skip the ones made ahead, time at least 4 bursts (16 workers: 34 and 64)."""
+    return opts.warmup + 2 * opts.workers, max(opts.steps, opts.aug_steps // opts.aug_rounds, 4 * opts.workers)
 
 
 def bench(method, opts):
@@ -131,31 +127,32 @@ def bench(method, opts):
         train(fixed[:opts.warmup])
         out["model_only_img_s"] = timed(lambda: train(fixed[:steps]), b * steps, device)
         for key, aug_device in (("end_to_end_cpu_loader_img_s", "cpu"), ("end_to_end_device_aug_img_s", "auto")):
-            ld = loader(aug_device)
-            it = iter(ld)
-            warm = [next(it) for _ in range(opts.warmup)]  # loader processes started, first batches made
-            train(warm)
-            rest = Limited(it, steps)
-            out[key] = timed(lambda: train(rest), b * steps, device)
+            skip, n = pil_counts(opts) if aug_device == "cpu" else (opts.warmup, steps)
+            batches = iter(loader(aug_device))
+            for _ in range(skip - opts.warmup):  # the batches made ahead while the loader started
+                next(batches)
+            train(itertools.islice(batches, opts.warmup))
+            out[key] = timed(lambda: train(itertools.islice(batches, n)), b * n, device)  # no batch n+1
         out["end_to_end_cpu_loader_ratio"] = out["end_to_end_cpu_loader_img_s"] / out["model_only_img_s"]
         out["end_to_end_device_aug_ratio"] = out["end_to_end_device_aug_img_s"] / out["model_only_img_s"]
     # The augmentation alone, PIL and batched in turns (--aug-rounds): a machine whose speed drifts
     # (shared cores) then weighs on both alike. Each round starts a fresh loader, warmed up untimed.
-    seconds, per_round = {"cpu": 0.0, "auto": 0.0}, -(-opts.aug_steps // opts.aug_rounds)
+    seconds, images = {"cpu": 0.0, "auto": 0.0}, {"cpu": 0, "auto": 0}
     for _ in range(opts.aug_rounds):
         for aug_device in seconds:
+            skip, n = pil_counts(opts) if aug_device == "cpu" else (opts.warmup, -(-opts.aug_steps // opts.aug_rounds))
             it = iter(loader(aug_device))
-            for _ in range(opts.warmup):
+            for _ in range(skip):
                 next(it)
             sync(device)
             t = time.perf_counter()
-            for _ in range(per_round):
+            for _ in range(n):
                 next(it)
             sync(device)
             seconds[aug_device] += time.perf_counter() - t
+            images[aug_device] += b * n
             del it  # PIL: its loader processes stop before the batched turn
-    n_aug = b * per_round * opts.aug_rounds
-    out["aug_pil_img_s"], out["aug_batched_img_s"] = n_aug / seconds["cpu"], n_aug / seconds["auto"]
+    out["aug_pil_img_s"], out["aug_batched_img_s"] = images["cpu"] / seconds["cpu"], images["auto"] / seconds["auto"]
     out["aug_batched_over_pil"] = out["aug_batched_img_s"] / out["aug_pil_img_s"]
     out["peak_mem_bytes"] = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
                              else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
@@ -186,9 +183,20 @@ def main():
     if opts.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda but no GPU is visible to this process; use --device cpu or request a GPU")
     opts.extra = [a for a in opts.extra if a != "--"]
+    own = [a for a in opts.extra if a.split("=")[0] in ("--arch", "--image-size", "--batch-size", "--device",
+                                                        "--precision", "--workers", "--aug-device", "--dataset")]
+    if own:
+        parser.error(f"{own[0].split('=')[0]} after --: give it to the benchmark itself, before --")
     cpus = len(os.sched_getaffinity(0))
     opts.workers = cpus if opts.workers is None else opts.workers
-    opts.images = opts.images or opts.batch_size * (max(opts.steps, opts.aug_steps) + opts.warmup)
+    skip, n = pil_counts(opts)
+    need = skip + max(n, opts.steps + opts.warmup, -(-opts.aug_steps // opts.aug_rounds) + opts.warmup) + 1
+    if opts.images is not None and opts.images < opts.batch_size * need:
+        parser.error(f"--images {opts.images} is too few: the measurements take {need} batches of "
+                     f"{opts.batch_size}; give at least {opts.batch_size * need}, or leave it out")
+    opts.images = opts.images or opts.batch_size * need
+    if opts.json:  # fail now, not after the measurements
+        Path(opts.json).parent.mkdir(parents=True, exist_ok=True)
     name = torch.cuda.get_device_name() if opts.device == "cuda" else f"CPU, {cpus} cores"
     print(f"{name}; torch {torch.__version__}; {opts.arch}, {opts.image_size} px, batch {opts.batch_size}, "
           f"{opts.steps} timed steps, PIL loader with {opts.workers} workers", flush=True)

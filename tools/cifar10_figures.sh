@@ -10,8 +10,11 @@
 #    -> results/simclr/ (metrics.csv), and a table of epoch time, images/s and kNN per epoch.
 # Environment: DEVICE (default cuda), BENCH_FLAGS and SIMCLR_FLAGS (more flags for each step).
 set -euo pipefail
-if [ $# -lt 2 ] || [ ! -f "$1" ]; then
-    echo "usage: bash tools/cifar10_figures.sh ARCHIVE.tar.xz OUT_DIR [EPOCHS] (${1:-no archive given}: not a file)" >&2
+if [ $# -lt 2 ]; then
+    echo "usage: bash tools/cifar10_figures.sh ARCHIVE.tar.xz OUT_DIR [EPOCHS]" >&2
+    exit 2
+elif [ ! -f "$1" ]; then
+    echo "error: archive $1 is not a file; give the CIFAR-10 JPEG archive (cifar10-jpeg.tar.xz)" >&2
     exit 2
 fi
 archive=$(realpath "$1") out=$(realpath -m "$2") epochs=${3:-20} device=${DEVICE:-cuda}

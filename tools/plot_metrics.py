@@ -42,7 +42,11 @@ def main(argv=None):
     parser.add_argument("runs", nargs="+", help="output folders of runs (each holds metrics.csv)")
     parser.add_argument("--out", default=None, help="image file (default: <first run>/metrics.png)")
     args = parser.parse_args(argv)
-    data = {Path(r).resolve().name: read(r) for r in args.runs}
+    paths = [Path(r).resolve() for r in args.runs]
+    depth = 1  # labels: the folder names, with as many parent folders as it takes to tell them apart
+    while depth < max(len(p.parts) for p in paths) and len({p.parts[-depth:] for p in paths}) < len(set(paths)):
+        depth += 1
+    data = {"/".join(p.parts[-depth:]): read(r) for p, r in zip(paths, args.runs)}
     out = Path(args.out or Path(args.runs[0]) / "metrics.png")
     out = out / "metrics.png" if out.is_dir() else out
     if not out.parent.is_dir():

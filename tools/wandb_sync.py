@@ -7,7 +7,9 @@ internet (a login node): compute nodes often have none, so the scripts only writ
 
 The wandb run id is stored in <run>/wandb_sync.json with the last step sent, so running the tool
 again (after a requeue, or while the job is still training) adds the new rows to the same wandb run
-instead of creating another. Step rows are logged at their step (loss, lr, img_per_s, peak_mem_mb,
+instead of creating another. While the run trains, the last step of the file waits for the next
+sync (its epoch row, with the kNN accuracy, may still be coming; wandb takes each step once).
+Step rows are logged at their step (loss, lr, img_per_s, peak_mem_mb,
 time_s and a method's own columns, such as dino.py's teacher_entropy); epoch rows as epoch/loss,
 epoch/knn_top1, epoch/<own column>. wandb is imported here only: pip install wandb.
 """
@@ -76,9 +78,15 @@ def main(argv=None):
         import wandb
     except ImportError:
         fail("wandb is not installed: pip install wandb (only this tool needs it)")
+    if not rows:
+        fail(f"{Path(args.run) / 'metrics.csv'} has no rows yet: sync it once the run has logged a step")
     state_file = Path(args.run) / "wandb_sync.json"
     state = read_json(state_file) if state_file.is_file() else {"id": wandb.util.generate_id(), "step": 0}
     todo = wandb_rows(rows, state["step"])
+    backbone, metrics = Path(args.run) / "backbone.pt", Path(args.run) / "metrics.csv"
+    finished = backbone.is_file() and backbone.stat().st_mtime >= metrics.stat().st_mtime
+    if todo and rows[-1]["kind"] == "step" and not finished:  # its epoch row (kNN) may still come: next time
+        todo = [(step, values) for step, values in todo if step != int(rows[-1]["step"])]
     run = wandb.init(project=args.project, entity=args.entity, name=args.name or Path(args.run).resolve().name,
                      id=state["id"], resume="allow", config=config, mode=args.mode)
     for step, values in todo:
