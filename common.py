@@ -29,6 +29,7 @@ import json
 import math
 import os
 import re
+import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,7 +57,7 @@ def at_least(low, kind=int):
     the flag, not found later as a ZeroDivisionError in the middle of a run."""
     def parse(text):
         value = kind(text)
-        if value < low:
+        if not (value >= low and math.isfinite(value)):  # nan and inf too
             raise argparse.ArgumentTypeError(f"must be at least {low}, not {text}")
         return value
     parse.__name__ = kind.__name__  # argparse then says "invalid int value: 'x'" for a non-number
@@ -66,7 +67,7 @@ def at_least(low, kind=int):
 def positive(text):
     """An argparse type: a number above 0 (a temperature, a trust coefficient)."""
     value = float(text)
-    if not value > 0:
+    if not (value > 0 and math.isfinite(value)):
         raise argparse.ArgumentTypeError(f"must be more than 0, not {text}")
     return value
 
@@ -94,7 +95,7 @@ def add_data_args(parser):
                    help="dataset folder (download target for cifar/stl10, image folder, or .npz file)")
     g.add_argument("--image-size", type=at_least(1), default=None,
                    help="crop size in pixels (default: the images' own size; up to 224 for imagefolder)")
-    g.add_argument("--val-fraction", type=float, default=0.1,
+    g.add_argument("--val-fraction", type=fraction, default=0.1,
                    help="imagefolder without train/ and val/: fraction held out for evaluation")
     g.add_argument("--synthetic-size", type=at_least(0), nargs=2, default=[2000, 500], metavar=("TRAIN", "TEST"),
                    help="number of synthetic train and test images")
@@ -113,6 +114,16 @@ def add_data_args(parser):
 class UnreadableImages(RuntimeError):
     """Many images in a row could not be read: the folder is the problem, not one file. The scripts'
     __main__ turn it into one error line, also when a loader process raised it."""
+
+
+def to_rgb(img):
+    """A PIL image in RGB. 16-bit images (PNGs of scanners and microscopes) are scaled to 8 bits
+    first, as torchvision's decode_png does: convert("RGB") would clip them to 255, all white."""
+    if img.mode.startswith("I"):  # I;16, I;16B, I (how some Pillow versions open 16-bit PNGs)
+        img = Image.fromarray((np.clip(np.asarray(img), 0, 65535) >> 8).astype(np.uint8))
+    elif img.mode == "F":
+        raise ValueError("a floating-point image: no 8-bit scale to read it with; save it with 8 or 16 bits")
+    return img.convert("RGB")
 
 
 class ImageSet(torch.utils.data.Dataset):
@@ -146,7 +157,7 @@ class ImageSet(torch.utils.data.Dataset):
             path = self.files[(i + j) % len(self.files)]
             try:
                 with Image.open(path) as img:
-                    return img.convert("RGB"), (i + j) % len(self.files)
+                    return to_rgb(img), (i + j) % len(self.files)
             except (OSError, ValueError, SyntaxError) as e:
                 if path not in self._warned:
                     self._warned.add(path)
@@ -386,7 +397,7 @@ def pack_image_folder(root, out, image_size, val_fraction=0.1):
         for i, path in enumerate(split.files):
             try:
                 with Image.open(path) as img:
-                    images[len(keep)] = np.asarray(resize(img.convert("RGB")))
+                    images[len(keep)] = np.asarray(resize(to_rgb(img)))
                 keep.append(i)
             except (OSError, ValueError, SyntaxError) as e:
                 bad.append(path)
@@ -428,7 +439,15 @@ def _packed(root):
     train, test = split("train"), split("test")
     if train.labels is None or test is None:
         return train, None, None, 0
-    return train, train, test, json.loads((root / "classes.json").read_text())["num_classes"]
+    try:
+        num_classes = json.loads((root / "classes.json").read_text())["num_classes"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        fail(f"--data-dir {root} has no readable classes.json ({type(e).__name__}); pack the image folder again")
+    for name, s in (("train", train), ("test", test)):  # a pack mixed from two runs, or arrays edited by hand
+        if len(s.labels) != len(s.images) or len(s.labels) and not 0 <= s.labels.min() <= s.labels.max() < num_classes:
+            fail(f"the {name} labels in --data-dir {root} do not fit its images ({len(s.labels)} labels for "
+                 f"{len(s.images)} images, {num_classes} classes); pack the image folder again")
+    return train, train, test, num_classes
 
 
 def synthetic_images(n, size=32, seed=0):
@@ -863,7 +882,17 @@ class EpochSampler(torch.utils.data.DistributedSampler):
         return self.num_samples - self.skip
 
 
+def quiet_worker(worker_id):
+    """A loader process ignores the stop signals: SLURM (scancel, time limit, preemption) and Ctrl-C
+    signal every process of the job, and torch's worker dies of SIGTERM, which would stop the main
+    process mid-step with an error instead of letting it save. Workers still end with it: they quit
+    when their parent does, and when the loader is shut down."""
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 def _seed_worker(worker_id):
+    quiet_worker(worker_id)
     np.random.seed(torch.initial_seed() % 2**32)
 
 
@@ -908,7 +937,7 @@ if __name__ == "__main__":
     parser.add_argument("--data-dir", required=True, help="the image folder")
     parser.add_argument("--out", required=True, help="output folder, then given to --dataset packed --data-dir")
     parser.add_argument("--image-size", type=at_least(1), required=True, help="side of the packed images in pixels")
-    parser.add_argument("--val-fraction", type=float, default=0.1, help="held out when there is no val/ folder")
+    parser.add_argument("--val-fraction", type=fraction, default=0.1, help="held out when there is no val/ folder")
     a = parser.parse_args()
     try:
         skipped = pack_image_folder(a.data_dir, a.out, a.image_size, a.val_fraction)

@@ -354,18 +354,25 @@ def setup_distributed(args):
     The global --batch-size is checked first, so that a bad one never leaves a process waiting."""
     env = os.environ
     rank, local_rank, world_size = 0, 0, 1
-    if "RANK" in env and "WORLD_SIZE" in env:
-        rank, local_rank, world_size = int(env["RANK"]), int(env.get("LOCAL_RANK", 0)), int(env["WORLD_SIZE"])
-    elif "SLURM_STEP_ID" in env and "SLURM_PROCID" in env:  # an srun step (the batch shell has no step id)
-        rank, local_rank, world_size = int(env["SLURM_PROCID"]), int(env["SLURM_LOCALID"]), int(env["SLURM_NTASKS"])
-        # Rank 0 runs on the step's first node; steps of one job running side by side get other ports.
-        env.setdefault("MASTER_ADDR", first_host(env.get("SLURM_STEP_NODELIST", env["SLURM_JOB_NODELIST"])))
-        port = 15000 + (int(env["SLURM_JOB_ID"]) + 1000 * int(env["SLURM_STEP_ID"])) % 20000
-        env.setdefault("MASTER_PORT", str(port))
-        torch.set_num_threads(int(env.get("SLURM_CPUS_PER_TASK", torch.get_num_threads())))  # no oversubscription
-    elif int(env.get("SLURM_NTASKS", 1)) > 1:
-        print(f"warning: this SLURM job has {env['SLURM_NTASKS']} tasks but this process was not started by "
-              "srun: training as a single process (start it with `srun python ...`)", file=sys.stderr)
+    try:
+        if "RANK" in env and "WORLD_SIZE" in env:
+            rank, local_rank, world_size = int(env["RANK"]), int(env.get("LOCAL_RANK", 0)), int(env["WORLD_SIZE"])
+        elif "SLURM_STEP_ID" in env and "SLURM_PROCID" in env:  # an srun step (the batch shell has no step id)
+            rank, local_rank, world_size = (int(env[k]) for k in ("SLURM_PROCID", "SLURM_LOCALID", "SLURM_NTASKS"))
+            # Rank 0 runs on the step's first node; steps of one job running side by side get other ports.
+            env.setdefault("MASTER_ADDR", first_host(env.get("SLURM_STEP_NODELIST", env["SLURM_JOB_NODELIST"])))
+            port = 15000 + (int(env["SLURM_JOB_ID"]) + 1000 * int(env["SLURM_STEP_ID"])) % 20000
+            env.setdefault("MASTER_PORT", str(port))
+            torch.set_num_threads(int(env.get("SLURM_CPUS_PER_TASK", torch.get_num_threads())))  # no oversubscription
+        elif int(env.get("SLURM_NTASKS", 1)) > 1:
+            print(f"warning: this SLURM job has {env['SLURM_NTASKS']} tasks but this process was not started by "
+                  "srun: training as a single process (start it with `srun python ...`)", file=sys.stderr)
+        if world_size > 1 and not {"MASTER_ADDR", "MASTER_PORT"} <= env.keys():  # init_process_group needs both
+            raise KeyError("MASTER_ADDR or MASTER_PORT")
+    except (KeyError, ValueError) as e:  # a variable missing or not a number: say which, no traceback
+        what = f"{e} is not set" if isinstance(e, KeyError) else f"a variable is not a number: {e}"
+        common.fail(f"cannot start the processes from the launcher's variables ({what}); start with torchrun or "
+                    "srun, or unset RANK and SLURM_STEP_ID to run as one process")
     if args.batch_size % world_size:
         common.fail(f"--batch-size {args.batch_size} (global) is not divisible by the {world_size} processes")
     device_arg = args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
@@ -478,12 +485,23 @@ def save_checkpoint(obj, path):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
+    except BaseException as e:  # Ctrl-C too: no .tmp file is left behind
         Path(tmp).unlink(missing_ok=True)
+        if not (isinstance(e, OSError) or isinstance(e, RuntimeError) and "inline_container" in str(e)):
+            raise  # not a failed write (torch.save reports one as a RuntimeError from inline_container.cc)
         reason = e.strerror if isinstance(e, OSError) and e.strerror else "the write failed"
         kept = f"{Path(path).name} is unchanged; " if os.path.exists(path) else ""
         common.fail(f"could not write {path} ({reason}: a full disk or quota?); {kept}free some space, then run "
                     "the same command again to resume")
+
+
+def check_finite(state, step, path):
+    """Before saving: a step whose loss was finite can still leave NaN or inf weights (an update too
+    large); saving them would replace a good last.pt with a broken one. One read-back per save."""
+    if not torch.stack([t.isfinite().all() for t in state.values() if t.is_floating_point()]).all():
+        kept = f"{path} is kept" if os.path.exists(path) else "nothing was saved"
+        common.fail(f"the weights became NaN or inf by step {step}: stopped, {kept}; lower --lr, use --precision "
+                    "fp32, or check the data")
 
 
 def check_last_writer(path, write_id):
@@ -568,15 +586,23 @@ class CSVLogger:
     def __init__(self, path, fields, resume_step=None):
         self.path, self.fields = path, fields
         rows = []
-        if resume_step is not None and os.path.exists(path):
-            with open(path, newline="") as f:  # a row cut short by a kill (empty or missing fields) goes too
-                rows = [r for r in csv.DictReader(f)
-                        if None not in r.values() and r["step"].isdigit() and int(r["step"]) <= resume_step]
-        with open(f"{path}.tmp", "w", newline="") as f:
-            writer = csv.DictWriter(f, fields, extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows(rows)
-        os.replace(f"{path}.tmp", path)
+        try:
+            if resume_step is not None and os.path.exists(path):
+                with open(path, newline="") as f:  # a row cut short by a kill (empty or missing fields) goes too
+                    reader = csv.DictReader(f)
+                    if reader.fieldnames and reader.fieldnames[:3] != fields[:3]:  # its rows would all be dropped
+                        raise ValueError(f"its first line is not the header {','.join(fields[:3])},...")
+                    rows = [r for r in reader
+                            if None not in r.values() and r["step"].isdigit() and int(r["step"]) <= resume_step]
+            with open(f"{path}.tmp", "w", newline="") as f:
+                writer = csv.DictWriter(f, fields, extrasaction="ignore")
+                writer.writeheader()
+                writer.writerows(rows)
+            os.replace(f"{path}.tmp", path)
+        except (OSError, ValueError, csv.Error) as e:  # UnicodeDecodeError is a ValueError
+            Path(f"{path}.tmp").unlink(missing_ok=True)
+            common.fail(f"cannot rewrite {path} on resume ({getattr(e, 'strerror', None) or e}); the checkpoint is "
+                        "kept; move that file away (or free some space), then run the same command again")
 
     def log(self, **row):
         try:
@@ -606,8 +632,10 @@ def log_row(run, args, kind, knn=None):
     means, now = (run.losses[int(kind == "epoch")] / max(1, n)).tolist(), time.time()  # the one read-back
     loss = means[0]
     if not math.isfinite(loss):
-        common.fail(f"the loss is {loss} at step {run.step}: stopped, the last checkpoint in {args.output_dir} "
-                    "is kept; lower --lr, use --precision fp32, or check the data")
+        last = Path(args.output_dir) / "last.pt"
+        kept = f"{last} is kept" if last.exists() else "nothing was saved"
+        common.fail(f"the loss is {loss} at step {run.step}: stopped, {kept}; lower --lr, use --precision fp32, "
+                    "or check the data")
     steps, since = (run.n_row, run.t_row) if kind == "step" else (run.step - run.epoch_step0, run.t_epoch)
     img_s, mem = args.batch_size * steps / (now - since), peak_memory_mb(run.device)
     elapsed = run.elapsed + now - run.t_start
@@ -632,13 +660,15 @@ class Preemption:
     """SIGUSR1 (SLURM's warning before the time limit, `#SBATCH --signal=USR1@120`): finish the
     step, save, requeue the job, exit 0. SIGTERM (scancel, or a preemption SLURM requeues itself):
     finish the step, save, exit 143 without requeueing, so that scancel stops a job for good.
+    Ctrl-C: as SIGTERM, exit 130; a second Ctrl-C stops at once, without saving.
     The handlers only set flags; the training loop acts on them between steps."""
 
     def __init__(self, world_size, device):
         self.usr1 = self.term = False
-        self.world_size = world_size
+        self.world_size, self.name = world_size, "SIGTERM"
         signal.signal(signal.SIGUSR1, lambda *_: setattr(self, "usr1", True))
         signal.signal(signal.SIGTERM, lambda *_: setattr(self, "term", True))
+        signal.signal(signal.SIGINT, self.interrupt)
         # Processes agree on stopping through a CPU (gloo) all-reduce: no GPU sync per step.
         self.group = dist.new_group(backend="gloo") if world_size > 1 and device.type == "cuda" else None
         # One tensor for the whole run, never a temporary: with torch < 2.8, a gloo worker thread that
@@ -657,11 +687,16 @@ class Preemption:
             self.term = True
         return bool(self.flags.any())
 
+    def interrupt(self, *_):
+        self.term, self.name = True, "Ctrl-C"
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # the next one raises KeyboardInterrupt
+        os.write(2, b"Ctrl-C: saving at the end of this step, then stopping (again: stop now, unsaved)\n")
+
     def exit(self, is_main, message):
         """After saving: on SIGUSR1 under SLURM, requeue the job (it keeps its id, so it resumes)."""
         job = os.environ.get("SLURM_JOB_ID")
         if is_main:
-            print(f"{'SIGTERM' if self.term else 'SIGUSR1'}: {message}", flush=True)
+            print(f"{self.name if self.term else 'SIGUSR1'}: {message}", flush=True)
             if self.usr1 and not self.term and job:
                 try:
                     subprocess.run(["scontrol", "requeue", job], check=True, timeout=60)
@@ -669,7 +704,7 @@ class Preemption:
                 except (OSError, subprocess.SubprocessError) as e:
                     print(f"error: could not requeue job {job} ({e}); resubmit it to resume", file=sys.stderr)
         cleanup_distributed()
-        sys.exit(143 if self.term else 0)
+        sys.exit((130 if self.name == "Ctrl-C" else 143) if self.term else 0)
 
 
 # ---- kNN monitor ---------------------------------------------------------------------------
@@ -683,7 +718,7 @@ def extract_features(backbone, dataset, batch_size, workers, device, rank, world
     backbone.eval()
     shard = torch.utils.data.Subset(dataset, range(rank, len(dataset), world_size))
     loader = torch.utils.data.DataLoader(shard, batch_size=batch_size, num_workers=workers,
-                                         pin_memory=device.type == "cuda")
+                                         pin_memory=device.type == "cuda", worker_init_fn=common.quiet_worker)
     feats = torch.cat([backbone(x.to(device, non_blocking=True)).float() for x, _ in loader])
     if world_size > 1:
         feats = F.pad(feats, (0, 0, 0, math.ceil(len(dataset) / world_size) - len(feats)))
@@ -748,12 +783,14 @@ def save_state(path, raw_model, optimizer, scaler, run, args):
     """Every process calls it (pending losses are averaged and checked first); rank 0 writes."""
     if run.n_row:
         log_row(run, args, "step")
+    state = raw_model.state_dict()
+    check_finite(state, run.step, path)  # every process: they stop together
     if run.is_main:
         check_last_writer(path, run.write_id)
         run.write_id = os.urandom(8).hex()  # this write's id, checked before the next one
         save_checkpoint({
             "method": "simclr", "args": vars(args), "step": run.step, "epoch": run.epoch,
-            "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+            "model": state, "optimizer": optimizer.state_dict(),
             "scaler": scaler.state_dict(), "rng": rng_states(), "elapsed": run.elapsed + time.time() - run.t_start,
             "epoch_loss": [run.losses[1].tolist(), run.n_epoch],
             "backbone": raw_model.backbone.state_dict(), "backbone_meta": run.backbone_meta,
@@ -761,11 +798,11 @@ def save_state(path, raw_model, optimizer, scaler, run, args):
 
 
 def check_resumable(ckpt, path, args, backbone_meta, num_images):
-    if "model" not in ckpt:
-        common.fail(f"{path} holds only a backbone; resume from a last.pt, or evaluate it with linear_eval.py")
     if ckpt.get("method") != "simclr":
         common.fail(f"{path} was written by {ckpt.get('method')}.py, not simclr.py: resume from a simclr.py "
                     "checkpoint, or use another --output-dir")
+    if "model" not in ckpt:
+        common.fail(f"{path} holds only a backbone; resume from a last.pt, or evaluate it with linear_eval.py")
     # Checked: the data, structure and seed (the data order) of the run, and what the optimizer's saved
     # state carries (weight decay, LARS eta and clip), which a changed flag could not alter.
     common.check_same_flags(path, ckpt["args"], args, (
@@ -872,6 +909,7 @@ def main(args):
             knn_due = args.knn_every and ((epoch + 1) % args.knn_every == 0 or epoch + 1 == args.epochs)
             if data.train and knn_due and not stopping:
                 knn = knn_accuracy(raw_model.backbone, data, args, device, rank, world_size)
+                stopping = run.preemption.requested()  # a signal during the kNN: save once, below
             t_knn = time.time() - t_knn
             run.t_epoch, run.t_row = run.t_epoch + t_knn, run.t_row + t_knn  # img/s counts training time only
             log_row(run, args, "epoch", knn)
@@ -898,6 +936,9 @@ if __name__ == "__main__":
         main(args)
     except common.UnreadableImages as e:  # maybe raised in a loader process: one line, no traceback
         common.fail(str(e).strip().splitlines()[-1].split("UnreadableImages: ")[-1])
+    except KeyboardInterrupt:  # Ctrl-C before training starts, or a second one: no traceback
+        common.fail(f"interrupted: what was trained since the last checkpoint in {args.output_dir} is lost; run the "
+                    "same command to resume from it")
     except torch.cuda.OutOfMemoryError as e:  # a batch too large for the GPU: what to change, not a traceback
         need = re.search(r"Tried to allocate [\d.]+ \w+", str(e))
         common.fail(f"out of GPU memory with --batch-size {args.batch_size}" + (f" ({need[0]})" if need else "")

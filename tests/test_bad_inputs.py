@@ -365,3 +365,83 @@ def test_barlow_bias_learning_rate_follows_the_command_line_on_resume(tmp_path):
     run_script(*run, "--lr", "0.1", "--max-steps", "2")
     groups = load(tmp_path / "last.pt")["optimizer"]["param_groups"]
     assert groups[1]["lr_scale"] == pytest.approx(0.048) and groups[0]["lr_scale"] == 1.0
+
+
+@pytest.mark.parametrize("flag,value", [("--lr", "nan"), ("--lr", "inf"), ("--val-fraction", "nan"),
+                                        ("--temperature", "inf")])
+def test_nan_and_inf_flag_values_are_refused(flag, value):
+    proc = run_script("simclr.py", *TINY, flag, value, check=False)
+    assert proc.returncode == 2 and f"argument {flag}: must be" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_weights_that_became_nan_are_not_saved(tmp_path):
+    """A step whose loss is finite can still leave NaN weights (an update too large; made here by a
+    stand-in optimizer step): saving them would replace a good last.pt. One line, last.pt kept."""
+    args = [*TINY, "--epochs", "3", "--knn-every", "0", "--optimizer", "sgd", "--output-dir", tmp_path / "run"]
+    run_script("simclr.py", *args, "--max-steps", "4")
+    before = (tmp_path / "run" / "last.pt").read_bytes()
+    wrapper = tmp_path / "nan_step.py"
+    wrapper.write_text(
+        "import runpy, sys, torch\n"
+        "step = torch.optim.SGD.step\n"
+        "def nan_step(self, *a, **k):\n"
+        "    out = step(self, *a, **k)\n"
+        "    self.param_groups[0]['params'][0].data.fill_(float('nan'))\n"
+        "    return out\n"
+        "torch.optim.SGD.step = nan_step\n"
+        f"sys.path.insert(0, {str(REPO)!r})\n"
+        f"sys.argv[0] = {str(REPO / 'simclr.py')!r}\n"
+        f"runpy.run_path({str(REPO / 'simclr.py')!r}, run_name='__main__')\n")
+    msg = fails(wrapper, *args, "--max-steps", "5")
+    assert msg == (f"error: the weights became NaN or inf by step 5: stopped, {tmp_path / 'run' / 'last.pt'} is kept; "
+                   "lower --lr, use --precision fp32, or check the data")
+    assert (tmp_path / "run" / "last.pt").read_bytes() == before
+    assert "nothing was saved" in fails(wrapper, *args, "--max-steps", "1", "--output-dir", tmp_path / "new")
+    assert not (tmp_path / "new" / "last.pt").exists() and not (tmp_path / "new" / "backbone.pt").exists()
+
+
+def test_linear_eval_refuses_a_diverged_or_unknown_backbone(tmp_path, pretrained):
+    ckpt = load(pretrained / "backbone.pt")
+    name = next(k for k, v in ckpt["backbone"].items() if v.is_floating_point())
+    ckpt["backbone"][name] = torch.full_like(ckpt["backbone"][name], float("nan"))
+    torch.save(ckpt, tmp_path / "nan.pt")
+    le = ["--device", "cpu", "--workers", "0", "--mode", "fast", "--output-dir", tmp_path / "le"]
+    assert "holds NaN or inf weights" in fails("linear_eval.py", "--ckpt", tmp_path / "nan.pt", *le)
+    ckpt = load(pretrained / "backbone.pt")
+    ckpt["backbone_meta"]["arch"] = "resnet99"
+    torch.save(ckpt, tmp_path / "r99.pt")
+    assert "a backbone 'resnet99', which this linear_eval.py does not build" in fails(
+        "linear_eval.py", "--ckpt", tmp_path / "r99.pt", *le)
+
+
+def test_resuming_from_a_linear_eval_checkpoint_names_it(tmp_path, pretrained):
+    run_script("linear_eval.py", "--ckpt", pretrained / "backbone.pt", "--device", "cpu", "--workers", "0",
+               "--mode", "fast", "--epochs", "1", "--batch-size", "32", "--output-dir", tmp_path / "le")
+    assert "was written by linear_eval.py, not simclr.py" in fails(
+        "simclr.py", *TINY, "--resume", tmp_path / "le" / "last.pt", "--output-dir", tmp_path / "run")
+
+
+@pytest.mark.parametrize("env,named", [
+    ({"SLURM_STEP_ID": "0", "SLURM_PROCID": "0"}, "'SLURM_LOCALID' is not set"),
+    ({"SLURM_STEP_ID": "0", "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NTASKS": "abc"}, "not a number"),
+    ({"RANK": "0", "WORLD_SIZE": "2"}, "'MASTER_ADDR or MASTER_PORT' is not set")])
+def test_incomplete_launcher_variables_are_one_line(env, named):
+    from conftest import clean_env
+    proc = run_script("simclr.py", *TINY, env=clean_env(**env), check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert named in proc.stderr and "start with torchrun or srun" in proc.stderr
+
+
+@pytest.mark.parametrize("damage,named", [
+    (lambda f: f.write_bytes(b"kind,epoch,step\n1,2,3\n\xff\xfe\n"), "can't decode"),
+    (lambda f: f.write_text("step,0,1,4.1,0.1,5,5,,1\nstep,0,2,4.0,0.1,5,5,,2\n"), "is not the header"),
+    (lambda f: (f.unlink(), f.mkdir()), "Is a directory")])
+def test_a_damaged_metrics_csv_on_resume_is_one_line(tmp_path, damage, named):
+    out = tmp_path / "run"
+    args = [*TINY, "--epochs", "3", "--knn-every", "0", "--output-dir", out]
+    run_script("simclr.py", *args, "--max-steps", "2")
+    before = (out / "last.pt").read_bytes()
+    damage(out / "metrics.csv")
+    msg = fails("simclr.py", *args, "--max-steps", "4")
+    assert msg.startswith(f"error: cannot rewrite {out / 'metrics.csv'} on resume") and named in msg, msg
+    assert (out / "last.pt").read_bytes() == before and not (out / "metrics.csv.tmp").exists()

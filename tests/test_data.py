@@ -622,3 +622,18 @@ def test_large_seed_gives_views():
     s = small_set(transform=simclr_views(12), seed=20240501)  # a date as seed
     (v1, v2), _ = s[(3, 5)]
     assert v1.shape == (3, 12, 12) and not torch.equal(v1, v2)
+
+
+def test_16_bit_images_are_scaled_not_clipped(tmp_path):
+    """convert("RGB") clips a 16-bit PNG to 255 (all white); it is scaled to 8 bits, as
+    torchvision's decode_png does. A floating-point image is skipped with a warning, by name."""
+    (tmp_path / "a").mkdir()
+    ramp = (np.arange(256, dtype=np.uint16)[None, :].repeat(8, 0) * 257).astype(np.uint16)  # 0 .. 65535
+    Image.fromarray(ramp).save(tmp_path / "a" / "ramp16.png")
+    Image.fromarray(np.ones((8, 8), np.float32)).save(tmp_path / "a" / "float.tiff")
+    files = [tmp_path / "a" / "ramp16.png", tmp_path / "a" / "float.tiff"]
+    img, i = common.ImageSet(files=files).load(0)
+    assert img.mode == "RGB" and i == 0
+    assert np.array_equal(np.asarray(img)[0, :, 0], np.arange(256))
+    img, i = common.ImageSet(files=files).load(1)  # the float image is skipped: the next one comes
+    assert i == 0

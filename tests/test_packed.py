@@ -104,3 +104,17 @@ def test_damaged_packed_array_is_one_clear_line(tmp_path):
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith(f"error: the train arrays in --data-dir {tmp_path / 'packed'} are damaged")
     assert last.endswith("pack the image folder again")
+
+
+@pytest.mark.parametrize("damage,named", [
+    (lambda d: np.save(d / "train_labels.npy", np.load(d / "train_labels.npy")[:5]), "labels for"),
+    (lambda d: np.save(d / "test_labels.npy", np.load(d / "test_labels.npy") + 7), "2 classes"),
+    (lambda d: (d / "classes.json").unlink(), "no readable classes.json")])
+def test_a_damaged_pack_is_one_line(tmp_path, damage, named):
+    make_folder(tmp_path / "imgs")
+    run_script("common.py", "pack", "--data-dir", tmp_path / "imgs", "--out", tmp_path / "packed", "--image-size", "16")
+    damage(tmp_path / "packed")
+    proc = run_script("simclr.py", *TINY[9:], "--dataset", "packed", "--data-dir", tmp_path / "packed",
+                      "--batch-size", "8", "--output-dir", tmp_path / "run", check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert named in proc.stderr and "pack the image folder again" in proc.stderr

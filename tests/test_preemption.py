@@ -4,6 +4,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 
 import pytest
 import torch
@@ -137,3 +138,83 @@ def test_the_flags_tensor_outlives_every_all_reduce(monkeypatch):
     assert p.requested() and p.term and not p.usr1
     p.requested()
     assert len(handed) == 2 and all(r() is not None for r in handed) and handed[0]() is handed[1]()
+
+
+def signal_the_job(cmd, sig, trigger, env=None, timeout=180):
+    """Run `cmd` in a process group of its own and send `sig` to the whole group (as SLURM signals
+    every process of a job step, loader processes included) once a line starts with `trigger`."""
+    proc = subprocess.Popen(list(map(str, cmd)), cwd=REPO, env=env or clean_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    watchdog = threading.Timer(2 * timeout, os.killpg, (proc.pid, signal.SIGKILL))  # the trigger never came
+    watchdog.start()
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith(trigger):
+            os.killpg(proc.pid, sig)
+            break
+    try:
+        rest, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        rest = proc.communicate()[0] + f"\n(killed: no exit within {timeout} s of the signal)"
+    watchdog.cancel()
+    return proc.returncode, "".join(lines) + rest
+
+
+# The PIL pipeline in 2 loader processes (--aug-device cpu), which get the signal too.
+WORKERS = [*TINY[:TINY.index("--workers")], "--workers", "2", "--log-every", "1", "--aug-device", "cpu"]
+
+
+def test_sigterm_to_every_process_of_the_job_still_saves(tmp_path):
+    """torch's loader processes die of SIGTERM; the main process then stopped with a traceback
+    (or a false 'full disk' line) instead of saving. They now ignore it and the run saves."""
+    cmd = [sys.executable, REPO / "simclr.py", *WORKERS, "--epochs", "50", "--knn-every", "0",
+           "--output-dir", tmp_path / "run"]
+    code, output = signal_the_job(cmd, signal.SIGTERM, "epoch 0 step 2/")
+    assert code == 143 and "Traceback" not in output, output
+    assert "SIGTERM: stopped at step" in output and load(tmp_path / "run" / "last.pt")["step"] >= 2
+
+
+def test_a_signal_during_the_knn_saves_once_at_the_end_of_the_epoch(tmp_path):
+    """The kNN reads images in loader processes too. A stop asked for while it runs ends the run
+    at the epoch's last step, saved once, without training another step."""
+    cmd = [sys.executable, REPO / "simclr.py", *WORKERS, "--synthetic-size", "128", "3000", "--epochs", "3",
+           "--knn-every", "1", "--output-dir", tmp_path / "run"]
+    code, output = signal_the_job(cmd, signal.SIGTERM, "epoch 0 step 4/")  # 128 images, batch 32: 4 steps
+    assert code == 143 and "Traceback" not in output, output
+    assert "SIGTERM: stopped at step 4," in output and load(tmp_path / "run" / "last.pt")["step"] == 4
+
+
+def test_ctrl_c_saves_then_stops_and_the_run_resumes(tmp_path):
+    """Ctrl-C reaches the loader processes too (one process group). The first one stops the run as
+    SIGTERM does, after saving, with exit code 130; the same command then resumes."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, REPO / "simclr.py", *WORKERS, "--epochs", "50", "--knn-every", "0", "--output-dir", out]
+    code, output = signal_the_job(cmd, signal.SIGINT, "epoch 0 step 2/")
+    assert code == 130 and "Traceback" not in output, output
+    step = load(out / "last.pt")["step"]
+    assert f"Ctrl-C: stopped at step {step}, saved" in output and step >= 2
+    assert f"at step {step}" in run_script("simclr.py", *WORKERS, "--epochs", "50", "--knn-every", "0",
+                                           "--output-dir", out, "--max-steps", step + 1).stdout
+
+
+def test_a_second_ctrl_c_stops_at_once_in_one_line(tmp_path):
+    out = tmp_path / "run"
+    run_script("simclr.py", *TINY, "--epochs", "50", "--knn-every", "0", "--output-dir", out, "--max-steps", "2")
+    before = (out / "last.pt").read_bytes()
+    cmd = [sys.executable, REPO / "simclr.py", *TINY, "--epochs", "50", "--knn-every", "0", "--output-dir", out]
+    proc = subprocess.Popen(list(map(str, cmd)), cwd=REPO, env=clean_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("epoch 0 step 4/"):
+            proc.send_signal(signal.SIGINT)
+        if line.startswith("Ctrl-C: saving"):  # the first one was seen: the second stops at once
+            proc.send_signal(signal.SIGINT)
+            break
+    output = "".join(lines) + proc.communicate(timeout=120)[0]
+    assert proc.returncode == 1 and "Traceback" not in output, output
+    assert output.strip().splitlines()[-1].startswith("error: interrupted: what was trained since the last checkpoint")
+    assert (out / "last.pt").read_bytes() == before

@@ -197,7 +197,9 @@ def test_benchmark_writes_every_figure(tmp_path):
     proc = run_script("tools/benchmark.py", "--aug-rounds", "0", check=False)
     assert proc.returncode == 2 and "--aug-rounds must be at least 1" in proc.stderr
     for bad, message in ((["--images", "16"], "--images 16 is too few"),
-                         (["--", "--batch-size", "4"], "--batch-size after --: give it to the benchmark itself")):
+                         (["--", "--batch-size", "4"], "--batch-size after --: give it to the benchmark itself"),
+                         (["--json", tmp_path], "cannot write a file there (a folder)"),
+                         (["--warmup", "-3"], "argument --warmup: must be at least 0")):
         proc = run_script("tools/benchmark.py", *tiny, *bad, check=False)
         assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
 

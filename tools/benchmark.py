@@ -173,7 +173,7 @@ def main():
     parser.add_argument("--aug-steps", type=int, default=30, help="timed batches per augmentation-only measurement")
     parser.add_argument("--aug-rounds", type=int, default=3, help="augmentation-only turns of each")
     parser.add_argument("--aug-only", action="store_true", help="measure the augmentation alone, not the model")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps before each measurement")
+    parser.add_argument("--warmup", type=common.at_least(0), default=2, help="untimed steps before each measurement")
     parser.add_argument("--images", type=int, default=None, help="synthetic images (default: enough for the steps)")
     parser.add_argument("--json", default=None, help="write the figures to this file")
     parser.add_argument("extra", nargs=argparse.REMAINDER, help="after --: more flags for the method script")
@@ -196,7 +196,12 @@ def main():
                      f"{opts.batch_size}; give at least {opts.batch_size * need}, or leave it out")
     opts.images = opts.images or opts.batch_size * need
     if opts.json:  # fail now, not after the measurements
-        Path(opts.json).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            Path(opts.json).parent.mkdir(parents=True, exist_ok=True)
+            if Path(opts.json).is_dir():
+                raise IsADirectoryError(21, "a folder")
+        except OSError as e:
+            parser.error(f"--json {opts.json}: cannot write a file there ({e.strerror or e}); give a file name")
     name = torch.cuda.get_device_name() if opts.device == "cuda" else f"CPU, {cpus} cores"
     print(f"{name}; torch {torch.__version__}; {opts.arch}, {opts.image_size} px, batch {opts.batch_size}, "
           f"{opts.steps} timed steps, PIL loader with {opts.workers} workers", flush=True)
