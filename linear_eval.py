@@ -807,7 +807,11 @@ def main(args):
                     "drop the flag")
 
     # 3. Output directory, and the probe checkpoint to resume from ---------------------------
-    default_out = Path(args.ckpt).parent / "linear_eval" if args.ckpt != "random" else Path("runs/linear_eval_random")
+    # One folder per kind of evaluation, so that the fast and the linear probe (or baselines on two
+    # datasets) do not take each other's last.pt for a probe to resume.
+    suffix = "_fast" if args.mode == "fast" else ""
+    default_out = (Path(args.ckpt).parent / f"linear_eval{suffix}" if args.ckpt != "random"
+                   else Path(f"runs/linear_eval_random_{args.dataset}_{meta['arch']}{suffix}"))
     out = Path(args.output_dir or default_out)
     args.output_dir, last = str(out), out / "last.pt"
     if is_main:

@@ -48,12 +48,24 @@ def test_linear_eval_default_output_dir_and_random_baseline(pretrained, tmp_path
     proc = run_script("linear_eval.py", "--ckpt", pretrained / "last.pt", "--mode", "fast", "--epochs", "1",
                       "--batch-size", "32", "--device", "cpu", "--workers", "0", "--synthetic-size", "96", "48")
     assert "on synthetic: 96 train / 48 test images" in proc.stdout  # the pretraining's dataset, a flag given wins
-    assert json.loads((pretrained / "linear_eval" / "results.json").read_text())["ckpt"] == str(pretrained / "last.pt")
-    (pretrained / "linear_eval" / "results.json").unlink()
-    run_script("linear_eval.py", "--ckpt", "random", "--dataset", "synthetic", "--synthetic-size", "128", "64",
-               "--image-size", "16", "--mode", "fast", "--epochs", "1", "--batch-size", "32", "--device", "cpu",
-               "--workers", "0", "--output-dir", tmp_path)
-    assert json.loads((tmp_path / "results.json").read_text())["ckpt"] == "random"
+    fast = pretrained / "linear_eval_fast" / "results.json"  # its own folder: a linear probe then starts anew
+    assert json.loads(fast.read_text())["ckpt"] == str(pretrained / "last.pt")
+    fast.unlink()
+    run_script("linear_eval.py", "--ckpt", pretrained / "last.pt", "--epochs", "1", "--max-steps", "1",
+               "--batch-size", "32", "--device", "cpu", "--workers", "0", "--synthetic-size", "96", "48")
+    assert json.loads((pretrained / "linear_eval" / "results.json").read_text())["mode"] == "linear"
+    # Random baselines: one folder per dataset, arch and mode, under runs/ (here in tmp_path).
+    for dataset in ("synthetic", "npz"):
+        if dataset == "npz":
+            import common
+            images, labels = common.synthetic_images(96, 16)
+            common.np.savez(tmp_path / "d.npz", train_images=images[:64], train_labels=labels[:64],
+                            test_images=images[64:], test_labels=labels[64:])
+        run_script(REPO / "linear_eval.py", "--ckpt", "random", "--dataset", dataset, "--synthetic-size", "128", "64",
+                   "--data-dir", tmp_path / "d.npz", "--image-size", "16", "--mode", "fast", "--epochs", "1",
+                   "--batch-size", "32", "--device", "cpu", "--workers", "0", cwd=tmp_path)
+        results = tmp_path / "runs" / f"linear_eval_random_{dataset}_resnet18_fast" / "results.json"
+        assert json.loads(results.read_text())["ckpt"] == "random"
 
 
 def test_linear_eval_keeps_the_pretraining_data_dir_when_given_its_dataset(tmp_path):
@@ -184,7 +196,7 @@ def test_method_then_linear_eval(tmp_path, script, target):
         assert all(0 < float(r["teacher_entropy"]) < math.log(256) for r in rows)
     run_script("linear_eval.py", "--ckpt", tmp_path / "last.pt", "--mode", "fast", "--epochs", "1",
                "--batch-size", "32", "--device", "cpu", "--workers", "0")
-    results = json.loads((tmp_path / "linear_eval" / "results.json").read_text())
+    results = json.loads((tmp_path / "linear_eval_fast" / "results.json").read_text())
     assert 0 <= results["top1"] <= 100 and results["dataset"] == "synthetic"
 
 
