@@ -27,10 +27,12 @@ import argparse
 import copy
 import json
 import math
+import multiprocessing
 import os
 import re
 import signal
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -885,10 +887,21 @@ class EpochSampler(torch.utils.data.DistributedSampler):
 def quiet_worker(worker_id):
     """A loader process ignores the stop signals: SLURM (scancel, time limit, preemption) and Ctrl-C
     signal every process of the job, and torch's worker dies of SIGTERM, which would stop the main
-    process mid-step with an error instead of letting it save. Workers still end with it: they quit
-    when their parent does, and when the loader is shut down."""
+    process mid-step with an error instead of letting it save. A SIGTERM from its parent still ends
+    it (as torch's own handler does): the loader's shutdown, or Python's at exit, sends that one."""
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
         signal.signal(sig, signal.SIG_IGN)
+    if hasattr(signal, "sigwaitinfo"):  # Linux: who sent a SIGTERM is known only to sigwaitinfo
+        signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGTERM])  # kept for the thread below
+        parent = multiprocessing.parent_process()  # the loader's process (also when started by a forkserver)
+        threading.Thread(target=_end_on_sigterm_from, args=(parent.pid if parent else os.getppid(),),
+                         daemon=True).start()
+
+
+def _end_on_sigterm_from(parent_pid):
+    while signal.sigwaitinfo([signal.SIGTERM]).si_pid != parent_pid:
+        pass
+    os._exit(0)
 
 
 def _seed_worker(worker_id):

@@ -508,8 +508,6 @@ def setup_distributed(args):
         elif int(env.get("SLURM_NTASKS", 1)) > 1:
             print(f"warning: this SLURM job has {env['SLURM_NTASKS']} tasks but this process was not started by "
                   "srun: training as a single process (start it with `srun python ...`)", file=sys.stderr)
-        if world_size > 1 and not {"MASTER_ADDR", "MASTER_PORT"} <= env.keys():  # init_process_group needs both
-            raise KeyError("MASTER_ADDR or MASTER_PORT")
     except (KeyError, ValueError) as e:  # a variable missing or not a number: say which, no traceback
         what = f"{e} is not set" if isinstance(e, KeyError) else f"a variable is not a number: {e}"
         common.fail(f"cannot start the processes from the launcher's variables ({what}); start with torchrun or "
@@ -523,6 +521,9 @@ def setup_distributed(args):
     if device_arg == "cuda":
         device = torch.device("cuda", local_rank % torch.cuda.device_count())
         torch.cuda.set_device(device)
+    if world_size > 1 and not {"MASTER_ADDR", "MASTER_PORT"} <= env.keys():  # init_process_group needs both
+        common.fail("cannot start the processes from the launcher's variables (MASTER_ADDR or MASTER_PORT is not "
+                    "set); start with torchrun or srun, or unset RANK and SLURM_STEP_ID to run as one process")
     if world_size > 1:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world_size)
     return rank, local_rank, world_size, device
@@ -685,6 +686,8 @@ def load_checkpoint(path):
 
 def check_writable(folder):
     """Fail at start, before any training, if checkpoints cannot be written to `folder`."""
+    if Path(folder).exists() and not Path(folder).is_dir():
+        common.fail(f"--output-dir {folder} is a file, not a folder; give a folder")
     try:
         Path(folder).mkdir(parents=True, exist_ok=True)
         with open(Path(folder) / ".write_test", "wb") as f:
@@ -943,6 +946,7 @@ def save_state(path, raw_model, criterion, optimizer, scaler, run, args):
             "epoch_loss": [run.losses[1].tolist(), run.n_epoch],
             "backbone": raw_model.teacher.backbone.state_dict(), "backbone_meta": run.backbone_meta,
             "num_images": run.num_images, "write_id": run.write_id}, path)
+    run.t_row = time.time()  # the next row's img/s counts training time, not this save
 
 
 def check_resumable(ckpt, path, args, backbone_meta, num_images):
@@ -983,6 +987,8 @@ def main(args):
     if is_main:
         check_writable(out)
     resume_from = last if last.exists() else args.resume  # last.pt first: a requeued job continues its own run
+    if is_main and args.resume and last.exists() and Path(args.resume).resolve() != last.resolve():
+        print(f"note: --resume {args.resume} is not used: {last} exists and the run continues from it", flush=True)
     ckpt = load_checkpoint(resume_from) if resume_from else None
 
     # 3. Data --------------------------------------------------------------------------------
@@ -1009,6 +1015,9 @@ def main(args):
     if args.local_crops and args.local_crop_size % patch:
         common.fail(f"--local-crop-size {args.local_crop_size} is not a multiple of the ViT patch size {patch}; "
                     "change it")
+    if args.local_crops and args.local_crop_size >= data.image_size:  # multi-crop: small local views (sec. 3.1)
+        common.fail(f"--local-crop-size {args.local_crop_size} is not smaller than the {data.image_size} px global "
+                    "crops; give a smaller one, or leave it out (3/7 of the image size)")
     if world_size > 1:
         raw_model = convert_sync_batchnorm(raw_model, device)
     memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format

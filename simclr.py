@@ -367,8 +367,6 @@ def setup_distributed(args):
         elif int(env.get("SLURM_NTASKS", 1)) > 1:
             print(f"warning: this SLURM job has {env['SLURM_NTASKS']} tasks but this process was not started by "
                   "srun: training as a single process (start it with `srun python ...`)", file=sys.stderr)
-        if world_size > 1 and not {"MASTER_ADDR", "MASTER_PORT"} <= env.keys():  # init_process_group needs both
-            raise KeyError("MASTER_ADDR or MASTER_PORT")
     except (KeyError, ValueError) as e:  # a variable missing or not a number: say which, no traceback
         what = f"{e} is not set" if isinstance(e, KeyError) else f"a variable is not a number: {e}"
         common.fail(f"cannot start the processes from the launcher's variables ({what}); start with torchrun or "
@@ -382,6 +380,9 @@ def setup_distributed(args):
     if device_arg == "cuda":
         device = torch.device("cuda", local_rank % torch.cuda.device_count())
         torch.cuda.set_device(device)
+    if world_size > 1 and not {"MASTER_ADDR", "MASTER_PORT"} <= env.keys():  # init_process_group needs both
+        common.fail("cannot start the processes from the launcher's variables (MASTER_ADDR or MASTER_PORT is not "
+                    "set); start with torchrun or srun, or unset RANK and SLURM_STEP_ID to run as one process")
     if world_size > 1:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world_size)
     return rank, local_rank, world_size, device
@@ -544,6 +545,8 @@ def load_checkpoint(path):
 
 def check_writable(folder):
     """Fail at start, before any training, if checkpoints cannot be written to `folder`."""
+    if Path(folder).exists() and not Path(folder).is_dir():
+        common.fail(f"--output-dir {folder} is a file, not a folder; give a folder")
     try:
         Path(folder).mkdir(parents=True, exist_ok=True)
         with open(Path(folder) / ".write_test", "wb") as f:
@@ -795,6 +798,7 @@ def save_state(path, raw_model, optimizer, scaler, run, args):
             "epoch_loss": [run.losses[1].tolist(), run.n_epoch],
             "backbone": raw_model.backbone.state_dict(), "backbone_meta": run.backbone_meta,
             "num_images": run.num_images, "write_id": run.write_id}, path)
+    run.t_row = time.time()  # the next row's img/s counts training time, not this save
 
 
 def check_resumable(ckpt, path, args, backbone_meta, num_images):
@@ -834,6 +838,8 @@ def main(args):
     if is_main:
         check_writable(out)
     resume_from = last if last.exists() else args.resume  # last.pt first: a requeued job continues its own run
+    if is_main and args.resume and last.exists() and Path(args.resume).resolve() != last.resolve():
+        print(f"note: --resume {args.resume} is not used: {last} exists and the run continues from it", flush=True)
     ckpt = load_checkpoint(resume_from) if resume_from else None
 
     # 3. Data --------------------------------------------------------------------------------

@@ -3,8 +3,9 @@
 # the repository root; every argument after the script name goes to linear_eval.py:
 #     sbatch sbatch/linear_eval.sh --ckpt runs/simclr-1234/last.pt
 #     sbatch sbatch/linear_eval.sh --ckpt runs/simclr-1234/backbone.pt --mode fast
-# Results: results.json in a linear_eval/ folder beside the checkpoint (or OUTPUT_DIR=...). The
-# time-limit signal saves the probe and requeues the job, which resumes from there, as in simclr.sh.
+# Results: results.json in a linear_eval/ folder beside the checkpoint (linear_eval_fast/ with
+# --mode fast; or OUTPUT_DIR=...). The time-limit signal saves the probe and requeues the job,
+# which resumes from there, as in simclr.sh.
 #
 # Change for your cluster (lines marked CHANGE): partition/account/qos, the environment line,
 # GPUs (--gpus-per-node and --ntasks-per-node stay equal), CPUs per task, time.

@@ -424,7 +424,7 @@ def test_resuming_from_a_linear_eval_checkpoint_names_it(tmp_path, pretrained):
 @pytest.mark.parametrize("env,named", [
     ({"SLURM_STEP_ID": "0", "SLURM_PROCID": "0"}, "'SLURM_LOCALID' is not set"),
     ({"SLURM_STEP_ID": "0", "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NTASKS": "abc"}, "not a number"),
-    ({"RANK": "0", "WORLD_SIZE": "2"}, "'MASTER_ADDR or MASTER_PORT' is not set")])
+    ({"RANK": "0", "WORLD_SIZE": "2"}, "(MASTER_ADDR or MASTER_PORT is not set)")])
 def test_incomplete_launcher_variables_are_one_line(env, named):
     from conftest import clean_env
     proc = run_script("simclr.py", *TINY, env=clean_env(**env), check=False)
@@ -445,3 +445,22 @@ def test_a_damaged_metrics_csv_on_resume_is_one_line(tmp_path, damage, named):
     msg = fails("simclr.py", *args, "--max-steps", "4")
     assert msg.startswith(f"error: cannot rewrite {out / 'metrics.csv'} on resume") and named in msg, msg
     assert (out / "last.pt").read_bytes() == before and not (out / "metrics.csv.tmp").exists()
+
+
+def test_dino_local_crops_must_be_smaller_than_the_global_ones(tmp_path):
+    msg = fails("dino.py", *TINY, *["--local-crops", "2", "--local-crop-size", "16"], "--output-dir", tmp_path)
+    assert "--local-crop-size 16 is not smaller than the 16 px global crops" in msg
+
+
+def test_output_dir_that_is_a_file(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    assert "is a file, not a folder" in fails("simclr.py", *TINY, "--output-dir", tmp_path / "afile")
+
+
+def test_resume_flag_beside_an_existing_last_pt_says_it_is_not_used(tmp_path, pretrained):
+    out = tmp_path / "run"
+    run_script("simclr.py", *TINY, "--epochs", "3", "--knn-every", "0", "--output-dir", out, "--max-steps", "2")
+    proc = run_script("simclr.py", *TINY, "--epochs", "3", "--knn-every", "0", "--output-dir", out, "--max-steps", "3",
+                      "--resume", pretrained / "last.pt")
+    assert f"note: --resume {pretrained / 'last.pt'} is not used: {out / 'last.pt'} exists" in proc.stdout
+    assert "at step 2" in proc.stdout

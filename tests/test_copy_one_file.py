@@ -14,7 +14,7 @@ def test_simclr_and_linear_eval_run_alone(tmp_path):
     assert (tmp_path / "runs" / "simclr" / "backbone.pt").exists()  # the default --output-dir
     run_script("linear_eval.py", "--ckpt", "runs/simclr/backbone.pt", "--mode", "fast", "--epochs", "1",
                "--batch-size", "32", "--device", "cpu", "--workers", "0", cwd=tmp_path)
-    assert "top1" in json.loads((tmp_path / "runs" / "simclr" / "linear_eval" / "results.json").read_text())
+    assert "top1" in json.loads((tmp_path / "runs" / "simclr" / "linear_eval_fast" / "results.json").read_text())
     assert sorted(p.name for p in tmp_path.iterdir()) == ["common.py", "linear_eval.py", "runs", "simclr.py"]
 
 

@@ -62,7 +62,7 @@ def test_linear_eval_sbatch_script(submit_dir):
     proc = subprocess.run(["bash", "sbatch/linear_eval.sh", "--ckpt", "runs/simclr-55/backbone.pt", "--mode", "fast",
                            *tiny], cwd=submit_dir, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "top1" in json.loads((submit_dir / "runs" / "simclr-55" / "linear_eval" / "results.json").read_text())
+    assert "top1" in json.loads((submit_dir / "runs" / "simclr-55" / "linear_eval_fast" / "results.json").read_text())
 
 
 @pytest.mark.parametrize("method", ["byol", "barlow", "dino"])

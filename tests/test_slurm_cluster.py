@@ -60,7 +60,7 @@ def test_every_sbatch_script_runs_to_completion(cluster, submit_dir):
                          f"runs/simclr-{jobs['simclr']}/backbone.pt", "--mode", "fast", "--epochs", "1",
                          *TINY, cwd=submit_dir)
     assert cluster.wait(job)["JobState"] == "COMPLETED"
-    assert (submit_dir / "runs" / f"simclr-{jobs['simclr']}" / "linear_eval" / "results.json").exists()
+    assert (submit_dir / "runs" / f"simclr-{jobs['simclr']}" / "linear_eval_fast" / "results.json").exists()
 
 
 def test_scontrol_requeue_of_a_two_task_job_resumes_and_finishes(cluster, submit_dir):
