@@ -889,9 +889,10 @@ def quiet_worker(worker_id):
     signal every process of the job, and torch's worker dies of SIGTERM, which would stop the main
     process mid-step with an error instead of letting it save. A SIGTERM from its parent still ends
     it (as torch's own handler does): the loader's shutdown, or Python's at exit, sends that one."""
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
-        signal.signal(sig, signal.SIG_IGN)
-    if hasattr(signal, "sigwaitinfo"):  # Linux: who sent a SIGTERM is known only to sigwaitinfo
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    if hasattr(signal, "sigwaitinfo"):  # Linux (SLURM's): who sent a SIGTERM is known only to sigwaitinfo
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGTERM])  # kept for the thread below
         parent = multiprocessing.parent_process()  # the loader's process (also when started by a forkserver)
         threading.Thread(target=_end_on_sigterm_from, args=(parent.pid if parent else os.getppid(),),
