@@ -19,8 +19,8 @@ Starting the same command again resumes from <output-dir>/last.pt.
 
 Defaults depend on the backbone. ResNets: solo-learn's CIFAR recipe (scripts/pretrain/cifar/dino.yaml):
 LARS (clipped rate, eta 0.02, lr 0.3 x batch/256, weight decay 1e-6), 2 crops. ViTs: the DINO paper's ViT-S recipe
-(AdamW, lr 5e-4 x batch/256, weight decay 0.04 -> 0.4 cosine, gradient clipping 3.0, drop path
-0.1), patch size 4 on 32 px images. Both: batch 256, 10 warm-up epochs then cosine, teacher
+(AdamW, lr 5e-4 x batch/256 down to 1e-6, weight decay 0.04 -> 0.4 cosine, gradient clipping 3.0,
+drop path 0.1), patch size 4 on 32 px images. Both: batch 256, 10 warm-up epochs then cosine, teacher
 momentum 0.996 -> 1, head 2048 -> 256 -> 4096 prototypes with the last layer frozen during the
 first epoch, teacher temperature 0.04 -> 0.07 over 30 epochs, student temperature 0.1, centre
 momentum 0.9. Expected for ResNet-18 on CIFAR-10, from the sources, not measured here: about 89.5%
@@ -105,6 +105,8 @@ def get_args_parser():
     g.add_argument("--optimizer", default=None, choices=["lars", "sgd", "adamw"], help="optimizer (lars / adamw)")
     g.add_argument("--lr", type=common.at_least(0, float), default=None,
                    help="learning rate for a batch of 256 (0.3 / 5e-4)")
+    g.add_argument("--min-lr", type=common.at_least(0, float), default=None,
+                   help="learning rate at the end of the cosine, not scaled by the batch (0 / 1e-6)")
     g.add_argument("--weight-decay", type=common.at_least(0, float), default=None,
                    help="weight decay at step 0 (1e-6 / 0.04)")
     g.add_argument("--weight-decay-end", type=common.at_least(0, float), default=None,
@@ -133,8 +135,8 @@ def get_args_parser():
 
 
 RECIPES = {  # the defaults of the optimisation flags left unset (weight_decay_end None: constant decay)
-    "resnet": dict(optimizer="lars", lr=0.3, weight_decay=1e-6, weight_decay_end=None, clip_grad=0.0),
-    "vit": dict(optimizer="adamw", lr=5e-4, weight_decay=0.04, weight_decay_end=0.4, clip_grad=3.0)}
+    "resnet": dict(optimizer="lars", lr=0.3, min_lr=0.0, weight_decay=1e-6, weight_decay_end=None, clip_grad=0.0),
+    "vit": dict(optimizer="adamw", lr=5e-4, min_lr=1e-6, weight_decay=0.04, weight_decay_end=0.4, clip_grad=3.0)}
 
 
 def fill_recipe(args):
@@ -901,7 +903,7 @@ def train_one_epoch(model, raw_model, criterion, loader, optimizer, scaler, run,
     """Train on the rest of this epoch; return early on a stop signal or at run.end_step."""
     model.train()
     for crops, _ in loader:
-        run.lr = cosine_schedule(run.step, run.total_steps, run.warmup_steps, run.base_lr)
+        run.lr = cosine_schedule(run.step, run.total_steps, run.warmup_steps, run.base_lr, args.min_lr)
         wd = cosine_schedule(run.step, run.total_steps, 0, args.weight_decay, args.weight_decay_end)
         for g in optimizer.param_groups:
             g["lr"] = run.lr * g["lr_scale"]

@@ -345,7 +345,7 @@ def test_linear_eval_resume_with_other_settings(tmp_path, pretrained):
     run_script("linear_eval.py", *args, "--max-steps", "1")
     assert "--weight-decay 0.0, not 0.1" in fails("linear_eval.py", *args, "--weight-decay", "0.1")
     assert "--mode fast, not linear" in fails("linear_eval.py", *args, "--mode", "linear")
-    assert "--image-size 16, not 32" in fails("linear_eval.py", *args, "--image-size", "32")
+    assert "--image-size 8, not 32" in fails("linear_eval.py", *args, "--image-size", "32")
     random = ["--ckpt", "random", "--dataset", "synthetic", "--synthetic-size", "64", "32", *args[2:-1], tmp_path / "r"]
     run_script("linear_eval.py", *random, "--max-steps", "1")
     assert "--arch resnet18, not resnet34" in fails("linear_eval.py", *random, "--arch", "resnet34")
@@ -448,8 +448,8 @@ def test_a_damaged_metrics_csv_on_resume_is_one_line(tmp_path, damage, named):
 
 
 def test_dino_local_crops_must_be_smaller_than_the_global_ones(tmp_path):
-    msg = fails("dino.py", *TINY, *["--local-crops", "2", "--local-crop-size", "16"], "--output-dir", tmp_path)
-    assert "--local-crop-size 16 is not smaller than the 16 px global crops" in msg
+    msg = fails("dino.py", *TINY, *["--local-crops", "2", "--local-crop-size", "8"], "--output-dir", tmp_path)
+    assert "--local-crop-size 8 is not smaller than the 8 px global crops" in msg
 
 
 def test_output_dir_that_is_a_file(tmp_path):

@@ -87,7 +87,7 @@ def test_resume_with_another_precision(tmp_path):
     """A checkpoint saved without fp16 holds an empty loss-scaler state (torch refuses to load it
     into an active scaler); resuming with --precision fp16 (or auto on another GPU generation)
     starts a fresh scaler instead, and the way back ignores the saved scale."""
-    args = [*TINY, "--image-size", "8", "--epochs", "1", "--knn-every", "0", "--output-dir", tmp_path]
+    args = [*TINY, "--batch-size", "8", "--epochs", "1", "--knn-every", "0", "--output-dir", tmp_path]  # fp16: slow
     for step, precision in enumerate(["fp32", "fp16", "bf16"], start=1):
         run_script("simclr.py", *args, "--precision", precision, "--max-steps", step)
         ckpt = load(tmp_path / "last.pt")

@@ -21,7 +21,7 @@ def test_simclr_writes_the_documented_files(pretrained):
     ckpt = load(pretrained / "last.pt")
     assert ckpt["method"] == "simclr" and ckpt["step"] == 8 and isinstance(ckpt["args"], dict)
     assert set(ckpt) >= {"model", "optimizer", "scaler", "rng", "epoch", "step", "args", "backbone", "backbone_meta"}
-    assert ckpt["backbone_meta"] == {"arch": "resnet18", "image_size": 16, "cifar_stem": True, "feat_dim": 512}
+    assert ckpt["backbone_meta"] == {"arch": "resnet18", "image_size": 8, "cifar_stem": True, "feat_dim": 512}
     assert not any(k.startswith(("module.", "_orig_mod.")) for k in ckpt["model"])
     backbone = load(pretrained / "backbone.pt")
     assert set(backbone) == {"method", "args", "backbone", "backbone_meta"}
@@ -86,10 +86,11 @@ def test_linear_eval_keeps_the_pretraining_data_dir_when_given_its_dataset(tmp_p
 @pytest.mark.parametrize("script", ["simclr.py", "dino.py"])
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_mixed_precision_paths(tmp_path, precision, script):
-    # fp16 autocast is slow on CPUs: one step on 8 px images is enough to go through GradScaler
-    # (DINO: a ViT with 4 px patches, gradient clipping after unscaling).
+    # fp16 and bf16 autocast are slow on CPUs (some 15 s per step of batch 32 here): one step of
+    # batch 8 is enough to go through GradScaler (DINO: a ViT with 4 px patches, gradient clipping
+    # after unscaling).
     extra = ["--arch", "vit_tiny", "--out-dim", "64", "--head-hidden-dim", "64"] if script == "dino.py" else []
-    run_script(script, *TINY, *extra, "--image-size", "8", "--epochs", "1", "--max-steps", "1",
+    run_script(script, *TINY, *extra, "--batch-size", "8", "--epochs", "1", "--max-steps", "1",
                "--precision", precision, "--output-dir", tmp_path, "--knn-every", "0")
     ckpt = load(tmp_path / "last.pt")
     assert ckpt["args"]["precision"] == precision and ckpt["step"] == 1

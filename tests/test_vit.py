@@ -1,5 +1,8 @@
 """Vision Transformers of the shared Backbone block: every size runs forward and backward, the
 position embeddings follow the input size, drop path and gradient checkpointing behave."""
+import csv
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -113,17 +116,30 @@ def test_dino_default_local_crop_is_whole_patches(arch, size, local):
 
 
 @pytest.mark.parametrize("flags,expected", [
-    ([], ("lars", 0.3, 1e-6, 1e-6, 0.0)),
-    (["--arch", "vit_tiny"], ("adamw", 5e-4, 0.04, 0.4, 3.0)),
-    (["--weight-decay", "1e-4"], ("lars", 0.3, 1e-4, 1e-4, 0.0)),  # the ResNet recipe's decay stays constant
-    (["--arch", "vit_tiny", "--weight-decay", "0.05"], ("adamw", 5e-4, 0.05, 0.4, 3.0)),
-    (["--optimizer", "adamw"], ("adamw", 5e-4, 0.04, 0.4, 3.0)),  # AdamW's settings, not LARS's lr 0.3
-    (["--arch", "vit_tiny", "--optimizer", "lars"], ("lars", 0.3, 1e-6, 1e-6, 0.0)),
-    (["--optimizer", "sgd", "--lr", "0.03"], ("sgd", 0.03, 1e-6, 1e-6, 0.0)),  # sgd: the backbone's recipe
+    ([], ("lars", 0.3, 0.0, 1e-6, 1e-6, 0.0)),
+    (["--arch", "vit_tiny"], ("adamw", 5e-4, 1e-6, 0.04, 0.4, 3.0)),  # main_dino.py's min_lr 1e-6
+    (["--weight-decay", "1e-4"], ("lars", 0.3, 0.0, 1e-4, 1e-4, 0.0)),  # the ResNet recipe's decay stays constant
+    (["--arch", "vit_tiny", "--weight-decay", "0.05"], ("adamw", 5e-4, 1e-6, 0.05, 0.4, 3.0)),
+    (["--optimizer", "adamw"], ("adamw", 5e-4, 1e-6, 0.04, 0.4, 3.0)),  # AdamW's settings, not LARS's lr 0.3
+    (["--arch", "vit_tiny", "--optimizer", "lars"], ("lars", 0.3, 0.0, 1e-6, 1e-6, 0.0)),
+    (["--optimizer", "sgd", "--lr", "0.03"], ("sgd", 0.03, 0.0, 1e-6, 1e-6, 0.0)),  # sgd: the backbone's recipe
+    (["--arch", "vit_tiny", "--min-lr", "0"], ("adamw", 5e-4, 0.0, 0.04, 0.4, 3.0)),
 ])
 def test_dino_unset_optimisation_flags_follow_the_backbone_or_the_optimizer(flags, expected):
     import dino
     args = dino.get_args_parser().parse_args(flags)
     args.image_size = 32
     dino.fill_recipe(args)
-    assert (args.optimizer, args.lr, args.weight_decay, args.weight_decay_end, args.clip_grad) == expected
+    assert (args.optimizer, args.lr, args.min_lr, args.weight_decay, args.weight_decay_end, args.clip_grad) == expected
+
+
+def test_dino_learning_rate_decays_to_min_lr(tmp_path):
+    """--min-lr is where the cosine ends (main_dino.py's min_lr), not 0: the logged rate of the
+    last of 4 steps (step index 3) is min_lr + (base - min_lr) (1 + cos(3 pi / 4)) / 2."""
+    from conftest import METHODS, TINY, run_script
+    run_script("dino.py", *TINY, *METHODS["dino.py"], "--epochs", "1", "--warmup-epochs", "0", "--knn-every", "0",
+               "--log-every", "1", "--lr", "0.8", "--min-lr", "0.05", "--output-dir", tmp_path)
+    rows = [r for r in csv.DictReader(open(tmp_path / "metrics.csv")) if r["kind"] == "step"]
+    base = 0.8 * 32 / 256
+    expected = [0.05 + (base - 0.05) * (1 + math.cos(math.pi * s / 4)) / 2 for s in range(4)]
+    assert [float(r["lr"]) for r in rows] == pytest.approx(expected, rel=1e-5)
