@@ -27,9 +27,9 @@ momentum 0.9. Expected for ResNet-18 on CIFAR-10, from the sources, not measured
 top-1 (solo-learn, online linear probe, 1000 epochs) and about 81% kNN after 200 epochs (lightly's
 benchmark, batch 512). Measured with this script: see README.md.
 
-Reading order: the method is in Arguments, Model, Loss and Training (about 480 lines). The blocks
+Reading order: the method is in Arguments, Model, Loss and Training (about 460 lines). The blocks
 marked `# SHARED: identical in every script` (backbone, LARS and schedules, distributed setup,
-checkpoints, logging, preemption, kNN monitor; about 520 lines) are the same in every script:
+checkpoints, logging, preemption, kNN monitor; about 600 lines) are the same in every script:
 read them once, in any of them.
 """
 import argparse

@@ -20,9 +20,9 @@ augmentations as in the paper (colour strength 0.5, no blur at 32 px). Expected,
 not measured here: about 90.7% top-1 (solo-learn, online linear probe, 1000 epochs) and about 85%
 kNN after 200 epochs (lightly's benchmark, batch 512). Measured with this script: see README.md.
 
-Reading order: the method is in Arguments, Model, Loss and Training (about 320 lines). The blocks
+Reading order: the method is in Arguments, Model, Loss and Training (about 300 lines). The blocks
 marked `# SHARED: identical in every script` (backbone, LARS and schedules, distributed setup,
-checkpoints, logging, preemption, kNN monitor; about 520 lines) are the same in every script:
+checkpoints, logging, preemption, kNN monitor; about 600 lines) are the same in every script:
 read them once, in any of them.
 """
 import argparse

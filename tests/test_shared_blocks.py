@@ -49,3 +49,17 @@ def test_every_script_reads_in_the_same_order(script):
     ending = (REPO / "simclr.py").read_text().split('\nif __name__ == "__main__":\n')[1]  # one line per error
     assert text.startswith('"""') and text.endswith('\nif __name__ == "__main__":\n' + ending)
     assert "common.UnreadableImages" in ending and "OutOfMemoryError" in ending
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_reading_order_line_counts_in_the_docstring_are_current(script):
+    """The docstring tells a reader how long the method's own part and the shared blocks are;
+    those figures must stay within 10% of the sections' real lengths."""
+    text = (REPO / script).read_text()
+    own, common = (int(n) for n in re.search(r"\(about (\d+) lines\)\. The blocks.*?about (\d+) lines\)", text,
+                                             flags=re.S).groups())
+    lengths = {t: b.count("\n") for t, b in sections(script).items()}
+    shared_lines = sum(n for t, n in lengths.items() if t in shared(script))
+    own_lines = sum(lengths.values()) - shared_lines
+    assert abs(own - own_lines) <= own_lines / 10, f"{script}: the method's part is {own_lines} lines, not {own}"
+    assert abs(common - shared_lines) <= shared_lines / 10, f"{script}: the shared blocks are {shared_lines} lines"
