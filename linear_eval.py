@@ -236,10 +236,12 @@ class LARS(torch.optim.Optimizer):
                 if p.ndim > 1:
                     w_norm, g_norm = torch.linalg.norm(p), torch.linalg.norm(update)
                     ratio = g["eta"] * w_norm / (g_norm + g["weight_decay"] * w_norm)
-                    ratio = torch.where((w_norm > 0) & (g_norm > 0), ratio, 1.0)
                     if g.get("clip") and g["lr"] > 0:  # lr * ratio becomes min(r, lr); no "clip": older checkpoints
                         ratio = (ratio / g["lr"]).clamp(max=1.0)
-                    update = update.add(p, alpha=g["weight_decay"]) * ratio
+                    # A zero weight or gradient gets neither weight decay nor the ratio, as in solo-learn
+                    # (torch.where rather than an `if`: no read-back of the norms to the host).
+                    update = torch.where((w_norm > 0) & (g_norm > 0), update.add(p, alpha=g["weight_decay"]) * ratio,
+                                         update)
                 if "mu" not in self.state[p]:
                     self.state[p]["mu"] = torch.zeros_like(p)
                 mu = self.state[p]["mu"]

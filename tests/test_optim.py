@@ -54,12 +54,19 @@ def test_lars_state_without_clip_steps_unclipped():
     assert torch.allclose(w, torch.tensor([[3.0 - 1.1 / 60, 4.0 + 0.2 / 60]], dtype=torch.float64), atol=1e-12)
 
 
-def test_lars_zero_weight_uses_ratio_one():
+@pytest.mark.parametrize("clip", [False, True])
+def test_lars_zero_weight_or_gradient_is_plain_sgd_as_solo_learn(clip):
+    """solo-learn applies weight decay and the trust ratio only where ||w|| > 0 and ||g|| > 0:
+    a zero weight takes the plain gradient step (with the clip too, at lr above 1), and a zero
+    gradient leaves the weights as they are (no weight decay alone)."""
     w = torch.nn.Parameter(torch.zeros(2, 2))
-    opt = LARS([w], lr=1.0, momentum=0.0, weight_decay=0.0, eta=0.001)
+    opt = LARS([w], lr=2.0, momentum=0.0, weight_decay=0.1, eta=0.001, clip=clip)
     w.grad = torch.ones(2, 2)
     opt.step()
-    assert torch.allclose(w, -torch.ones(2, 2))
+    assert torch.allclose(w, -2 * torch.ones(2, 2))
+    w.grad = torch.zeros(2, 2)
+    opt.step()
+    assert torch.allclose(w, -2 * torch.ones(2, 2)) and torch.equal(opt.state[w]["mu"], torch.zeros(2, 2))
 
 
 def test_lars_state_round_trip():
