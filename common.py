@@ -379,8 +379,8 @@ def pack_image_folder(root, out, image_size, val_fraction=0.1):
     --data-dir OUT` reads with memory mapping: a custom small-image dataset then trains at memory
     speed, with the batched augmentation (in the spirit of `ketos compile`). Each image is resized
     (shorter side) and centre-cropped to image_size px. Unreadable files are reported by name and
-    left out. Writes OUT/train_images.npy (and train_labels.npy, test_*.npy, classes.json if labeled),
-    each file atomically and train_images.npy last: a pack cut short is not taken for a dataset."""
+    left out. Writes OUT/classes.json if labeled, then the arrays (train_labels.npy, test_*.npy if
+    labeled, train_images.npy last), each atomically: a pack cut short is not taken for a dataset."""
     pretrain, train, test, num_classes = _image_folder(root, val_fraction)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -87,7 +87,7 @@ def get_args_parser():
     g.add_argument("--local-crops", type=common.at_least(0), default=0,
                    help="number of small local crops (the paper: 6 to 10)")
     g.add_argument("--local-crop-size", type=common.at_least(1), default=None,
-                   help="local crop size (default: 3/7 of the image, in steps of 8 px or of the ViT patch)")
+                   help="local crop size (default: 3/7 of the image, in steps of 8 px or of a larger ViT patch)")
     g.add_argument("--global-crops-scale", type=float, nargs=2, default=None,
                    help="area range of the global crops (default: 0.4 1 with local crops, else 0.14 1)")
     g.add_argument("--local-crops-scale", type=float, nargs=2, default=(0.05, 0.4), help="area range of local crops")

@@ -9,7 +9,8 @@ Launch:
     python linear_eval.py --ckpt random --dataset cifar10          # baseline: a randomly initialised backbone
     torchrun --nproc_per_node=4 linear_eval.py --ckpt runs/simclr/last.pt
     sbatch sbatch/linear_eval.sh --ckpt runs/simclr-1234/last.pt
-Results go to <output-dir>/results.json (default: a linear_eval/ folder beside the checkpoint);
+Results go to <output-dir>/results.json (default: linear_eval/ beside the checkpoint, linear_eval_fast/
+with --mode fast; runs/linear_eval_random_<dataset>_<arch>[_fast] for --ckpt random);
 starting the same command again resumes the probe from <output-dir>/last.pt.
 
 Protocol (--mode linear, the standard one): frozen backbone in eval mode, BatchNorm without affine
@@ -70,7 +71,7 @@ def get_args_parser():
     g.add_argument("--ckpt", required=True, help="last.pt or backbone.pt of any method script, or 'random'")
     g.add_argument("--arch", default="resnet18", choices=ARCHS, help="backbone of --ckpt random")
     g.add_argument("--patch-size", type=common.at_least(1), default=None,
-                   help="ViT patch size (default: 4 up to 32 px, 8 up to 64 px, else 16)")
+                   help="ViT patch size of --ckpt random (default: 4 up to 32 px, 8 up to 64 px, else 16)")
     g.add_argument("--mode", default="linear", choices=["linear", "fast"],
                    help="linear: probe on augmented images; fast: probe on features computed once")
     g = parser.add_argument_group("optimisation")

@@ -8,9 +8,9 @@
 # this job (it keeps its job id) and exits. The requeued job runs this script again, finds
 # runs/byol-<job id>/last.pt and resumes. scancel sends SIGTERM: it saves and stops for good.
 #
-# Change for your cluster (lines marked CHANGE): partition/account/qos, the environment line,
-# GPUs per node (--gpus-per-node and --ntasks-per-node must stay equal), CPUs per task (data
-# workers + 1), time. Multi-node: raise --nodes; the global batch stays --batch-size, and the
+# Change for your cluster: the lines marked CHANGE (partition, account, the environment line), and
+# in the #SBATCH lines GPUs per node (--gpus-per-node and --ntasks-per-node must stay equal), CPUs
+# per task (data workers + 1), time. Multi-node: raise --nodes; the global batch stays --batch-size, and the
 # master address and port come from SLURM's variables. CPU-only partition, from the command line:
 #     sbatch --gpus-per-node=0 --ntasks-per-node=2 --cpus-per-task=4 sbatch/byol.sh --device cpu
 #SBATCH --job-name=byol

@@ -7,8 +7,8 @@
 # --mode fast; or OUTPUT_DIR=...). The time-limit signal saves the probe and requeues the job,
 # which resumes from there, as in simclr.sh.
 #
-# Change for your cluster (lines marked CHANGE): partition/account/qos, the environment line,
-# GPUs (--gpus-per-node and --ntasks-per-node stay equal), CPUs per task, time.
+# Change for your cluster: the lines marked CHANGE (partition, account, the environment line), and
+# in the #SBATCH lines GPUs (--gpus-per-node and --ntasks-per-node stay equal), CPUs per task, time.
 # CPU-only partition: sbatch --gpus-per-node=0 --cpus-per-task=4 sbatch/linear_eval.sh --device cpu ...
 #SBATCH --job-name=linear_eval
 #SBATCH --nodes=1
