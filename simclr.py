@@ -380,7 +380,11 @@ def setup_distributed(args):
         common.fail("--device cuda but no GPU is visible to this process; use --device cpu or request a GPU")
     device = torch.device("cpu")
     if device_arg == "cuda":
-        device = torch.device("cuda", local_rank % torch.cuda.device_count())
+        count = torch.cuda.device_count()  # 1 where SLURM shows each task its own GPU only
+        if count > 1 and local_rank >= count:  # two processes on one GPU: NCCL would stop at the first collective
+            common.fail(f"process {local_rank} of this node has no GPU of its own ({count} GPUs are visible): start "
+                        "one process per GPU (--nproc_per_node, or --ntasks-per-node equal to --gpus-per-node)")
+        device = torch.device("cuda", local_rank % count)
         torch.cuda.set_device(device)
     if world_size > 1 and not {"MASTER_ADDR", "MASTER_PORT"} <= env.keys():  # init_process_group needs both
         common.fail("cannot start the processes from the launcher's variables (MASTER_ADDR or MASTER_PORT is not "
@@ -563,7 +567,8 @@ def rng_states():
     the augmentations have their own seeds), so they are every process's, each on its own GPU."""
     np_state = np.random.get_state()
     return {"torch": torch.get_rng_state(), "python": random.getstate(),
-            "cuda": [torch.cuda.get_rng_state()] if torch.cuda.is_available() else [],  # this process's GPU
+            # this process's GPU; a CPU run on a GPU machine has not started CUDA, and must not start it here
+            "cuda": [torch.cuda.get_rng_state()] if torch.cuda.is_initialized() else [],
             "numpy": [torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]]}
 
 
@@ -913,6 +918,8 @@ def main(args):
         train_one_epoch(model, loader, optimizer, scaler, run, args)
         stopping = run.preemption.requested()
         if run.step == (epoch + 1) * steps_per_epoch:  # the epoch is complete
+            if device.type == "cuda":  # the last step's GPU work ends before the kNN's clock starts
+                torch.cuda.synchronize(device)
             knn, t_knn = None, time.time()
             knn_due = args.knn_every and ((epoch + 1) % args.knn_every == 0 or epoch + 1 == args.epochs)
             if data.train and knn_due and not stopping:

@@ -103,6 +103,7 @@ def test_gpu_random_state_goes_to_each_process_gpu(monkeypatch):
     import simclr
     gpus, current = {0: torch.tensor([7], dtype=torch.uint8), 1: torch.tensor([1], dtype=torch.uint8)}, [0]
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": gpus[current[0]].clone())
     monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device="cuda": gpus.__setitem__(current[0], state))
@@ -114,3 +115,16 @@ def test_gpu_random_state_goes_to_each_process_gpu(monkeypatch):
     old = dict(saved, cuda=[torch.tensor([5], dtype=torch.uint8), torch.tensor([1], dtype=torch.uint8)])
     simclr.set_rng_states(old)  # a checkpoint with every GPU of rank 0's process: GPU 0's is rank 0's
     assert gpus[1].tolist() == [5]
+
+
+def test_a_cpu_run_on_a_gpu_machine_does_not_start_cuda_to_save(monkeypatch):
+    """torch.cuda.get_rng_state starts CUDA (a context of some 500 MB on GPU 0, an error on a busy
+    exclusive-mode GPU): a run that never started CUDA saves no GPU random state."""
+    import simclr
+
+    def get_rng_state(device="cuda"):
+        raise AssertionError("CUDA started by rng_states")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", get_rng_state)
+    assert simclr.rng_states()["cuda"] == []

@@ -63,6 +63,29 @@ def test_torchrun_variables_win_over_slurm(monkeypatch):
     assert simclr.setup_distributed(argparse.Namespace(device="cpu", batch_size=8))[:3] == (0, 0, 1)
 
 
+@pytest.mark.parametrize("gpus,local_rank,device", [(2, 3, None), (2, 1, 1), (1, 3, 0)])
+def test_a_process_without_a_gpu_of_its_own_is_one_line(monkeypatch, gpus, local_rank, device):
+    """4 processes on a node that shows 2 GPUs: local rank 3 would share GPU 1 and NCCL stop at
+    the first collective with "Duplicate GPU detected"; it stops at once, saying what to change.
+    A task that sees only its own GPU (SLURM with one GPU per task) takes GPU 0 whatever its
+    local rank. torch.cuda is a stand-in here."""
+    for key, value in {"RANK": str(local_rank), "WORLD_SIZE": "4", "LOCAL_RANK": str(local_rank)}.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(simclr.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(simclr.torch.cuda, "device_count", lambda: gpus)
+    chosen = []
+    monkeypatch.setattr(simclr.torch.cuda, "set_device", chosen.append)
+    monkeypatch.delenv("MASTER_ADDR", raising=False)  # stops after the device is chosen: no process group
+    with pytest.raises(SystemExit) as e:
+        simclr.setup_distributed(argparse.Namespace(device="cuda", batch_size=8))
+    if device is None:
+        assert str(e.value) == ("error: process 3 of this node has no GPU of its own (2 GPUs are visible): start one "
+                                "process per GPU (--nproc_per_node, or --ntasks-per-node equal to --gpus-per-node)")
+        assert chosen == []
+    else:
+        assert "MASTER_ADDR" in str(e.value) and chosen == [simclr.torch.device("cuda", device)]
+
+
 def test_two_tasks_from_slurm_variables_train_together(tmp_path):
     """Two processes started as srun would start them (only SLURM variables, no torchrun) form a
     gloo group and train like one process with the same global batch."""
