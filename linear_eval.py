@@ -328,8 +328,11 @@ def setup_distributed(args):
         common.fail("--device cuda but no GPU is visible to this process; use --device cpu or request a GPU")
     device = torch.device("cpu")
     if device_arg == "cuda":
-        count = torch.cuda.device_count()  # 1 where SLURM shows each task its own GPU only
-        if count > 1 and local_rank >= count:  # two processes on one GPU: NCCL would stop at the first collective
+        # torchrun's processes all see the node's GPUs: a local rank past them would share one, and NCCL stop at the
+        # first collective. SLURM (or a launcher) may show each process its own GPUs: one, or its socket's; there
+        # the rank wraps around them.
+        count = torch.cuda.device_count()
+        if "RANK" in env and "WORLD_SIZE" in env and 1 < count <= local_rank:
             common.fail(f"process {local_rank} of this node has no GPU of its own ({count} GPUs are visible): start "
                         "one process per GPU (--nproc_per_node, or --ntasks-per-node equal to --gpus-per-node)")
         device = torch.device("cuda", local_rank % count)

@@ -63,27 +63,35 @@ def test_torchrun_variables_win_over_slurm(monkeypatch):
     assert simclr.setup_distributed(argparse.Namespace(device="cpu", batch_size=8))[:3] == (0, 0, 1)
 
 
-@pytest.mark.parametrize("gpus,local_rank,device", [(2, 3, None), (2, 1, 1), (1, 3, 0)])
-def test_a_process_without_a_gpu_of_its_own_is_one_line(monkeypatch, gpus, local_rank, device):
-    """4 processes on a node that shows 2 GPUs: local rank 3 would share GPU 1 and NCCL stop at
-    the first collective with "Duplicate GPU detected"; it stops at once, saying what to change.
-    A task that sees only its own GPU (SLURM with one GPU per task) takes GPU 0 whatever its
-    local rank. torch.cuda is a stand-in here."""
-    for key, value in {"RANK": str(local_rank), "WORLD_SIZE": "4", "LOCAL_RANK": str(local_rank)}.items():
+@pytest.mark.parametrize("launcher,gpus,local_rank,device", [("torchrun", 2, 3, None), ("torchrun", 2, 1, 1),
+                                                             ("torchrun", 1, 3, 0), ("srun", 1, 3, 0),
+                                                             ("srun", 4, 5, 1)])
+def test_a_process_without_a_gpu_of_its_own_is_one_line(monkeypatch, launcher, gpus, local_rank, device):
+    """torchrun with 4 processes on a node that shows 2 GPUs: local rank 3 would share GPU 1 and
+    NCCL stop at the first collective with "Duplicate GPU detected"; it stops at once, saying what
+    to change. SLURM (or a launcher that sets CUDA_VISIBLE_DEVICES) may show each process its own
+    GPUs (one, or the 4 of its socket): there the local rank wraps around them. torch.cuda is a
+    stand-in here."""
+    env = ({"RANK": str(local_rank), "WORLD_SIZE": "8", "LOCAL_RANK": str(local_rank)} if launcher == "torchrun"
+           else slurm_vars(local_rank, 8, 7))
+    for key, value in {**env, "MASTER_ADDR": "localhost", "MASTER_PORT": "1"}.items():
         monkeypatch.setenv(key, value)
     monkeypatch.setattr(simclr.torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(simclr.torch.cuda, "device_count", lambda: gpus)
     chosen = []
     monkeypatch.setattr(simclr.torch.cuda, "set_device", chosen.append)
-    monkeypatch.delenv("MASTER_ADDR", raising=False)  # stops after the device is chosen: no process group
-    with pytest.raises(SystemExit) as e:
-        simclr.setup_distributed(argparse.Namespace(device="cuda", batch_size=8))
+    monkeypatch.setattr(simclr.torch, "set_num_threads", lambda n: None)  # srun: this process keeps its threads
+    monkeypatch.setattr(simclr.dist, "init_process_group", lambda backend, **kw: chosen.append(backend))
+    args = argparse.Namespace(device="cuda", batch_size=8)
     if device is None:
+        with pytest.raises(SystemExit) as e:
+            simclr.setup_distributed(args)
         assert str(e.value) == ("error: process 3 of this node has no GPU of its own (2 GPUs are visible): start one "
                                 "process per GPU (--nproc_per_node, or --ntasks-per-node equal to --gpus-per-node)")
         assert chosen == []
     else:
-        assert "MASTER_ADDR" in str(e.value) and chosen == [simclr.torch.device("cuda", device)]
+        assert simclr.setup_distributed(args)[3] == simclr.torch.device("cuda", device)
+        assert chosen == [simclr.torch.device("cuda", device), "nccl"]
 
 
 def test_two_tasks_from_slurm_variables_train_together(tmp_path):
