@@ -833,7 +833,7 @@ def save_state(path, raw_model, optimizer, scaler, run, args):
     run.t_row = time.time()  # the next row's img/s counts training time, not this save
 
 
-def check_resumable(ckpt, path, args, backbone_meta, num_images):
+def check_resumable(ckpt, path, args, model, num_images):
     if ckpt.get("method") != "barlow":
         common.fail(f"{path} was written by {ckpt.get('method')}.py, not barlow.py: resume from a barlow.py "
                     "checkpoint, or use another --output-dir")
@@ -844,12 +844,13 @@ def check_resumable(ckpt, path, args, backbone_meta, num_images):
     common.check_same_flags(path, ckpt["args"], args, (
         "dataset", "arch", "batch_size", "seed", "optimizer", "proj_hidden_dim", "proj_dim", "image_size",
         "weight_decay", *(("lars_eta", "lars_clip") if args.optimizer == "lars" else ())))
-    if ckpt["backbone_meta"] != backbone_meta:
-        common.fail(f"{path} holds a backbone {ckpt['backbone_meta']}, not {backbone_meta}: use the same --arch, "
-                    "--patch-size and --image-size to resume, or another --output-dir")
+    if ckpt["backbone_meta"] != model.backbone_meta:
+        common.fail(f"{path} holds a backbone {ckpt['backbone_meta']}, not {model.backbone_meta}: use the same "
+                    "--arch, --patch-size and --image-size to resume, or another --output-dir")
     if ckpt.get("num_images", num_images) != num_images:  # another --data-dir, --synthetic-size, --val-fraction
         common.fail(f"{path} was trained on {ckpt['num_images']} images, these data hold {num_images}: use the same "
                     "images to resume, or another --output-dir")
+    common.check_same_model(path, ckpt["model"], model)  # names and shapes: a checkpoint of another version
 
 
 def main(args):
@@ -891,7 +892,7 @@ def main(args):
     # 4. Model, optimizer, mixed precision ----------------------------------------------------
     raw_model = BarlowTwins(args, data.image_size).to(device)
     if ckpt:
-        check_resumable(ckpt, resume_from, args, raw_model.backbone_meta, len(data.pretrain))
+        check_resumable(ckpt, resume_from, args, raw_model, len(data.pretrain))
     if world_size > 1:
         raw_model = convert_sync_batchnorm(raw_model, device)
     memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format

@@ -206,6 +206,19 @@ def check_same_flags(path, saved, args, keys):
             fail(f"{path} was trained with {what}: use the same value to resume, or another --output-dir")
 
 
+def check_same_model(path, saved, model):
+    """Resuming: fail unless the checkpoint's model entries have the names and shapes of `model`'s.
+    With the same flags they differ only for a checkpoint of another version of the script, which
+    load_state_dict would refuse with a long traceback."""
+    here = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    there = {name: tuple(t.shape) for name, t in saved.items()}
+    for name in sorted(here.keys() | there.keys()):
+        if here.get(name) != there.get(name):
+            held = f"{name} of shape {there[name]}" if name in there else f"no {name}"
+            mine = f"one of shape {here[name]}" if name in here else "none"
+            fail(f"{path} holds {held}, the model here has {mine}: it was written by another version of the script; "
+                 "resume with that version, or use another --output-dir")
+
 def download_data(args):
     """Download cifar/stl10 into --data-dir (call on rank 0 only, before load_data)."""
     cls = {"cifar10": "CIFAR10", "cifar100": "CIFAR100", "stl10": "STL10"}.get(args.dataset)

@@ -290,11 +290,13 @@ class DINOHead(nn.Module):
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 nn.init.zeros_(m.bias)
         self.last_v = nn.Parameter(nn.Linear(bottleneck_dim, out_dim, bias=False).weight.detach())
-        self.last_g = nn.Parameter(torch.ones(out_dim), requires_grad=not norm_last_layer)
+        # g is (out_dim, 1), as torch's weight_norm stores it: with --no-norm-last-layer the optimizers
+        # see a matrix and give it weight decay (and LARS's trust ratio), as the official code does.
+        self.last_g = nn.Parameter(torch.ones(out_dim, 1), requires_grad=not norm_last_layer)
 
     def forward(self, x):
         x = F.normalize(self.mlp(x), dim=-1)
-        return F.linear(x, self.last_g[:, None] * F.normalize(self.last_v, dim=1))
+        return F.linear(x, self.last_g * F.normalize(self.last_v, dim=1))
 
 
 class MultiCropNet(nn.Module):
@@ -961,7 +963,7 @@ def save_state(path, raw_model, criterion, optimizer, scaler, run, args):
     run.t_row = time.time()  # the next row's img/s counts training time, not this save
 
 
-def check_resumable(ckpt, path, args, backbone_meta, num_images):
+def check_resumable(ckpt, path, args, model, num_images):
     if ckpt.get("method") != "dino":
         common.fail(f"{path} was written by {ckpt.get('method')}.py, not dino.py: resume from a dino.py checkpoint, "
                     "or use another --output-dir")
@@ -973,12 +975,13 @@ def check_resumable(ckpt, path, args, backbone_meta, num_images):
         "dataset", "arch", "batch_size", "seed", "optimizer", "out_dim", "head_hidden_dim", "bottleneck_dim",
         "norm_last_layer", "image_size",
         *(("lars_eta", "lars_clip") if args.optimizer == "lars" else ())))
-    if ckpt["backbone_meta"] != backbone_meta:
-        common.fail(f"{path} holds a backbone {ckpt['backbone_meta']}, not {backbone_meta}: use the same --arch, "
-                    "--patch-size and --image-size to resume, or another --output-dir")
+    if ckpt["backbone_meta"] != model.backbone_meta:
+        common.fail(f"{path} holds a backbone {ckpt['backbone_meta']}, not {model.backbone_meta}: use the same "
+                    "--arch, --patch-size and --image-size to resume, or another --output-dir")
     if ckpt.get("num_images", num_images) != num_images:  # another --data-dir, --synthetic-size, --val-fraction
         common.fail(f"{path} was trained on {ckpt['num_images']} images, these data hold {num_images}: use the same "
                     "images to resume, or another --output-dir")
+    common.check_same_model(path, ckpt["model"], model)  # names and shapes: a checkpoint of another version
 
 
 def main(args):
@@ -1022,7 +1025,7 @@ def main(args):
     # 4. Model, loss, optimizer, mixed precision ------------------------------------------------
     raw_model = DINO(args, data.image_size).to(device)
     if ckpt:
-        check_resumable(ckpt, resume_from, args, raw_model.backbone_meta, len(data.pretrain))
+        check_resumable(ckpt, resume_from, args, raw_model, len(data.pretrain))
     patch = raw_model.backbone_meta.get("patch_size", 1)
     if args.local_crops and args.local_crop_size % patch:
         common.fail(f"--local-crop-size {args.local_crop_size} is not a multiple of the ViT patch size {patch}; "

@@ -190,8 +190,17 @@ def test_resume_with_another_backbone(tmp_path):
     assert "--patch-size 8: " in msg and "holds a vit_tiny with patch size 4" in msg
     assert "--image-size 18 is not a multiple of the ViT patch size 4" in fails(
         "linear_eval.py", "--ckpt", run / "last.pt", "--image-size", "18", *probe)
+    # A checkpoint of an older dino.py, which stored the prototypes' norms g as a vector: one line.
+    old = tmp_path / "old"
+    old.mkdir()
+    for net in ("student", "teacher"):
+        before["model"][f"{net}.head.last_g"] = before["model"][f"{net}.head.last_g"].flatten()
+    torch.save(before, old / "last.pt")
+    msg = fails("dino.py", *TINY, *METHODS["dino.py"], "--arch", "vit_tiny", "--output-dir", old)
+    assert ("holds student.head.last_g of shape (256,), the model here has one of shape (256, 1): it was written by "
+            "another version of the script") in msg
     after = load(run / "last.pt")
-    assert all(torch.equal(before["model"][k], after["model"][k]) for k in before["model"])
+    assert all(torch.equal(before["model"][k].view_as(after["model"][k]), after["model"][k]) for k in before["model"])
 
 
 @pytest.mark.parametrize("size", ["4", "12"])

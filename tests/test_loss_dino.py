@@ -125,7 +125,7 @@ def test_gradient_flows_to_the_student_only():
 def test_head_normalises_prototypes_and_norm_last_layer_fixes_g():
     torch.manual_seed(3)
     head = DINOHead(8, 5, hidden_dim=16, bottleneck_dim=4, norm_last_layer=True)
-    assert not head.last_g.requires_grad and torch.equal(head.last_g, torch.ones(5))
+    assert not head.last_g.requires_grad and torch.equal(head.last_g, torch.ones(5, 1))
     x = torch.randn(3, 8)
     bottleneck = F.normalize(head.mlp(x), dim=-1)
     w = head.last_v / head.last_v.norm(dim=1, keepdim=True)
@@ -135,6 +135,25 @@ def test_head_normalises_prototypes_and_norm_last_layer_fixes_g():
     assert torch.allclose(head(x), bottleneck @ w.T, atol=1e-6)  # invariant to the scale of v
     free = DINOHead(8, 5, hidden_dim=16, bottleneck_dim=4, norm_last_layer=False)
     assert free.last_g.requires_grad
+
+
+def test_free_prototype_norms_are_weight_normed_and_decayed_as_in_the_official_code():
+    """--no-norm-last-layer: the last layer is torch's weight_norm (g of shape (out_dim, 1)), and g
+    gets weight decay, as main_dino.py's get_params_groups exempts only biases and 1-D tensors."""
+    import dino
+    torch.manual_seed(4)
+    free = DINOHead(8, 5, hidden_dim=16, bottleneck_dim=4, norm_last_layer=False)
+    free.last_g.data.uniform_(0.5, 2.0)
+    ref = torch.nn.utils.parametrizations.weight_norm(torch.nn.Linear(4, 5, bias=False))
+    ref.parametrizations.weight.original0.data.copy_(free.last_g)  # g: same shape, or copy_ would fail
+    ref.parametrizations.weight.original1.data.copy_(free.last_v)  # v
+    x = torch.randn(3, 8)
+    assert torch.allclose(free(x), ref(F.normalize(free.mlp(x), dim=-1)), atol=1e-6)
+    for optimizer in ("lars", "sgd", "adamw"):
+        args = argparse.Namespace(optimizer=optimizer, weight_decay=0.04, lars_eta=0.001, lars_clip=False)
+        decayed, exempt = dino.make_optimizer(free.parameters(), args).param_groups
+        assert any(p is free.last_g for p in decayed["params"]) and decayed["weight_decay"] == 0.04
+        assert not any(p is free.last_g for p in exempt["params"]) and exempt["weight_decay"] == 0.0
 
 
 def tiny_args(**kw):
