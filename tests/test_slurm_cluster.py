@@ -11,9 +11,10 @@ import pytest
 from conftest import METHODS, REPO, load
 from slurm_cluster import Cluster
 
-pytestmark = pytest.mark.skipif(shutil.which("sbatch") is None,
-                                reason="SLURM is not installed (no sbatch): apt-get install slurmctld slurmd "
-                                       "slurm-client munge to run these tests")
+pytestmark = [pytest.mark.skipif(shutil.which("sbatch") is None,
+                                 reason="SLURM is not installed (no sbatch): apt-get install slurmctld slurmd "
+                                        "slurm-client munge to run these tests"),
+              pytest.mark.xdist_group("slurm")]  # one cluster: these tests run in one pytest-xdist worker
 
 # The GPU request of the scripts, overridden for this CPU-only node (as the README shows).
 CPU = ["--partition=debug", "--gres=none", "--gpus-per-node=0", "--cpus-per-task=1", "--mem=2G", "--time=10"]
