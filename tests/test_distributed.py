@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from conftest import METHODS, TINY, clean_env, load, max_diff, run_script, torchrun
+from conftest import METHODS, TINY, load, max_diff, run_script, torchrun
 
 
 @pytest.mark.parametrize("method", ["simclr", "byol", "barlow", "dino", "dino_vit"])
@@ -25,18 +25,18 @@ def test_training_two_processes_matches_one(tmp_path, script):
     """The whole training step (data sharding, DDP, SyncBN, the loss, BYOL's target update) with 2
     processes against 1. float32 sums in another order make runs drift apart a little (measured
     with 16 px images: two 1-process Barlow runs with 1 and 2 threads differ by 6e-4 after 5
-    steps, 1 and 2 processes by 3e-3), so the sharp check is the loss of the first two steps: a plain all_reduce in
-    barlow_twins_loss (gradients / world size) moves the second one by 6e-4 relative (8 px),
-    against 2e-6 here. The exact gradient check is test_loss_and_gradients_match_one_process (float64).
+    steps, 1 and 2 processes by 3e-3), so the sharp check is the loss of the first two steps.
+    Measured with 8 px images and one thread per process: the first step's agree exactly, the
+    second's by 2.6e-5 relative for Barlow Twins (2.5e-7 or less for the others), and a plain
+    all_reduce in barlow_twins_loss (gradients / world size) moves that one by 6e-4. The exact
+    gradient check is test_loss_and_gradients_match_one_process (float64).
     LARS without its clipped rate: with it each step moves a weight matrix by up to eta = 2% of its
     norm, and that drift reaches 1e-2 (BYOL) to 0.4 (Barlow Twins) in 5 steps; between 1 and 2 threads
     of one process it is already 6e-3 and 0.17 (a BatchNorm running variance of 3.5). The optimizer
     itself is checked in test_optim."""
     args = [*TINY, *METHODS[script], "--epochs", "2", "--max-steps", "5", "--deterministic",
             "--knn-every", "1", "--log-every", "1", "--no-lars-clip"]
-    # The 1-process run on 2 threads, which split its batch sums in halves as 2 processes do: 8 px
-    # Barlow Twins, second step: 2e-6 relative from 2 processes, against 2.6e-5 on 1 thread.
-    run_script(script, *args, "--output-dir", tmp_path / "one", env=clean_env(OMP_NUM_THREADS="2"))
+    run_script(script, *args, "--output-dir", tmp_path / "one")
     proc = torchrun(script, *args, "--output-dir", tmp_path / "two")
     assert "2 process(es)" in proc.stdout
     one, two = load(tmp_path / "one" / "last.pt"), load(tmp_path / "two" / "last.pt")
@@ -45,8 +45,8 @@ def test_training_two_processes_matches_one(tmp_path, script):
     rows = [(tmp_path / d / "metrics.csv").read_text().splitlines()[1:] for d in ("one", "two")]
     assert len(rows[0]) == len(rows[1])
     losses = [[float(r.split(",")[3]) for r in rs] for rs in rows]
-    for a, b in zip(losses[0][:2], losses[1][:2]):
-        assert abs(a - b) / abs(a) < 2e-5
+    for (a, b), tol in zip(zip(losses[0], losses[1]), (1e-5, 1e-4)):
+        assert abs(a - b) / abs(a) < tol
     knn = [[r.split(",")[7] for r in rs] for rs in rows]
     assert knn[0] == knn[1] and any(knn[0])  # kNN accuracy: features computed in two shards
 
