@@ -32,6 +32,9 @@ DINO_VIT = [*METHODS["dino.py"], "--arch", "vit_tiny", "--grad-checkpointing", "
             "--local-crop-size", "8"]
 
 
+torch.set_num_threads(1)  # the tests run in this process too: one thread, as the runs (clean_env)
+
+
 def clean_env(**extra):
     """The environment of a user's shell: no torchrun or SLURM variables leaking in from outside."""
     env = {k: v for k, v in os.environ.items()
