@@ -219,6 +219,7 @@ def check_same_model(path, saved, model):
             fail(f"{path} holds {held}, the model here has {mine}: it was written by another version of the script; "
                  "resume with that version, or use another --output-dir")
 
+
 def download_data(args):
     """Download cifar/stl10 into --data-dir (call on rank 0 only, before load_data)."""
     cls = {"cifar10": "CIFAR10", "cifar100": "CIFAR100", "stl10": "STL10"}.get(args.dataset)
