@@ -203,6 +203,24 @@ def test_resume_with_another_backbone(tmp_path):
     assert all(torch.equal(before["model"][k].view_as(after["model"][k]), after["model"][k]) for k in before["model"])
 
 
+def test_checkpoint_of_another_model_version_names_the_first_tensor_that_differs():
+    """common.check_same_model: a missing, an extra or a reshaped tensor is one line naming it."""
+    import common
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+    state = model.state_dict()
+    common.check_same_model("ok.pt", state, model)  # the same names and shapes: no error
+    cases = [({k: v for k, v in state.items() if k != "1.running_var"},
+              "holds no 1.running_var, the model here has one of shape (4,)"),
+             ({**state, "2.weight": torch.ones(2)}, "holds 2.weight of shape (2,), the model here has none"),
+             ({**state, "0.weight": torch.ones(4, 3, 1)},
+              "holds 0.weight of shape (4, 3, 1), the model here has one of shape (4, 3)")]
+    for saved, expected in cases:
+        with pytest.raises(SystemExit) as e:
+            common.check_same_model("old.pt", saved, model)
+        assert str(e.value) == (f"error: old.pt {expected}: it was written by another version of the script; "
+                                "resume with that version, or use another --output-dir")
+
+
 @pytest.mark.parametrize("size", ["4", "12"])
 def test_local_crops_not_a_multiple_of_the_patch(tmp_path, size):
     msg = fails("dino.py", *TINY, "--arch", "vit_tiny", "--patch-size", "8", "--local-crops", "2",
