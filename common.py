@@ -54,13 +54,15 @@ NORMALISATION = {
 }
 
 
-def at_least(low, kind=int):
-    """An argparse type for numbers >= low: `--log-every 0` is refused in one usage line that names
-    the flag, not found later as a ZeroDivisionError in the middle of a run."""
+def at_least(low, kind=int, high=None):
+    """An argparse type for numbers >= low (and <= high if given): `--log-every 0` is refused in one
+    usage line that names the flag, not found later as a ZeroDivisionError in the middle of a run."""
     def parse(text):
         value = kind(text)
         if not (value >= low and math.isfinite(value)):  # nan and inf too
             raise argparse.ArgumentTypeError(f"must be at least {low}, not {text}")
+        if high is not None and value > high:
+            raise argparse.ArgumentTypeError(f"must be at most {high:g}, not {text}")
         return value
     parse.__name__ = kind.__name__  # argparse then says "invalid int value: 'x'" for a non-number
     return parse

@@ -103,13 +103,13 @@ def get_args_parser():
     g.add_argument("--epochs", type=common.at_least(1), default=1000, help="training epochs")
     g.add_argument("--batch-size", type=common.at_least(2), default=256, help="global batch size, over all processes")
     g.add_argument("--optimizer", default=None, choices=["lars", "sgd", "adamw"], help="optimizer (lars / adamw)")
-    g.add_argument("--lr", type=common.at_least(0, float), default=None,
+    g.add_argument("--lr", type=common.at_least(0, float, high=1e4), default=None,
                    help="learning rate for a batch of 256 (0.3 / 5e-4)")
-    g.add_argument("--min-lr", type=common.at_least(0, float), default=None,
+    g.add_argument("--min-lr", type=common.at_least(0, float, high=1e4), default=None,
                    help="learning rate at the end of the cosine, not scaled by the batch (0 / 1e-6)")
-    g.add_argument("--weight-decay", type=common.at_least(0, float), default=None,
+    g.add_argument("--weight-decay", type=common.at_least(0, float, high=1e4), default=None,
                    help="weight decay at step 0 (1e-6 / 0.04)")
-    g.add_argument("--weight-decay-end", type=common.at_least(0, float), default=None,
+    g.add_argument("--weight-decay-end", type=common.at_least(0, float, high=1e4), default=None,
                    help="weight decay at the end, cosine (--weight-decay / 0.4)")
     g.add_argument("--clip-grad", type=common.at_least(0, float), default=None,
                    help="per-parameter gradient norm clip (0 / 3.0; 0: off)")

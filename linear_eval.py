@@ -78,9 +78,10 @@ def get_args_parser():
     g.add_argument("--epochs", type=common.at_least(1), default=100, help="training epochs of the linear layer")
     g.add_argument("--batch-size", type=common.at_least(2), default=256, help="global batch size, over all processes")
     g.add_argument("--optimizer", default="sgd", choices=["lars", "sgd", "adamw"], help="optimizer")
-    g.add_argument("--lr", type=common.at_least(0, float), default=0.1,
+    g.add_argument("--lr", type=common.at_least(0, float, high=1e4), default=0.1,
                    help="learning rate for a batch of 256 (scaled by batch/256)")
-    g.add_argument("--weight-decay", type=common.at_least(0, float), default=0.0, help="weight decay (not on the bias)")
+    g.add_argument("--weight-decay", type=common.at_least(0, float, high=1e4), default=0.0,
+                   help="weight decay (not on the bias)")
     g.add_argument("--lars-eta", type=common.positive, default=0.02, help="LARS trust coefficient")
     g.add_argument("--lars-clip", action=argparse.BooleanOptionalAction, default=True,
                    help="LARS layer rate min(trust ratio, lr), solo-learn's clip_lr (--no-lars-clip: ratio x lr)")

@@ -73,9 +73,9 @@ def get_args_parser():
     g.add_argument("--epochs", type=common.at_least(1), default=1000, help="training epochs")
     g.add_argument("--batch-size", type=common.at_least(2), default=256, help="global batch size, over all processes")
     g.add_argument("--optimizer", default="lars", choices=["lars", "sgd", "adamw"], help="optimizer")
-    g.add_argument("--lr", type=common.at_least(0, float), default=0.4,
+    g.add_argument("--lr", type=common.at_least(0, float, high=1e4), default=0.4,
                    help="learning rate for a batch of 256 (scaled by batch/256)")
-    g.add_argument("--weight-decay", type=common.at_least(0, float), default=1e-4,
+    g.add_argument("--weight-decay", type=common.at_least(0, float, high=1e4), default=1e-4,
                    help="weight decay (not on biases and norms)")
     g.add_argument("--lars-eta", type=common.positive, default=0.02, help="LARS trust coefficient")
     g.add_argument("--lars-clip", action=argparse.BooleanOptionalAction, default=True,

@@ -1,6 +1,7 @@
 """Bad input gets one clear line naming the problem and the fix, never a traceback, and never
 harms an existing run."""
 import argparse
+import importlib
 import os
 
 import numpy as np
@@ -399,6 +400,22 @@ def test_barlow_bias_learning_rate_follows_the_command_line_on_resume(tmp_path):
 def test_nan_and_inf_flag_values_are_refused(flag, value):
     proc = run_script("simclr.py", *TINY, flag, value, check=False)
     assert proc.returncode == 2 and f"argument {flag}: must be" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("script,flags", [("simclr", ["--lr", "--weight-decay"]), ("byol", ["--lr", "--weight-decay"]),
+                                          ("barlow", ["--lr", "--lr-biases", "--weight-decay"]),
+                                          ("dino", ["--lr", "--min-lr", "--weight-decay", "--weight-decay-end"]),
+                                          ("linear_eval", ["--lr", "--weight-decay"])])
+def test_huge_rates_are_refused(script, flags, capsys):
+    """A learning rate or weight decay past float32's range, once scaled, was an overflow traceback
+    from inside the optimizer at the first step; now a usage line. 1e4 itself still parses."""
+    parser = importlib.import_module(script).get_args_parser()
+    required = ["--ckpt", "x.pt"] if script == "linear_eval" else []
+    for flag in flags:
+        assert getattr(parser.parse_args([*required, flag, "1e4"]), flag[2:].replace("-", "_")) == 1e4
+        with pytest.raises(SystemExit):
+            parser.parse_args([*required, flag, "1e300"])
+        assert f"argument {flag}: must be at most 10000, not 1e300" in capsys.readouterr().err
 
 
 def test_weights_that_became_nan_are_not_saved(tmp_path):
