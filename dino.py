@@ -89,8 +89,9 @@ def get_args_parser():
     g.add_argument("--local-crop-size", type=common.at_least(1), default=None,
                    help="local crop size (default: 3/7 of the image, in steps of 8 px or of a larger ViT patch)")
     g.add_argument("--global-crops-scale", type=float, nargs=2, default=None,
-                   help="area range of the global crops (default: 0.4 1 with local crops, else 0.14 1)")
-    g.add_argument("--local-crops-scale", type=float, nargs=2, default=(0.05, 0.4), help="area range of local crops")
+                   help="area range of the global crops (default: 0.4 1 for ViTs with local crops, else 0.14 1)")
+    g.add_argument("--local-crops-scale", type=float, nargs=2, default=None,
+                   help="area range of the local crops (default: 0.05 0.4 for ViTs, 0.05 0.14 for ResNets)")
     g = parser.add_argument_group("loss")
     g.add_argument("--warmup-teacher-temp", type=common.positive, default=0.04, help="teacher temperature at epoch 0")
     g.add_argument("--teacher-temp", type=common.positive, default=0.07, help="teacher temperature after the warm-up")
@@ -150,8 +151,13 @@ def fill_recipe(args):
             setattr(args, key, value)
     if args.weight_decay_end is None:  # the ResNet recipe keeps its weight decay, the given one too
         args.weight_decay_end = args.weight_decay
-    if args.global_crops_scale is None:  # main_dino.py's advice: (0.14, 1) when training without local crops
-        args.global_crops_scale = (0.4, 1.0) if args.local_crops else (0.14, 1.0)
+    # main_dino.py's defaults for ViTs, (0.4, 1) and (0.05, 0.4); its advice without local crops, (0.14, 1); and
+    # its README's ResNet-50 command, (0.14, 1) and (0.05, 0.14): a convnet's local crops stay smaller.
+    vit = args.arch.startswith("vit")
+    if args.global_crops_scale is None:
+        args.global_crops_scale = (0.4, 1.0) if args.local_crops and vit else (0.14, 1.0)
+    if args.local_crops_scale is None:
+        args.local_crops_scale = (0.05, 0.4) if vit else (0.05, 0.14)
     if args.local_crop_size is None:  # 3/7 of the image, in whole ViT patches: 96 px of 224, 48 of 96, 16 of 32
         step = max(8, args.patch_size or default_patch_size(args.image_size)) if args.arch.startswith("vit") else 8
         args.local_crop_size = max(step, round(args.image_size * 3 / 7 / step) * step)

@@ -115,6 +115,21 @@ def test_dino_default_local_crop_is_whole_patches(arch, size, local):
     assert args.local_crop_size == local
 
 
+@pytest.mark.parametrize("arch,local_crops,expected", [
+    ("vit_tiny", 6, ((0.4, 1.0), (0.05, 0.4))), ("vit_tiny", 0, ((0.14, 1.0), (0.05, 0.4))),  # main_dino.py
+    ("resnet18", 6, ((0.14, 1.0), (0.05, 0.14))), ("resnet18", 0, ((0.14, 1.0), (0.05, 0.14)))])  # its ResNet-50 recipe
+def test_dino_default_crop_scales_follow_the_backbone(arch, local_crops, expected):
+    import dino
+    args = dino.get_args_parser().parse_args(["--arch", arch, "--local-crops", str(local_crops)])
+    args.image_size = 32
+    dino.fill_recipe(args)
+    assert (tuple(args.global_crops_scale), tuple(args.local_crops_scale)) == expected
+    given = dino.get_args_parser().parse_args(["--arch", arch, "--local-crops-scale", "0.1", "0.3"])
+    given.image_size = 32
+    dino.fill_recipe(given)
+    assert tuple(given.local_crops_scale) == (0.1, 0.3)
+
+
 @pytest.mark.parametrize("flags,expected", [
     ([], ("lars", 0.3, 0.0, 1e-6, 1e-6, 0.0)),
     (["--arch", "vit_tiny"], ("adamw", 5e-4, 1e-6, 0.04, 0.4, 3.0)),  # main_dino.py's min_lr 1e-6
