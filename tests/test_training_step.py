@@ -1,0 +1,122 @@
+"""One step of each script's train_one_epoch, in process, against the method written out by hand:
+the loss the loop optimises and logs pairs the right views, with the right temperature, scale and
+symmetrisation, and the target (teacher) moves by its EMA after the optimizer step. The loss
+functions themselves are tested in the test_loss files; this checks how the loop calls them."""
+import argparse
+import copy
+import math
+
+import pytest
+import torch
+
+import barlow
+import byol
+import dino
+import simclr
+from test_loss import naive_nt_xent
+from test_loss_byol_barlow import naive_barlow
+from test_loss_dino import naive_dino_loss
+
+STEP, TOTAL = 7, 20  # a step in the middle of the schedules
+
+
+class NoSignal:
+    def requested(self):
+        return False
+
+
+def one_step(module, model, views, args, *extra, epoch=0):
+    """Run train_one_epoch on a one-batch loader from step STEP with plain SGD; return the loss it
+    recorded. The arguments before the loader are the script's own (raw_model, criterion)."""
+    args.optimizer, args.log_every = "sgd", 1000
+    run = argparse.Namespace(step=STEP, epoch=epoch, total_steps=TOTAL, warmup_steps=0, base_lr=0.5, lr=0.0,
+                             device=torch.device("cpu"), memory_format=torch.contiguous_format, amp_dtype=None,
+                             losses=torch.zeros(2, 2 if module is dino else 1), n_row=0, n_epoch=0,
+                             preemption=NoSignal(), end_step=STEP + 1)
+    optimizer = module.make_optimizer(model.parameters(), args)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    module.train_one_epoch(model, *extra, [(views, None)], optimizer, scaler, run, args)
+    assert run.step == STEP + 1 and run.n_epoch == 1
+    return run.losses[0, 0].item()
+
+
+def views(n=2, size=8, batch=6):
+    torch.manual_seed(1)
+    return [torch.randn(batch, 3, size, size) for _ in range(n)]
+
+
+def assert_ema(followers, leaders, before, m):
+    """followers == m * before + (1 - m) * leaders, with the leaders' values after the step."""
+    followers, leaders = list(followers), list(leaders)
+    assert len(followers) == len(leaders) == len(before)
+    for f, b, lead in zip(followers, before, leaders):
+        torch.testing.assert_close(f, m * b + (1 - m) * lead, rtol=1e-5, atol=1e-6)
+
+
+def test_simclr_step_is_nt_xent_of_the_two_views():
+    args = simclr.get_args_parser().parse_args(["--proj-hidden-dim", "32", "--proj-dim", "16", "--temperature", "0.3"])
+    torch.manual_seed(0)
+    model = simclr.SimCLR(args, 8)
+    x1, x2 = views()
+    z1, z2 = copy.deepcopy(model)(torch.cat([x1, x2])).chunk(2)  # train mode: batch statistics of all 2N views
+    expected = naive_nt_xent(z1.double(), z2.double(), 0.3).item()
+    assert one_step(simclr, model, (x1, x2), args) == pytest.approx(expected, rel=1e-5)
+
+
+def test_byol_step_is_symmetrised_across_views_and_the_target_follows_after_it():
+    args = byol.get_args_parser().parse_args(["--proj-hidden-dim", "32", "--pred-hidden-dim", "32", "--proj-dim", "16",
+                                              "--base-tau", "0.5"])  # a large EMA step: the test can see it
+    torch.manual_seed(0)
+    model = byol.BYOL(args, 8)
+    x1, x2 = views()
+    for p in model.target.parameters():  # not the online network's copy any more, as after some steps
+        p.add_(torch.randn_like(p) * 0.1)
+    p1, p2, z1, z2 = copy.deepcopy(model)(x1, x2)
+    expected = (byol.byol_loss(p1, z2) + byol.byol_loss(p2, z1)).item()  # each view predicts the other's target
+    assert expected != pytest.approx((byol.byol_loss(p1, z1) + byol.byol_loss(p2, z2)).item(), rel=1e-3)
+    online_before = [p.clone() for p in model.online.parameters()]
+    target_before = [p.clone() for p in model.target.parameters()]
+    assert one_step(byol, model, (x1, x2), args, model) == pytest.approx(expected, rel=1e-5)
+    assert any(not torch.equal(a, b) for a, b in zip(online_before, model.online.parameters()))
+    tau = 1 - (1 - 0.5) * (math.cos(math.pi * STEP / TOTAL) + 1) / 2  # section 3.3, at this step
+    assert_ema(model.target.parameters(), model.online.parameters(), target_before, tau)
+
+
+def test_barlow_step_is_the_scaled_cross_correlation_loss():
+    args = barlow.get_args_parser().parse_args(["--proj-hidden-dim", "32", "--proj-dim", "16", "--lambd", "0.02",
+                                                "--scale-loss", "0.25"])
+    torch.manual_seed(0)
+    model = barlow.BarlowTwins(args, 8)
+    x1, x2 = views()
+    z1, z2 = copy.deepcopy(model)(x1, x2)
+    expected = 0.25 * naive_barlow(z1.double(), z2.double(), 0.02).item()
+    assert one_step(barlow, model, (x1, x2), args) == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("epoch,frozen", [(3, True), (4, False)])
+def test_dino_step_uses_the_epochs_teacher_temperature_and_the_teacher_follows_after_it(epoch, frozen):
+    args = dino.get_args_parser().parse_args([
+        "--out-dim", "16", "--head-hidden-dim", "32", "--bottleneck-dim", "8", "--local-crops", "2",
+        "--local-crop-size", "4", "--warmup-teacher-temp-epochs", "10", "--freeze-last-layer", "4",
+        "--momentum-teacher", "0.5", "--epochs", "20"])
+    args.image_size = 8
+    dino.fill_recipe(args)
+    torch.manual_seed(0)
+    model = dino.DINO(args, 8)
+    criterion = dino.DINOLoss(args.out_dim, 4, args.warmup_teacher_temp, args.teacher_temp,
+                              args.warmup_teacher_temp_epochs, args.epochs, args.student_temp, args.center_momentum)
+    criterion.center.copy_(torch.randn(1, args.out_dim) * 0.1)
+    center = criterion.center.clone()
+    crops = views(2, 8) + views(2, 4)
+    for p in model.teacher.parameters():  # not the student's copy any more, as after some steps
+        p.add_(torch.randn_like(p) * 0.1)
+    teacher_before = [p.clone() for p in model.teacher.parameters()]
+    student_out, teacher_out = copy.deepcopy(model)(crops)
+    t_temp = 0.04 + (0.07 - 0.04) * epoch / 9  # np.linspace(0.04, 0.07, 10)[epoch]: main_dino.py's, per epoch
+    expected = naive_dino_loss(student_out.double(), teacher_out.double(), center[0].double(), 4, t_temp)
+    last_v = model.student.head.last_v.clone()
+    assert one_step(dino, model, crops, args, model, criterion, epoch=epoch) == pytest.approx(expected, rel=1e-5)
+    assert torch.equal(model.student.head.last_v, last_v) == frozen  # prototypes fixed for --freeze-last-layer epochs
+    m = 1 - (1 - 0.5) * (math.cos(math.pi * STEP / TOTAL) + 1) / 2
+    assert_ema(model.teacher.parameters(), model.student.parameters(), teacher_before, m)
+    torch.testing.assert_close(criterion.center, 0.9 * center + 0.1 * teacher_out.mean(0, keepdim=True))
