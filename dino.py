@@ -877,19 +877,24 @@ class Preemption:
 
 @torch.no_grad()
 def extract_features(backbone, dataset, batch_size, workers, device, rank, world_size):
-    """Backbone features (eval mode, fp32) of every image of `dataset`, in order. Each process
-    computes every world_size-th image and all_gather puts them back in place."""
+    """Backbone features (eval mode, fp32) and labels of every image of `dataset`, in order. Each
+    process computes every world_size-th image and all_gather puts them back in place. The labels
+    are the loader's: an unreadable file's row holds the image that replaced it, and that one's label."""
     backbone.eval()
     shard = torch.utils.data.Subset(dataset, range(rank, len(dataset), world_size))
     loader = torch.utils.data.DataLoader(shard, batch_size=batch_size, num_workers=workers,
                                          pin_memory=device.type == "cuda", worker_init_fn=common.quiet_worker)
-    feats = torch.cat([backbone(x.to(device, non_blocking=True)).float() for x, _ in loader])
+    feats, labels = zip(*[(backbone(x.to(device, non_blocking=True)).float(), y) for x, y in loader])
+    feats, labels = torch.cat(feats), torch.cat(labels).to(device)
     if world_size > 1:
-        feats = F.pad(feats, (0, 0, 0, math.ceil(len(dataset) / world_size) - len(feats)))
-        gathered = [torch.empty_like(feats) for _ in range(world_size)]
-        dist.all_gather(gathered, feats)
-        feats = torch.stack(gathered, 1).flatten(0, 1)[: len(dataset)]  # image j*W + r is gathered[r][j]
-    return feats
+        pad = math.ceil(len(dataset) / world_size) - len(feats)
+        feats, labels = F.pad(feats, (0, 0, 0, pad)), F.pad(labels, (0, pad))
+        gathered = [[torch.empty_like(t) for _ in range(world_size)] for t in (feats, labels)]
+        dist.all_gather(gathered[0], feats)
+        dist.all_gather(gathered[1], labels)
+        # image j*W + r is gathered[r][j]
+        feats, labels = (torch.stack(g, 1).flatten(0, 1)[: len(dataset)] for g in gathered)
+    return feats, labels
 
 
 @torch.no_grad()
@@ -909,10 +914,11 @@ def knn_predict(train_feats, train_labels, test_feats, num_classes, k=200, tempe
 def knn_accuracy(backbone, data, args, device, rank, world_size):
     """Top-1 (%) of the weighted kNN classifier on the test split, train split as memory bank."""
     t = common.eval_transform(data.image_size, data.mean, data.std)
-    bank, test = (F.normalize(extract_features(backbone, s.with_transform(t), 256, args.workers, device, rank,
-                                               world_size), dim=1) for s in (data.train, data.test))
-    scores = knn_predict(bank, torch.as_tensor(data.train.labels, device=device), test, data.num_classes)
-    return (scores.argmax(1).cpu() == torch.as_tensor(data.test.labels)).float().mean().item() * 100
+    (bank, bank_labels), (test, test_labels) = (
+        extract_features(backbone, s.with_transform(t), 256, args.workers, device, rank, world_size)
+        for s in (data.train, data.test))
+    scores = knn_predict(F.normalize(bank, dim=1), bank_labels, F.normalize(test, dim=1), data.num_classes)
+    return (scores.argmax(1) == test_labels).float().mean().item() * 100
 
 
 # ---- Training ------------------------------------------------------------------------------

@@ -675,19 +675,24 @@ class Preemption:
 
 @torch.no_grad()
 def extract_features(backbone, dataset, batch_size, workers, device, rank, world_size):
-    """Backbone features (eval mode, fp32) of every image of `dataset`, in order. Each process
-    computes every world_size-th image and all_gather puts them back in place."""
+    """Backbone features (eval mode, fp32) and labels of every image of `dataset`, in order. Each
+    process computes every world_size-th image and all_gather puts them back in place. The labels
+    are the loader's: an unreadable file's row holds the image that replaced it, and that one's label."""
     backbone.eval()
     shard = torch.utils.data.Subset(dataset, range(rank, len(dataset), world_size))
     loader = torch.utils.data.DataLoader(shard, batch_size=batch_size, num_workers=workers,
                                          pin_memory=device.type == "cuda", worker_init_fn=common.quiet_worker)
-    feats = torch.cat([backbone(x.to(device, non_blocking=True)).float() for x, _ in loader])
+    feats, labels = zip(*[(backbone(x.to(device, non_blocking=True)).float(), y) for x, y in loader])
+    feats, labels = torch.cat(feats), torch.cat(labels).to(device)
     if world_size > 1:
-        feats = F.pad(feats, (0, 0, 0, math.ceil(len(dataset) / world_size) - len(feats)))
-        gathered = [torch.empty_like(feats) for _ in range(world_size)]
-        dist.all_gather(gathered, feats)
-        feats = torch.stack(gathered, 1).flatten(0, 1)[: len(dataset)]  # image j*W + r is gathered[r][j]
-    return feats
+        pad = math.ceil(len(dataset) / world_size) - len(feats)
+        feats, labels = F.pad(feats, (0, 0, 0, pad)), F.pad(labels, (0, pad))
+        gathered = [[torch.empty_like(t) for _ in range(world_size)] for t in (feats, labels)]
+        dist.all_gather(gathered[0], feats)
+        dist.all_gather(gathered[1], labels)
+        # image j*W + r is gathered[r][j]
+        feats, labels = (torch.stack(g, 1).flatten(0, 1)[: len(dataset)] for g in gathered)
+    return feats, labels
 
 
 @torch.no_grad()
@@ -707,10 +712,11 @@ def knn_predict(train_feats, train_labels, test_feats, num_classes, k=200, tempe
 def knn_accuracy(backbone, data, args, device, rank, world_size):
     """Top-1 (%) of the weighted kNN classifier on the test split, train split as memory bank."""
     t = common.eval_transform(data.image_size, data.mean, data.std)
-    bank, test = (F.normalize(extract_features(backbone, s.with_transform(t), 256, args.workers, device, rank,
-                                               world_size), dim=1) for s in (data.train, data.test))
-    scores = knn_predict(bank, torch.as_tensor(data.train.labels, device=device), test, data.num_classes)
-    return (scores.argmax(1).cpu() == torch.as_tensor(data.test.labels)).float().mean().item() * 100
+    (bank, bank_labels), (test, test_labels) = (
+        extract_features(backbone, s.with_transform(t), 256, args.workers, device, rank, world_size)
+        for s in (data.train, data.test))
+    scores = knn_predict(F.normalize(bank, dim=1), bank_labels, F.normalize(test, dim=1), data.num_classes)
+    return (scores.argmax(1) == test_labels).float().mean().item() * 100
 
 
 # ---- Training ------------------------------------------------------------------------------
@@ -772,8 +778,13 @@ def save_state(path, raw_head, optimizer, scaler, run, args):
             "scaler": scaler.state_dict(), "rng": rng_states(), "elapsed": run.elapsed + time.time() - run.t_start,
             "epoch_loss": [run.losses[1].tolist(), run.n_epoch],
             "backbone": run.backbone.state_dict(), "backbone_meta": run.backbone_meta,
-            "write_id": run.write_id}, path)
+            "num_images": run.num_images, "write_id": run.write_id}, path)
     run.t_row = time.time()  # the next row's img/s counts training time, not this save
+
+
+def same_tensors(a, b):
+    """The same names, and equal tensors under each (a probe checkpoint's backbone against --ckpt's)."""
+    return a.keys() == b.keys() and all(torch.equal(a[k].cpu(), b[k].cpu()) for k in a)
 
 
 def load_backbone(args):
@@ -873,6 +884,14 @@ def main(args):
             backbone.load_state_dict(state)
         except RuntimeError as e:
             common.fail(f"{args.ckpt}: the stored backbone does not fit a {meta['arch']} ({str(e).splitlines()[0]})")
+    # A probe resumes only on the backbone it was trained on: --ckpt may have been overwritten since
+    # (pretraining went on in the same folder), and the old probe would then be scored on the new one.
+    if ckpt and not same_tensors(ckpt["backbone"], backbone.state_dict()):
+        common.fail(f"{resume_from} is a probe of another backbone than the one {args.ckpt} holds now (it was "
+                    f"written again since?): delete {out} to probe the new one, or give another --output-dir")
+    if ckpt and ckpt.get("num_images", len(data.train)) != len(data.train):  # another --data-dir, --val-fraction
+        common.fail(f"{resume_from} is a probe trained on {ckpt['num_images']} images, these data hold "
+                    f"{len(data.train)}: use the same images to resume, or another --output-dir")
     memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     backbone = backbone.to(device, memory_format=memory_format).eval().requires_grad_(False)
     # MAE's linear probe (He et al. 2022, appendix A.2): BatchNorm without affine parameters
@@ -892,9 +911,8 @@ def main(args):
     train_feats = train_labels = loader = None
     local_batch = args.batch_size // world_size
     if args.mode == "fast":
-        train_feats = extract_features(backbone, data.train.with_transform(eval_t), 256, args.workers, device, rank,
-                                       world_size)
-        train_labels = torch.as_tensor(data.train.labels, device=device)
+        train_feats, train_labels = extract_features(backbone, data.train.with_transform(eval_t), 256, args.workers,
+                                                     device, rank, world_size)
         steps_per_epoch = len(data.train) // args.batch_size
     else:
         probe_t = common.probe_transform(data.image_size, data.mean, data.std)
@@ -908,7 +926,8 @@ def main(args):
         base_lr=args.lr * args.batch_size / 256, total_steps=args.epochs * steps_per_epoch,
         steps_per_epoch=steps_per_epoch,
         warmup_steps=args.warmup_epochs * steps_per_epoch, preemption=Preemption(world_size, device),
-        backbone=backbone, backbone_meta=backbone_meta, write_id=ckpt.get("write_id") if resume_from is last else None)
+        backbone=backbone, backbone_meta=backbone_meta, num_images=len(data.train),
+        write_id=ckpt.get("write_id") if resume_from is last else None)
     run.end_step = min(run.total_steps, args.max_steps or run.total_steps)
     if ckpt:
         raw_head.load_state_dict(ckpt["head"])
@@ -952,9 +971,8 @@ def main(args):
         run.preemption.exit(is_main, f"stopped at step {run.step}, saved {last}")
 
     # 8. Evaluate: top-1/top-5 of the probe and kNN on the test split ------------------------
-    test_feats = extract_features(backbone, data.test.with_transform(eval_t), 256, args.workers, device, rank,
-                                  world_size)
-    test_labels = torch.as_tensor(data.test.labels, device=device)
+    test_feats, test_labels = extract_features(backbone, data.test.with_transform(eval_t), 256, args.workers, device,
+                                               rank, world_size)
     with torch.no_grad():
         top = raw_head.eval()(test_feats).topk(min(5, data.num_classes), dim=1).indices == test_labels[:, None]
     results = {"ckpt": args.ckpt, "arch": meta["arch"], "dataset": args.dataset, "mode": args.mode,
@@ -962,10 +980,10 @@ def main(args):
                "top5": top.any(1).float().mean().item() * 100, "knn_top1": None}
     if args.knn_every:
         if train_feats is None:
-            train_feats = extract_features(backbone, data.train.with_transform(eval_t), 256, args.workers, device,
-                                           rank, world_size)
-        scores = knn_predict(F.normalize(train_feats, dim=1), torch.as_tensor(data.train.labels, device=device),
-                             F.normalize(test_feats, dim=1), data.num_classes)
+            train_feats, train_labels = extract_features(backbone, data.train.with_transform(eval_t), 256,
+                                                         args.workers, device, rank, world_size)
+        scores = knn_predict(F.normalize(train_feats, dim=1), train_labels, F.normalize(test_feats, dim=1),
+                             data.num_classes)
         results["knn_top1"] = (scores.argmax(1) == test_labels).float().mean().item() * 100
     if is_main:
         (out / "results.json").write_text(json.dumps(results, indent=2))

@@ -339,6 +339,9 @@ def test_torchvision_018_with_numpy_2_is_one_line_before_the_pil_loader(monkeypa
         common.pretrain_loader(files, views, 8, 1, 0, args, torch.device("cpu"))
     in_memory = common.ImageSet(images=images, labels=labels)
     assert isinstance(common.pretrain_loader(in_memory, views, 8, 1, 0, args, torch.device("cpu")), common.DeviceLoader)
+    probe = [common.probe_transform(8, (0.5,) * 3, (0.2,) * 3)]  # no colour jitter: linear_eval.py runs
+    (x,), _ = next(iter(common.pretrain_loader(files, probe, 8, 1, 0, args, torch.device("cpu"))))
+    assert x.shape == (8, 3, 8, 8)
     monkeypatch.setattr(common.np, "__version__", "1.26.4")
     x1, x2 = next(iter(common.pretrain_loader(files, views, 8, 1, 0, args, torch.device("cpu"))))[0]
     assert x1.shape == x2.shape == (8, 3, 8, 8)
@@ -381,6 +384,37 @@ def test_linear_eval_resume_with_other_settings(tmp_path, pretrained):
     (tmp_path / "probe" / "last.pt").replace(tmp_path / "probe.pt")
     torch.save(load(pretrained / "last.pt"), tmp_path / "probe" / "last.pt")
     assert "written by simclr.py, not linear_eval.py" in fails("linear_eval.py", *args)
+
+
+def test_linear_eval_does_not_resume_a_probe_of_another_backbone_or_other_images(tmp_path, pretrained):
+    """The probe's folder sits beside --ckpt: when pretraining goes on and writes --ckpt again, the
+    same command must not score the old linear layer on the new backbone (nor on other images)."""
+    ckpt = tmp_path / "run" / "backbone.pt"
+    ckpt.parent.mkdir()
+    ckpt.write_bytes((pretrained / "backbone.pt").read_bytes())
+    args = ["--ckpt", ckpt, "--mode", "fast", "--epochs", "2", "--batch-size", "32", "--device", "cpu", "--workers",
+            "0"]
+    run_script("linear_eval.py", *args, "--max-steps", "1")
+    probe = tmp_path / "run" / "linear_eval_fast" / "last.pt"
+    before = probe.read_bytes()
+    newer = load(ckpt)
+    newer["backbone"]["conv1.weight"] += 0.01  # pretraining went on
+    torch.save(newer, ckpt)
+    assert fails("linear_eval.py", *args) == (
+        f"error: {probe} is a probe of another backbone than the one {ckpt} holds now (it was written again "
+        f"since?): delete {probe.parent} to probe the new one, or give another --output-dir")
+    assert probe.read_bytes() == before
+    rng = np.random.default_rng(0)
+    for name, n in (("a.npz", 64), ("b.npz", 96)):
+        np.savez(tmp_path / name, train_images=rng.integers(0, 255, (n, 8, 8, 3), np.uint8),
+                 train_labels=np.arange(n) % 4, test_images=rng.integers(0, 255, (32, 8, 8, 3), np.uint8),
+                 test_labels=np.arange(32) % 4)
+    random = ["--ckpt", "random", "--dataset", "npz", *args[2:], "--output-dir", tmp_path / "r", "--data-dir"]
+    run_script("linear_eval.py", *random, tmp_path / "a.npz", "--max-steps", "1")
+    run_script("linear_eval.py", *random, tmp_path / "a.npz", "--max-steps", "2")  # the same images resume
+    assert fails("linear_eval.py", *random, tmp_path / "b.npz") == (
+        f"error: {tmp_path / 'r' / 'last.pt'} is a probe trained on 64 images, these data hold 96: use the same "
+        "images to resume, or another --output-dir")
 
 
 def test_barlow_bias_learning_rate_follows_the_command_line_on_resume(tmp_path):

@@ -3,6 +3,10 @@ import math
 
 import torch
 import torch.nn.functional as F
+import torchvision
+from PIL import Image
+
+import common
 
 from simclr import extract_features, knn_predict
 
@@ -22,6 +26,24 @@ def test_knn_predict_hand_computed():
 def test_extract_features_keeps_dataset_order():
     data = [(torch.full((3, 2, 2), float(i)), i) for i in range(10)]
     backbone = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3))
-    feats = extract_features(backbone, data, batch_size=4, workers=0, device=torch.device("cpu"), rank=0, world_size=1)
+    feats, labels = extract_features(backbone, data, batch_size=4, workers=0, device=torch.device("cpu"), rank=0,
+                                     world_size=1)
     expected = backbone(torch.stack([x for x, _ in data]))
     assert torch.allclose(feats, expected) and not backbone.training
+    assert labels.tolist() == list(range(10))
+
+
+def test_an_unreadable_image_is_replaced_with_its_label(tmp_path, capsys):
+    """A corrupt file is replaced by the next readable image: the kNN bank and the probe's features
+    must carry that image's label, not the corrupt file's (which would count it under a wrong class)."""
+    files = []
+    for i, colour in enumerate([(255, 0, 0), (0, 255, 0), (0, 0, 255)]):
+        files.append(tmp_path / f"{i}.png")
+        Image.new("RGB", (4, 4), colour).save(files[-1])
+    files[1].write_bytes(b"not an image")
+    data = common.ImageSet(files=files, labels=[0, 1, 2], transform=torchvision.transforms.ToTensor())
+    backbone = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(48, 3))
+    feats, labels = extract_features(backbone, data, batch_size=2, workers=0, device=torch.device("cpu"), rank=0,
+                                     world_size=1)
+    assert labels.tolist() == [0, 2, 2] and torch.allclose(feats[1], feats[2])
+    assert "skipping unreadable image" in capsys.readouterr().err
