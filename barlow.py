@@ -196,6 +196,7 @@ def build_backbone(arch, image_size, patch_size=None, drop_path=0.0):
 
     ResNets (torchvision) get the CIFAR stem at 64 px or less: a 3x3 stride-1 first convolution and
     no max-pool (SimCLR paper, appendix B.9), as the ImageNet stem would shrink 32 px to 8 px at once.
+    Its padding is 1 ("SAME", as SimCLR's code): 32 px maps stay 32 px (solo-learn pads 2: 34 px).
     ViTs take default_patch_size(image_size) unless told; the image size must be a multiple of it.
     """
     meta = {"arch": arch, "image_size": image_size}

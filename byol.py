@@ -190,6 +190,7 @@ def build_backbone(arch, image_size, patch_size=None, drop_path=0.0):
 
     ResNets (torchvision) get the CIFAR stem at 64 px or less: a 3x3 stride-1 first convolution and
     no max-pool (SimCLR paper, appendix B.9), as the ImageNet stem would shrink 32 px to 8 px at once.
+    Its padding is 1 ("SAME", as SimCLR's code): 32 px maps stay 32 px (solo-learn pads 2: 34 px).
     ViTs take default_patch_size(image_size) unless told; the image size must be a multiple of it.
     """
     meta = {"arch": arch, "image_size": image_size}
@@ -214,7 +215,8 @@ def build_backbone(arch, image_size, patch_size=None, drop_path=0.0):
 
 
 def mlp(in_dim, hidden_dim, out_dim):
-    """Linear, BatchNorm, ReLU, Linear: BYOL's projector and predictor (section 3.3)."""
+    """Linear, BatchNorm, ReLU, Linear: BYOL's projector and predictor (section 3.3). The output layer
+    has a bias, as solo-learn's; the official code's has none."""
     return nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True),
                          nn.Linear(hidden_dim, out_dim))
 
