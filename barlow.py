@@ -20,7 +20,8 @@ alike, weight decay 1e-4, 10 warm-up epochs, cosine), projector 2048-2048-2048, 
 scaled by 0.1, 1000 epochs; BYOL's asymmetric augmentations (as the paper), without blur at 32 px.
 The paper's ImageNet settings: --proj-hidden-dim 8192 --proj-dim 8192 --lr 0.2 --lr-biases 0.0048
 --weight-decay 1.5e-6 --scale-loss 1 --batch-size 2048 --no-lars-clip --lars-eta 0.001 (the
-official LARS divides by ||g + wd w|| and decays to lr/1000). Expected, from the sources, not
+official LARS divides by ||g + wd w|| and decays to lr/1000; its ResNet-50 also starts its residual
+branches' last BatchNorm at zero, zero_init_residual, which no flag here does). Expected, from the sources, not
 measured here: about 92.1% top-1 (solo-learn, online linear probe, 1000 epochs; 91.6% offline,
 solo-learn issue 216) and about 82% kNN after 200 epochs (lightly's benchmark, batch 512).
 Measured with this script: see README.md.
