@@ -925,7 +925,10 @@ def main(args):
         print(f"warning: --warmup-epochs {args.warmup_epochs} covers the whole run: the learning rate never reaches "
               f"{run.base_lr:.4g} nor decays; lower --warmup-epochs for a short run", file=sys.stderr, flush=True)
     if is_main:
-        run.logger = CSVLogger(out / "metrics.csv", FIELDS, resume_step=run.step if ckpt else None)
+        if ckpt:
+            common.note_changed_flags(resume_from, ckpt["args"], args)
+        # the rows of the run resumed, if its own: another run's (left by a lost last.pt) go
+        run.logger = CSVLogger(out / "metrics.csv", FIELDS, resume_step=run.step if resume_from is last else None)
         (out / "args.json").write_text(json.dumps(vars(args), indent=2))
         print(f"{f'resumed from {resume_from} at step {run.step}' if ckpt else 'new run'}: "
               f"{len(data.pretrain)} images{'' if data.train else ' (unlabeled: no kNN)'}, "

@@ -208,6 +208,17 @@ def check_same_flags(path, saved, args, keys):
             fail(f"{path} was trained with {what}: use the same value to resume, or another --output-dir")
 
 
+def note_changed_flags(path, saved, args):
+    """Resuming with flags that may change (--lr, --epochs, a temperature, ...): one line naming the
+    old and new values, since args.json and the next checkpoint hold only the new ones."""
+    def plain(v):
+        return list(v) if isinstance(v, tuple) else v  # (0.05, 0.4) default or [0.05, 0.4] from the command line
+    changed = [f"--{key.replace('_', '-')} {plain(new)} (was {plain(saved[key])})" for key, new in vars(args).items()
+               if key in saved and key not in ("output_dir", "resume") and plain(saved[key]) != plain(new)]
+    if changed:
+        print(f"note: {path} continues with other values of {', '.join(changed)}", flush=True)
+
+
 def check_same_model(path, saved, model):
     """Resuming: fail unless the checkpoint's model entries have the names and shapes of `model`'s.
     With the same flags they differ only for a checkpoint of another version of the script, which

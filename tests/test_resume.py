@@ -61,6 +61,22 @@ def test_rows_past_the_checkpoint_are_dropped_on_resume(tmp_path, tail):
     assert all(None not in r.values() and r["loss"] for r in logged)
 
 
+def test_resume_from_another_folder_keeps_none_of_this_folders_rows_and_names_changed_flags(tmp_path):
+    """--resume A/last.pt into B, whose own run left rows but no last.pt (lost before its first
+    save): B's rows are another run's, not the early steps of this one. A changed flag that may
+    change (the temperature) is named with its old value, as args.json will hold only the new one."""
+    run_script("simclr.py", *ARGS, "--max-steps", 4, "--output-dir", tmp_path / "a")
+    run_script("simclr.py", *ARGS, "--max-steps", 2, "--output-dir", tmp_path / "b")
+    (tmp_path / "b" / "last.pt").unlink()
+    proc = run_script("simclr.py", *ARGS, "--max-steps", 6, "--temperature", "0.5", "--resume",
+                      tmp_path / "a" / "last.pt", "--output-dir", tmp_path / "b")
+    assert (f"note: {tmp_path / 'a' / 'last.pt'} continues with other values of --temperature 0.5 (was 0.2), "
+            "--max-steps 6 (was 4)\n") in proc.stdout
+    assert [int(r["step"]) for r in rows(tmp_path / "b" / "metrics.csv")] == [6]  # steps 5-6 in one row
+    proc = run_script("simclr.py", *ARGS, "--max-steps", 6, "--temperature", "0.5", "--output-dir", tmp_path / "b")
+    assert "note:" not in proc.stdout and len(rows(tmp_path / "b" / "metrics.csv")) == 1  # its own row stays
+
+
 def test_finished_run_started_again_does_nothing_more(tmp_path):
     run_script("simclr.py", *ARGS, "--max-steps", 2, "--output-dir", tmp_path)
     before = load(tmp_path / "last.pt")
