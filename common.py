@@ -238,6 +238,9 @@ def download_data(args):
     cls = {"cifar10": "CIFAR10", "cifar100": "CIFAR100", "stl10": "STL10"}.get(args.dataset)
     if cls is None:
         return
+    if os.path.exists(args.data_dir) and not os.path.isdir(args.data_dir):
+        fail(f"--data-dir {args.data_dir} is a file, not a folder; give the folder that holds (or will hold) "
+             f"{args.dataset}")
     try:
         stl = cls == "STL10"
         splits = [{"split": "train+unlabeled"}, {"split": "test"}] if stl else [{"train": True}, {"train": False}]

@@ -28,6 +28,8 @@
 # CHANGE: #SBATCH --account=myproject
 set -euo pipefail
 cd "${SLURM_SUBMIT_DIR:-.}"
+[ -f dino.py ] || { echo "error: no dino.py in $PWD: submit from the repository root" \
+    "(cd there, then sbatch sbatch/dino.sh)" >&2; exit 1; }
 # CHANGE: module load pytorch-gpu/py3/2.3.0    (or: source ~/venvs/ssl/bin/activate)
 export SRUN_CPUS_PER_TASK="${SLURM_CPUS_PER_TASK:-1}"  # srun >= 22.05 no longer inherits --cpus-per-task
 OUTPUT_DIR="${OUTPUT_DIR:-runs/dino-${SLURM_JOB_ID}}"

@@ -24,6 +24,8 @@
 # CHANGE: #SBATCH --account=myproject
 set -euo pipefail
 cd "${SLURM_SUBMIT_DIR:-.}"
+[ -f linear_eval.py ] || { echo "error: no linear_eval.py in $PWD: submit from the repository root" \
+    "(cd there, then sbatch sbatch/linear_eval.sh)" >&2; exit 1; }
 # CHANGE: module load pytorch-gpu/py3/2.3.0    (or: source ~/venvs/ssl/bin/activate)
 export SRUN_CPUS_PER_TASK="${SLURM_CPUS_PER_TASK:-1}"  # srun >= 22.05 no longer inherits --cpus-per-task
 echo "job ${SLURM_JOB_ID} (restart ${SLURM_RESTART_COUNT:-0}) on ${SLURM_JOB_NODELIST}"

@@ -27,6 +27,8 @@
 # CHANGE: #SBATCH --account=myproject
 set -euo pipefail
 cd "${SLURM_SUBMIT_DIR:-.}"
+[ -f simclr.py ] || { echo "error: no simclr.py in $PWD: submit from the repository root" \
+    "(cd there, then sbatch sbatch/simclr.sh)" >&2; exit 1; }
 # CHANGE: module load pytorch-gpu/py3/2.3.0    (or: source ~/venvs/ssl/bin/activate)
 export SRUN_CPUS_PER_TASK="${SLURM_CPUS_PER_TASK:-1}"  # srun >= 22.05 no longer inherits --cpus-per-task
 OUTPUT_DIR="${OUTPUT_DIR:-runs/simclr-${SLURM_JOB_ID}}"

@@ -35,6 +35,10 @@ def test_offline_cifar_download_explains_what_to_do(tmp_path):
     msg = fails("simclr.py", "--dataset", "cifar10", "--data-dir", tmp_path / "data", "--device", "cpu",
                 "--output-dir", tmp_path / "out")
     assert "could not download cifar10" in msg and "download=True" in msg
+    (tmp_path / "notes.txt").write_text("x")  # a file given as the folder: not a download problem
+    assert fails("simclr.py", "--dataset", "cifar10", "--data-dir", tmp_path / "notes.txt", "--device", "cpu",
+                 "--output-dir", tmp_path / "out") == (f"error: --data-dir {tmp_path / 'notes.txt'} is a file, not a "
+                                                      "folder; give the folder that holds (or will hold) cifar10")
 
 
 def test_batch_sizes(tmp_path):

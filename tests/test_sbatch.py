@@ -53,6 +53,19 @@ def test_simclr_sbatch_script(submit_dir):
     assert load(out / "last.pt")["step"] == 2
 
 
+@pytest.mark.parametrize("method", ["simclr", "byol", "barlow", "dino", "linear_eval"])
+def test_sbatch_script_submitted_from_elsewhere_says_where_to_submit(submit_dir, method):
+    """sbatch from another folder: python would not find the script (and SLURM writes the log to
+    that folder's logs/). One line saying where to submit from, and a failed job."""
+    (submit_dir / "elsewhere").mkdir()
+    env = dict(sbatch_env(submit_dir, 9), SLURM_SUBMIT_DIR=str(submit_dir / "elsewhere"))
+    proc = subprocess.run(["bash", submit_dir / "sbatch" / f"{method}.sh"], cwd=submit_dir / "elsewhere", env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1 and proc.stderr == (
+        f"error: no {method}.py in {submit_dir / 'elsewhere'}: submit from the repository root (cd there, then "
+        f"sbatch sbatch/{method}.sh)\n")
+
+
 def test_linear_eval_sbatch_script(submit_dir):
     env = sbatch_env(submit_dir, 55)
     tiny = ["--device", "cpu", "--dataset", "synthetic", "--synthetic-size", "128", "64", "--image-size", "16",

@@ -131,6 +131,22 @@ def test_plot_metrics_labels_runs_with_the_same_folder_name_apart(tmp_path, monk
     assert set(labels) == {"a/simclr", "b/simclr"}
 
 
+def test_plot_metrics_marks_a_run_of_one_logged_step(tmp_path, monkeypatch):
+    """A one-epoch run may log a single step row: a line through one point is invisible, a marker is not."""
+    pytest.importorskip("matplotlib", reason="matplotlib is optional: pip install matplotlib")
+    sys.path.insert(0, str(REPO / "tools"))
+    import matplotlib.axes
+    import plot_metrics
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.csv").write_text(DINO_CSV.rsplit("step,1,4", 1)[0])  # one step row, one epoch row
+    markers = []
+    plot = matplotlib.axes.Axes.plot
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot",
+                        lambda self, *a, **kw: markers.append(kw.get("marker")) or plot(self, *a, **kw))
+    plot_metrics.main([str(tmp_path / "run"), "--out", str(tmp_path / "p.png")])
+    assert markers == ["o"] * 5  # loss, lr, img/s, teacher entropy, kNN
+
+
 DINO_CSV = ("kind,epoch,step,loss,lr,img_per_s,peak_mem_mb,knn_top1,time_s,teacher_entropy\n"
             "step,0,2,5.1,0.001,7.0,1064,,8.9,4.25\nepoch,0,2,5.0,0.001,7.0,1064,12.5,9.0,4.5\n"
             "step,1,4,4.9,0.001,7.2,1064,,17.0,4.0\n")

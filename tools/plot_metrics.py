@@ -67,7 +67,8 @@ def main(argv=None):
         x = [int(r["step"]) for r in steps]
         for ax, (key, title) in zip(axes.flat, panels):
             if steps and key in steps[0]:
-                ax.plot(x, [float(r[key] or "nan") for r in steps], label=name)  # empty: a row from before
+                ax.plot(x, [float(r[key] or "nan") for r in steps], label=name,  # empty: a row from before
+                        marker="o" if len(x) == 1 else None)  # one point: a line of it would not show
             ax.set(title=title, xlabel="step")
         if knn:
             knn_ax.plot(*zip(*knn), marker="o", label=name)
