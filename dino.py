@@ -1096,9 +1096,13 @@ def main(args):
 
     # 6. Train -------------------------------------------------------------------------------
     run.t_start = run.t_row = time.time()
-    for epoch in range(run.step // steps_per_epoch, args.epochs):
-        if run.step >= run.end_step:
+    # A stop asked for at an epoch's last step leaves no time for its kNN: that epoch's end (kNN and
+    # epoch row) is postponed, and the resumed run does it first, over an empty rest of the epoch.
+    postponed = run.n_epoch > 0 and run.step % steps_per_epoch == 0
+    for epoch in range(run.step // steps_per_epoch - postponed, args.epochs):
+        if run.step >= run.end_step and not postponed:
             break
+        postponed = False
         run.epoch, run.t_epoch, run.epoch_step0 = epoch, time.time(), run.step
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)  # the logged peak memory is this epoch's
@@ -1110,7 +1114,9 @@ def main(args):
                 torch.cuda.synchronize(device)
             knn, t_knn = None, time.time()
             knn_due = args.knn_every and ((epoch + 1) % args.knn_every == 0 or epoch + 1 == args.epochs)
-            if data.train and knn_due and not stopping:
+            if data.train and knn_due and stopping:
+                break  # postponed (above): saved with this epoch's losses, its row not yet written
+            if data.train and knn_due:
                 knn = knn_accuracy(raw_model.teacher.backbone, data, args, device, rank, world_size)
                 stopping = run.preemption.requested()  # a signal during the kNN: save once, below
             t_knn = time.time() - t_knn

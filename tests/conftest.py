@@ -80,7 +80,7 @@ def _run_main(script, args, cwd, env, out, err):
 
 def run_script(script, *args, cwd=REPO, env=None, timeout=300, check=True):
     """Run `python <script> args...` and return the CompletedProcess (stdout, stderr as text)."""
-    path = script if os.path.isabs(script) else str(Path(cwd) / script)
+    path = str(script) if os.path.isabs(script) else str(Path(cwd) / script)
     cmd, env = [sys.executable, path, *map(str, args)], env or clean_env()
     if os.environ.get("SSL_TESTS_NO_FORK"):
         proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)

@@ -128,7 +128,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     args = [*TINY, "--epochs", "3", "--knn-every", "0", "--optimizer", "sgd", "--output-dir", tmp_path]
     run_script("simclr.py", *args, "--max-steps", "4")
     good = load(tmp_path / "last.pt")
-    msg = fails("simclr.py", *args, "--lr", "1e30")
+    msg = fails("simclr.py", *args, "--temperature", "1e-30")  # logits of inf: a NaN loss
     assert "the loss is nan" in msg and "step 6" in msg
     kept = load(tmp_path / "last.pt")
     assert kept["step"] == 4 and all(torch.equal(good["model"][k], kept["model"][k]) for k in good["model"])
