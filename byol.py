@@ -383,6 +383,8 @@ def setup_distributed(args):
             port = 15000 + (int(env["SLURM_JOB_ID"]) + 1000 * int(env["SLURM_STEP_ID"])) % 20000
             env.setdefault("MASTER_PORT", str(port))
             torch.set_num_threads(int(env.get("SLURM_CPUS_PER_TASK", torch.get_num_threads())))  # no oversubscription
+        elif "RANK" in env or int(env.get("WORLD_SIZE", 1)) > 1:  # half of torchrun's pair: each would train alone
+            raise KeyError("WORLD_SIZE" if "RANK" in env else "RANK")
         elif int(env.get("SLURM_NTASKS", 1)) > 1:
             print(f"warning: this SLURM job has {env['SLURM_NTASKS']} tasks but this process was not started by "
                   "srun: training as a single process (start it with `srun python ...`)", file=sys.stderr)

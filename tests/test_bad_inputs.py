@@ -506,7 +506,8 @@ def test_resuming_from_a_linear_eval_checkpoint_names_it(tmp_path, pretrained):
 @pytest.mark.parametrize("env,named", [
     ({"SLURM_STEP_ID": "0", "SLURM_PROCID": "0"}, "'SLURM_LOCALID' is not set"),
     ({"SLURM_STEP_ID": "0", "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NTASKS": "abc"}, "not a number"),
-    ({"RANK": "0", "WORLD_SIZE": "2"}, "(MASTER_ADDR or MASTER_PORT is not set)")])
+    ({"RANK": "0", "WORLD_SIZE": "2"}, "(MASTER_ADDR or MASTER_PORT is not set)"),
+    ({"RANK": "1", "LOCAL_RANK": "1"}, "'WORLD_SIZE' is not set"), ({"WORLD_SIZE": "2"}, "'RANK' is not set")])
 def test_incomplete_launcher_variables_are_one_line(env, named):
     from conftest import clean_env
     proc = run_script("simclr.py", *TINY, env=clean_env(**env), check=False)

@@ -63,6 +63,15 @@ def test_torchrun_variables_win_over_slurm(monkeypatch):
     assert simclr.setup_distributed(argparse.Namespace(device="cpu", batch_size=8))[:3] == (0, 0, 1)
 
 
+def test_world_size_1_alone_is_one_process(monkeypatch):
+    """Some platforms export WORLD_SIZE=1 everywhere: one process, as without it (RANK alone, or a
+    WORLD_SIZE above 1 alone, is half of torchrun's pair: an error, test_bad_inputs)."""
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    for key in ("RANK", "SLURM_STEP_ID", "SLURM_NTASKS"):
+        monkeypatch.delenv(key, raising=False)
+    assert simclr.setup_distributed(argparse.Namespace(device="cpu", batch_size=8))[:3] == (0, 0, 1)
+
+
 @pytest.mark.parametrize("launcher,gpus,local_rank,device", [("torchrun", 2, 3, None), ("torchrun", 2, 1, 1),
                                                              ("torchrun", 1, 3, 0), ("srun", 1, 3, 0),
                                                              ("srun", 4, 5, 1)])
