@@ -5,9 +5,14 @@ import json
 import multiprocessing
 import os
 import runpy
+import shutil
+import signal
+import socket
 import subprocess
 import sys
 import tempfile
+import time
+import weakref
 from pathlib import Path
 
 import pytest
@@ -61,14 +66,21 @@ SYS_PATH = json.loads(subprocess.run([sys.executable, "-c", "import json, sys; p
                                      env=_PLAIN, capture_output=True, text=True, check=True).stdout)
 
 
-def _run_main(script, args, cwd, env, out, err):
-    """In the forked child: the environment and streams of `python script args`, then the script."""
+def _run_main(script, args, cwd, env, out, err, new_session=False):
+    """In the forked child: the environment and streams of `python script args`, then the script.
+    err == out: one file for both streams (as stderr=STDOUT); new_session: a process group of its own."""
+    if new_session:
+        os.setsid()
+    # Loader processes started as python would start them (fork on Linux before Python 3.14), not
+    # through this forkserver (the start method a forked child inherits): in its process group too.
+    multiprocessing.set_start_method(None, force=True)
     os.chdir(cwd)
     os.environ.clear()
     os.environ.update(env)
     sys.path[:] = [str(Path(script).parent), *filter(None, env.get("PYTHONPATH", "").split(os.pathsep)), *SYS_PATH]
+    fds = {path: os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND) for path in (out, err)}
     for fd, path in ((1, out), (2, err)):
-        os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
+        os.dup2(fds[path], fd)
     sys.stdout, sys.stderr = open(1, "w", buffering=1, closefd=False), open(2, "w", buffering=1, closefd=False)
     sys.argv = [script, *args]
     torch.set_num_threads(int(env.get("OMP_NUM_THREADS", torch.get_num_threads())))  # torch read it in the server
@@ -100,10 +112,95 @@ def run_script(script, *args, cwd=REPO, env=None, timeout=300, check=True):
     return proc
 
 
-def torchrun(script, *args, nproc=2, cwd=REPO, timeout=300):
+class Started:
+    """`python <script> args...` started in the background, as subprocess.Popen(..., stdout=PIPE,
+    stderr=STDOUT) would, but forked like run_script's runs (SSL_TESTS_NO_FORK=1: a real Popen).
+    Both streams go to one file: `output` is all of it so far, wait_for() waits for a line."""
+
+    def __init__(self, script, *args, cwd=REPO, env=None, new_session=False):
+        path = str(script) if os.path.isabs(script) else str(Path(cwd) / script)
+        self.cmd, env = [sys.executable, path, *map(str, args)], env or clean_env()
+        folder = tempfile.mkdtemp(prefix="started-")
+        weakref.finalize(self, shutil.rmtree, folder, True)
+        self.file = Path(folder) / "output"
+        self.file.touch()
+        if os.environ.get("SSL_TESTS_NO_FORK"):
+            with open(self.file, "w") as f:
+                self._proc = subprocess.Popen(self.cmd, cwd=cwd, env=env, stdout=f, stderr=subprocess.STDOUT,
+                                              start_new_session=new_session)
+        else:
+            self._proc = FORKSERVER.Process(target=_run_main, args=(path, self.cmd[2:], str(cwd), env, str(self.file),
+                                                                    str(self.file), new_session))
+            self._proc.start()
+        self.pid = self._proc.pid
+
+    @property
+    def returncode(self):
+        return self._proc.poll() if isinstance(self._proc, subprocess.Popen) else self._proc.exitcode
+
+    @property
+    def output(self):
+        return self.file.read_text()
+
+    def send_signal(self, sig, group=False):
+        """Signal the process, or its whole process group (started with new_session=True)."""
+        (os.killpg if group else os.kill)(self.pid, sig)
+
+    def kill(self):
+        if self.returncode is None:
+            self.send_signal(signal.SIGKILL)
+
+    def wait(self, timeout=180):
+        """The exit code (negative: killed by that signal); killed after `timeout` seconds."""
+        deadline = time.time() + timeout
+        while self.returncode is None and time.time() < deadline:
+            time.sleep(0.02)
+        if self.returncode is None:
+            self.kill()
+            while self.returncode is None:
+                time.sleep(0.02)
+            with open(self.file, "a") as f:
+                f.write(f"\n(killed: still running after {timeout} s)\n")
+        return self.returncode
+
+    def wait_for(self, prefix, timeout=120):
+        """Return once a line of output starts with `prefix`; fail if the process ends first."""
+        deadline, seen = time.time() + timeout, 0
+        while time.time() < deadline:
+            done = self.returncode is not None  # before reading: its last lines are in the file then
+            lines = self.output.split("\n")
+            if any(line.startswith(prefix) for line in lines[seen:-1]):
+                return
+            seen = max(seen, len(lines) - 1)
+            if done:
+                raise AssertionError(f"exited ({self.returncode}) before a line {prefix!r}:\n{self.output}")
+            time.sleep(0.02)
+        self.kill()
+        raise AssertionError(f"no line {prefix!r} within {timeout} s:\n{self.output}")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(script, *args, nproc=2, cwd=REPO, timeout=300, real=False):
+    """`torchrun --standalone --nproc_per_node=nproc script args`. Unless `real`, its processes are
+    started as torchrun starts them (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT set)
+    but forked like run_script's runs: torchrun's three fresh interpreters cost some 13 s of CPU."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            str(Path(cwd) / script), *map(str, args)]
-    proc = subprocess.run(cmd, cwd=cwd, env=clean_env(), capture_output=True, text=True, timeout=timeout)
+    if real or os.environ.get("SSL_TESTS_NO_FORK"):
+        proc = subprocess.run(cmd, cwd=cwd, env=clean_env(), capture_output=True, text=True, timeout=timeout)
+    else:
+        port = free_port()
+        procs = [Started(script, *args, cwd=cwd, env=clean_env(
+            RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc), GROUP_RANK="0",
+            MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))) for r in range(nproc)]
+        codes = [p.wait(timeout) for p in procs]
+        output = "".join(p.output for p in procs)  # rank 0's first
+        proc = subprocess.CompletedProcess(cmd, max(codes, key=abs), output, output)
     if proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc

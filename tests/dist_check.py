@@ -49,6 +49,7 @@ if world_size > 1:
     dist.all_reduce(loss)
     loss /= world_size
 if rank == 0:
-    torch.save({"loss": loss, "grads": {n: p.grad for n, p in model.named_parameters() if p.requires_grad},
+    torch.save({"world_size": world_size, "loss": loss,
+                "grads": {n: p.grad for n, p in model.named_parameters() if p.requires_grad},
                 "buffers": {**dict(model.named_buffers()), **extra}}, out)
 m.cleanup_distributed()  # a process leaving with a live gloo group can abort at exit

@@ -12,6 +12,7 @@ def test_loss_and_gradients_match_one_process(tmp_path, method):
     run_script("tests/dist_check.py", method, tmp_path / "one.pt")
     torchrun("tests/dist_check.py", method, tmp_path / "two.pt")
     one, two = load(tmp_path / "one.pt"), load(tmp_path / "two.pt")
+    assert (one["world_size"], two["world_size"]) == (1, 2)
     assert torch.allclose(one["loss"], two["loss"], rtol=1e-10)
     assert len(one["grads"]) > 40
     for name, g in one["grads"].items():
@@ -37,7 +38,8 @@ def test_training_two_processes_matches_one(tmp_path, script):
     args = [*TINY, *METHODS[script], "--epochs", "2", "--max-steps", "5", "--deterministic",
             "--knn-every", "1", "--log-every", "1", "--no-lars-clip"]
     run_script(script, *args, "--output-dir", tmp_path / "one")
-    proc = torchrun(script, *args, "--output-dir", tmp_path / "two")
+    # The other tests fork torchrun's processes (conftest.torchrun); this one runs torchrun itself.
+    proc = torchrun(script, *args, "--output-dir", tmp_path / "two", real=script == "simclr.py")
     assert "2 process(es)" in proc.stdout
     one, two = load(tmp_path / "one" / "last.pt"), load(tmp_path / "two" / "last.pt")
     assert one["step"] == two["step"] == 5
@@ -100,7 +102,7 @@ def test_linear_eval_two_processes_matches_one(tmp_path, pretrained):
     args = ["--ckpt", pretrained / "last.pt", "--mode", "fast", "--epochs", "2", "--batch-size", "32",
             "--device", "cpu", "--workers", "0", "--deterministic", "--synthetic-size", "131", "63"]
     run("linear_eval.py", *args, "--output-dir", tmp_path / "one")
-    torchrun("linear_eval.py", *args, "--output-dir", tmp_path / "two")
+    assert "2 process(es)" in torchrun("linear_eval.py", *args, "--output-dir", tmp_path / "two").stdout
     one, two = load(tmp_path / "one" / "last.pt"), load(tmp_path / "two" / "last.pt")
     assert max_diff(one["head"], two["head"]) < 1e-5
     import json

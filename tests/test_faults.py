@@ -7,13 +7,12 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
 import torch
 
-from conftest import METHODS, REPO, TINY, clean_env, load, max_diff, run_script, torchrun
+from conftest import METHODS, REPO, TINY, Started, load, max_diff, run_script, torchrun
 
 
 def steps_logged(path):
@@ -29,14 +28,10 @@ def test_sigkill_at_a_random_step_then_the_same_command(tmp_path, script):
     args = [*TINY, *METHODS[script], "--epochs", "2", "--deterministic", "--knn-every", "0", "--log-every", "1"]
     run_script(script, *args, "--output-dir", tmp_path / "straight")
     kill_at = random.randint(5, 7)
-    cmd = [sys.executable, str(REPO / script), *map(str, args), "--output-dir", str(tmp_path / "killed")]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    for line in proc.stdout:
-        if line.startswith(f"epoch 1 step {kill_at}/"):
-            proc.kill()
-            break
-    proc.wait(timeout=60)
-    assert proc.returncode == -signal.SIGKILL, f"not killed at step {kill_at}"
+    proc = Started(script, *args, "--output-dir", tmp_path / "killed")
+    proc.wait_for(f"epoch 1 step {kill_at}/")
+    proc.kill()
+    assert proc.wait(timeout=60) == -signal.SIGKILL, f"not killed at step {kill_at}"
     assert load(tmp_path / "killed" / "last.pt")["step"] == 4
     out = run_script(script, *args, "--output-dir", tmp_path / "killed").stdout
     assert "at step 4" in out, out
@@ -63,19 +58,21 @@ for i in range(100000):
 def test_kill_while_writing_the_checkpoint_keeps_a_loadable_one(tmp_path):
     """SIGKILL at random moments of a loop of 8 MB checkpoint writes: last.pt always loads, and
     holds the last write that completed (or the one after it, if the kill came after the rename)."""
-    path = tmp_path / "last.pt"
-    code = WRITER.format(repo=str(REPO), path=str(path))
+    path = tmp_path / "run" / "last.pt"
+    path.parent.mkdir()
+    writer = tmp_path / "writer.py"
+    writer.write_text(WRITER.format(repo=str(REPO), path=str(path)))
     rng = random.Random()
     for _ in range(4):
-        proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=clean_env())
-        done = int(proc.stdout.readline())  # one write completed
+        proc = Started(writer)
+        proc.wait_for("0")  # one write completed
         time.sleep(rng.uniform(0.0, 0.3))
         proc.kill()
-        rest = proc.communicate()[0].split()
-        done = int(rest[-1]) if rest else done
+        proc.wait()
+        done = int(proc.output.split()[-1])
         ckpt = torch.load(path, weights_only=True)
         assert int(ckpt["i"]) in (done, done + 1) and ckpt["w"].shape == (2_000_000,)
-    assert not any(p.name != "last.pt" and p.name != "last.pt.tmp" for p in tmp_path.iterdir())
+    assert not any(p.name != "last.pt" and p.name != "last.pt.tmp" for p in path.parent.iterdir())
 
 
 @pytest.mark.parametrize("first,second", [(2, 1), (1, 2)])
@@ -212,15 +209,13 @@ def test_a_second_command_started_while_the_first_runs(tmp_path):
     """The same command started twice on one output dir, the second once the first has saved: the run
     that finds last.pt written by the other stops at its next save; the other finishes, its last.pt whole."""
     out = tmp_path / "run"
-    cmd = [sys.executable, str(REPO / "simclr.py"), *map(str, TINY), "--epochs", "4", "--knn-every", "0",
-           "--output-dir", str(out)]
-    env = clean_env(OMP_NUM_THREADS="1")
-    procs = [subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)]
+    args = [*TINY, "--epochs", "4", "--knn-every", "0", "--output-dir", out]
+    procs = [Started("simclr.py", *args)]
     deadline = time.time() + 120
-    while not (out / "last.pt").exists() and procs[0].poll() is None and time.time() < deadline:
+    while not (out / "last.pt").exists() and procs[0].returncode is None and time.time() < deadline:
         time.sleep(0.05)
-    procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
+    procs.append(Started("simclr.py", *args))
+    results = [(p.wait(timeout=300), p.output) for p in procs]
     assert sorted(rc for rc, _ in results) == [0, 1], results
     assert "two runs share --output-dir" in next(err for rc, err in results if rc == 1)
     assert load(out / "last.pt")["step"] == 16

@@ -2,14 +2,11 @@
 exit 143, no requeue. A fake `scontrol` on PATH records what the script asks of SLURM."""
 import os
 import signal
-import subprocess
-import sys
-import threading
 
 import pytest
 import torch
 
-from conftest import METHODS, REPO, TINY, clean_env, load, run_script
+from conftest import METHODS, REPO, TINY, Started, clean_env, load, run_script
 
 
 @pytest.fixture
@@ -23,21 +20,10 @@ def fake_scontrol(tmp_path):
 
 def start_and_signal(out, sig, env, script="simclr.py", extra=()):
     """Start a long run, send `sig` once it has trained a few steps, return (returncode, output)."""
-    cmd = [sys.executable, str(REPO / script), *TINY, "--epochs", "50", "--knn-every", "0", "--output-dir", out, *extra]
-    proc = subprocess.Popen(list(map(str, cmd)), cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
-    lines = []
-    for line in proc.stdout:  # wait for the first progress line: training is under way
-        lines.append(line)
-        if line.startswith("epoch 0 step"):
-            proc.send_signal(sig)
-            break
-    try:
-        rest, _ = proc.communicate(timeout=180)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        rest = proc.communicate()[0] + "\n(killed: no exit within 180 s of the signal)"
-    return proc.returncode, "".join(lines) + rest
+    proc = Started(script, *TINY, "--epochs", "50", "--knn-every", "0", "--output-dir", out, *extra, env=env)
+    proc.wait_for("epoch 0 step")  # the first progress line: training is under way
+    proc.send_signal(sig)
+    return proc.wait(timeout=180), proc.output
 
 
 @pytest.mark.parametrize("script", ["simclr.py", "byol.py", "barlow.py", "dino.py"])
@@ -74,17 +60,12 @@ def test_sigusr1_outside_slurm_saves_and_exits_0(tmp_path):
 def test_linear_eval_sigusr1(tmp_path, pretrained, fake_scontrol):
     bin_dir, log = fake_scontrol
     env = clean_env(PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_ID="77")
-    cmd = [sys.executable, str(REPO / "linear_eval.py"), "--ckpt", pretrained / "last.pt", "--device", "cpu",
-           "--workers", "0", "--batch-size", "32", "--epochs", "200", "--log-every", "2",
-           "--output-dir", tmp_path / "le"]
-    proc = subprocess.Popen(list(map(str, cmd)), cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
-    for line in proc.stdout:
-        if line.startswith("epoch 0 step"):
-            proc.send_signal(signal.SIGUSR1)
-            break
-    out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 0, out
+    proc = Started("linear_eval.py", "--ckpt", pretrained / "last.pt", "--device", "cpu", "--workers", "0",
+                   "--batch-size", "32", "--epochs", "200", "--log-every", "2", "--output-dir", tmp_path / "le",
+                   env=env)
+    proc.wait_for("epoch 0 step")
+    proc.send_signal(signal.SIGUSR1)
+    assert proc.wait(timeout=120) == 0, proc.output
     assert log.read_text().split() == ["requeue", "77"]
     assert load(tmp_path / "le" / "last.pt")["method"] == "linear_eval"
     assert not (tmp_path / "le" / "results.json").exists()
@@ -97,23 +78,15 @@ def test_two_tasks_agree_to_stop_when_one_gets_the_signal(tmp_path, fake_scontro
     from test_slurm_env import slurm_vars
     bin_dir, log = fake_scontrol
     job_id = random.randint(1, 19999)
-    cmd = [sys.executable, str(REPO / "simclr.py"), *TINY, "--epochs", "50", "--knn-every", "0",
-           "--output-dir", str(tmp_path / "run")]
-    procs = [subprocess.Popen(cmd, cwd=REPO, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              env=clean_env(PATH=f"{bin_dir}:{os.environ['PATH']}", **slurm_vars(r, 2, job_id)))
+    procs = [Started("simclr.py", *TINY, "--epochs", "50", "--knn-every", "0", "--output-dir", tmp_path / "run",
+                     env=clean_env(PATH=f"{bin_dir}:{os.environ['PATH']}", **slurm_vars(r, 2, job_id)))
              for r in (0, 1)]
-    lines = []
-    for line in procs[0].stdout:
-        lines.append(line)
-        if line.startswith("epoch 0 step"):
-            procs[1].send_signal(signal.SIGUSR1)
-            break
     try:
-        outs = [procs[0].communicate(timeout=180)[0], procs[1].communicate(timeout=180)[0]]
-    finally:  # a hung process must not outlive the test
-        for p in procs:
-            p.kill()
-    assert [p.returncode for p in procs] == [0, 0], "".join(lines) + outs[0] + outs[1]
+        procs[0].wait_for("epoch 0 step")
+        procs[1].send_signal(signal.SIGUSR1)
+    finally:  # a hung process must not outlive the test (wait kills it)
+        codes = [p.wait(timeout=180) for p in procs]
+    assert codes == [0, 0], procs[0].output + procs[1].output
     assert log.read_text().split() == ["requeue", str(job_id)]  # rank 0 requeues, once
     assert load(tmp_path / "run" / "last.pt")["step"] < 200
 
@@ -140,26 +113,19 @@ def test_the_flags_tensor_outlives_every_all_reduce(monkeypatch):
     assert len(handed) == 2 and all(r() is not None for r in handed) and handed[0]() is handed[1]()
 
 
-def signal_the_job(cmd, sig, trigger, env=None, timeout=180):
-    """Run `cmd` in a process group of its own and send `sig` to the whole group (as SLURM signals
+def signal_the_job(args, sig, trigger, timeout=180):
+    """Run simclr.py in a process group of its own and send `sig` to the whole group (as SLURM signals
     every process of a job step, loader processes included) once a line starts with `trigger`."""
-    proc = subprocess.Popen(list(map(str, cmd)), cwd=REPO, env=env or clean_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    watchdog = threading.Timer(2 * timeout, os.killpg, (proc.pid, signal.SIGKILL))  # the trigger never came
-    watchdog.start()
-    lines = []
-    for line in proc.stdout:
-        lines.append(line)
-        if line.startswith(trigger):
-            os.killpg(proc.pid, sig)
-            break
+    proc = Started("simclr.py", *args, new_session=True)
     try:
-        rest, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        rest = proc.communicate()[0] + f"\n(killed: no exit within {timeout} s of the signal)"
-    watchdog.cancel()
-    return proc.returncode, "".join(lines) + rest
+        proc.wait_for(trigger)
+        proc.send_signal(sig, group=True)
+        return proc.wait(timeout), proc.output
+    finally:  # loader processes left behind by a failure
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 # The PIL pipeline in 2 loader processes (--aug-device cpu), which get the signal too.
@@ -169,9 +135,8 @@ WORKERS = [*TINY[:TINY.index("--workers")], "--workers", "2", "--log-every", "1"
 def test_sigterm_to_every_process_of_the_job_still_saves(tmp_path):
     """torch's loader processes die of SIGTERM; the main process then stopped with a traceback
     (or a false 'full disk' line) instead of saving. They now ignore it and the run saves."""
-    cmd = [sys.executable, REPO / "simclr.py", *WORKERS, "--epochs", "50", "--knn-every", "0",
-           "--output-dir", tmp_path / "run"]
-    code, output = signal_the_job(cmd, signal.SIGTERM, "epoch 0 step 2/")
+    code, output = signal_the_job([*WORKERS, "--epochs", "50", "--knn-every", "0", "--output-dir", tmp_path / "run"],
+                                  signal.SIGTERM, "epoch 0 step 2/")
     assert code == 143 and "Traceback" not in output, output
     assert "SIGTERM: stopped at step" in output and load(tmp_path / "run" / "last.pt")["step"] >= 2
 
@@ -179,9 +144,9 @@ def test_sigterm_to_every_process_of_the_job_still_saves(tmp_path):
 def test_a_signal_during_the_knn_saves_once_at_the_end_of_the_epoch(tmp_path):
     """The kNN reads images in loader processes too. A stop asked for while it runs ends the run
     at the epoch's last step, saved once, without training another step."""
-    cmd = [sys.executable, REPO / "simclr.py", *WORKERS, "--synthetic-size", "128", "3000", "--epochs", "3",
-           "--knn-every", "1", "--output-dir", tmp_path / "run"]
-    code, output = signal_the_job(cmd, signal.SIGTERM, "epoch 0 step 4/")  # 128 images, batch 32: 4 steps
+    args = [*WORKERS, "--synthetic-size", "128", "3000", "--epochs", "3", "--knn-every", "1",
+            "--output-dir", tmp_path / "run"]
+    code, output = signal_the_job(args, signal.SIGTERM, "epoch 0 step 4/")  # 128 images, batch 32: 4 steps
     assert code == 143 and "Traceback" not in output, output
     assert "SIGTERM: stopped at step 4," in output and load(tmp_path / "run" / "last.pt")["step"] == 4
 
@@ -190,8 +155,8 @@ def test_ctrl_c_saves_then_stops_and_the_run_resumes(tmp_path):
     """Ctrl-C reaches the loader processes too (one process group). The first one stops the run as
     SIGTERM does, after saving, with exit code 130; the same command then resumes."""
     out = tmp_path / "run"
-    cmd = [sys.executable, REPO / "simclr.py", *WORKERS, "--epochs", "50", "--knn-every", "0", "--output-dir", out]
-    code, output = signal_the_job(cmd, signal.SIGINT, "epoch 0 step 2/")
+    code, output = signal_the_job([*WORKERS, "--epochs", "50", "--knn-every", "0", "--output-dir", out],
+                                  signal.SIGINT, "epoch 0 step 2/")
     assert code == 130 and "Traceback" not in output, output
     step = load(out / "last.pt")["step"]
     assert f"Ctrl-C: stopped at step {step}, saved" in output and step >= 2
@@ -203,19 +168,13 @@ def test_a_second_ctrl_c_stops_at_once_in_one_line(tmp_path):
     out = tmp_path / "run"
     run_script("simclr.py", *TINY, "--epochs", "50", "--knn-every", "0", "--output-dir", out, "--max-steps", "2")
     before = (out / "last.pt").read_bytes()
-    cmd = [sys.executable, REPO / "simclr.py", *TINY, "--epochs", "50", "--knn-every", "0", "--output-dir", out]
-    proc = subprocess.Popen(list(map(str, cmd)), cwd=REPO, env=clean_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    lines = []
-    for line in proc.stdout:
-        lines.append(line)
-        if line.startswith("epoch 0 step 4/"):
-            proc.send_signal(signal.SIGINT)
-        if line.startswith("Ctrl-C: saving"):  # the first one was seen: the second stops at once
-            proc.send_signal(signal.SIGINT)
-            break
-    output = "".join(lines) + proc.communicate(timeout=120)[0]
-    assert proc.returncode == 1 and "Traceback" not in output, output
+    proc = Started("simclr.py", *TINY, "--epochs", "50", "--knn-every", "0", "--output-dir", out)
+    proc.wait_for("epoch 0 step 4/")
+    proc.send_signal(signal.SIGINT)
+    proc.wait_for("Ctrl-C: saving")  # the first one was seen: the second stops at once
+    proc.send_signal(signal.SIGINT)
+    code, output = proc.wait(timeout=120), proc.output
+    assert code == 1 and "Traceback" not in output, output
     assert output.strip().splitlines()[-1].startswith("error: interrupted: what was trained since the last checkpoint")
     assert (out / "last.pt").read_bytes() == before
 

@@ -1,13 +1,11 @@
 """The distributed setup read from torchrun's or SLURM's variables, with fake SLURM environments."""
 import argparse
 import random
-import subprocess
-import sys
 
 import pytest
 
 import simclr
-from conftest import REPO, TINY, clean_env, load, max_diff, run_script
+from conftest import TINY, Started, clean_env, load, max_diff, run_script
 
 
 @pytest.mark.parametrize("nodelist,host", [
@@ -108,11 +106,11 @@ def test_two_tasks_from_slurm_variables_train_together(tmp_path):
     gloo group and train like one process with the same global batch."""
     job_id = random.randint(1, 19999)
     args = [*TINY, "--epochs", "1", "--max-steps", "2", "--deterministic", "--knn-every", "0"]
-    cmd = [sys.executable, str(REPO / "simclr.py"), *args, "--output-dir", str(tmp_path / "two")]
-    procs = [subprocess.Popen(cmd, cwd=REPO, env=clean_env(**slurm_vars(r, 2, job_id)), text=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for r in (0, 1)]
-    outs = [p.communicate(timeout=240)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], outs
+    procs = [Started("simclr.py", *args, "--output-dir", tmp_path / "two", env=clean_env(**slurm_vars(r, 2, job_id)))
+             for r in (0, 1)]
+    codes = [p.wait(timeout=240) for p in procs]
+    outs = [p.output for p in procs]
+    assert codes == [0, 0], outs
     assert "2 process(es)" in outs[0] and outs[1] == ""  # only rank 0 prints
     run_script("simclr.py", *args, "--output-dir", tmp_path / "one")
     assert max_diff(load(tmp_path / "one" / "last.pt")["model"], load(tmp_path / "two" / "last.pt")["model"]) < 1e-4
