@@ -53,10 +53,12 @@ def clean_env(**extra):
 
 
 # Most runs are forked from a server process that has already imported torch and torchvision:
-# each saves the ~3 s those imports take on these CPUs. The child is a process of its own (own
-# pid, signals, environment, working directory, stdout/stderr) that runs the script as
-# `python script.py args` would, as __main__. SSL_TESTS_NO_FORK=1 starts a fresh interpreter for
-# every run instead. Runs that need a real interpreter (torchrun, sbatch, signals) use subprocess.
+# each saves the 5-6 s of CPU those imports take here. The child is a process of its own (own
+# pid, signals, process group if asked, environment, working directory, stdout/stderr) that runs
+# the script as `python script.py args` would, as __main__: run_script waits for it, Started runs
+# it in the background (to be signalled), torchrun starts its processes so. SSL_TESTS_NO_FORK=1
+# starts a fresh interpreter for every run instead. torchrun itself (one test), the sbatch scripts
+# and the SLURM cluster's jobs always start real interpreters.
 FORKSERVER = multiprocessing.get_context("forkserver")
 FORKSERVER.set_forkserver_preload(["torch", "torchvision", "numpy", "PIL.Image"])
 # What a fresh interpreter puts on sys.path after the script's folder and PYTHONPATH (not the

@@ -225,3 +225,7 @@ def test_multicrop_augmentations_sizes_and_order():
     big = common.dino_augmentations(224, (0.5,) * 3, (0.25,) * 3, 2, 96, (0.4, 1.0), (0.05, 0.4))
     blur_p = [t.transforms[4].p for t in big]
     assert blur_p == [1.0, 0.1, 0.5, 0.5]  # DINO's blur probabilities (appendix D)
+    # Kernels that do not cut off sigma 2 (PIL's blur in the official code): 10% of 224 px, 13 taps at 96 px
+    assert [t.transforms[4].transforms[0].kernel_size for t in big] == [(23, 23)] * 2 + [(13, 13)] * 2
+    batched = [common.BatchedView.from_transform(t) for t in big]
+    assert [v.blur_kernel for v in batched] == [23, 23, 13, 13]
