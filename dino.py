@@ -879,15 +879,22 @@ class Preemption:
 
 
 @torch.no_grad()
-def extract_features(backbone, dataset, batch_size, workers, device, rank, world_size):
+def extract_features(backbone, dataset, batch_size, workers, device, rank, world_size, stop=None):
     """Backbone features (eval mode, fp32) and labels of every image of `dataset`, in order. Each
     process computes every world_size-th image and all_gather puts them back in place. The labels
-    are the loader's: an unreadable file's row holds the image that replaced it, and that one's label."""
+    are the loader's: an unreadable file's row holds the image that replaced it, and that one's label.
+    `stop` (every process's Preemption.requested) is asked before each batch that every process has:
+    on a large dataset this takes minutes, more than a time limit's warning. None once it says stop."""
     backbone.eval()
     shard = torch.utils.data.Subset(dataset, range(rank, len(dataset), world_size))
     loader = torch.utils.data.DataLoader(shard, batch_size=batch_size, num_workers=workers,
                                          pin_memory=device.type == "cuda", worker_init_fn=common.quiet_worker)
-    feats, labels = zip(*[(backbone(x.to(device, non_blocking=True)).float(), y) for x, y in loader])
+    feats, labels = [], []
+    for i, (x, y) in enumerate(loader):
+        if stop and i < len(dataset) // world_size / batch_size and stop():  # the same calls in every process
+            return None
+        feats.append(backbone(x.to(device, non_blocking=True)).float())
+        labels.append(y)
     feats, labels = torch.cat(feats), torch.cat(labels).to(device)
     if world_size > 1:
         pad = math.ceil(len(dataset) / world_size) - len(feats)
@@ -914,12 +921,17 @@ def knn_predict(train_feats, train_labels, test_feats, num_classes, k=200, tempe
     return torch.cat(scores)
 
 
-def knn_accuracy(backbone, data, args, device, rank, world_size):
-    """Top-1 (%) of the weighted kNN classifier on the test split, train split as memory bank."""
+def knn_accuracy(backbone, data, args, device, rank, world_size, stop=None):
+    """Top-1 (%) of the weighted kNN classifier on the test split, train split as memory bank; None
+    if `stop` said to stop (see extract_features)."""
     t = common.eval_transform(data.image_size, data.mean, data.std)
-    (bank, bank_labels), (test, test_labels) = (
-        extract_features(backbone, s.with_transform(t), 256, args.workers, device, rank, world_size)
-        for s in (data.train, data.test))
+    features = []
+    for split in (data.train, data.test):
+        features.append(extract_features(backbone, split.with_transform(t), 256, args.workers, device, rank,
+                                         world_size, stop))
+        if features[-1] is None:
+            return None
+    (bank, bank_labels), (test, test_labels) = features
     scores = knn_predict(F.normalize(bank, dim=1), bank_labels, F.normalize(test, dim=1), data.num_classes)
     return (scores.argmax(1) == test_labels).float().mean().item() * 100
 
@@ -1098,8 +1110,8 @@ def main(args):
 
     # 6. Train -------------------------------------------------------------------------------
     run.t_start = run.t_row = time.time()
-    # A stop asked for at an epoch's last step leaves no time for its kNN: that epoch's end (kNN and
-    # epoch row) is postponed, and the resumed run does it first, over an empty rest of the epoch.
+    # A stop asked for at an epoch's last step or during its kNN leaves no time for the kNN: that epoch's
+    # end (kNN and epoch row) is postponed, and the resumed run does it first, over an empty rest of the epoch.
     postponed = run.n_epoch > 0 and run.step % steps_per_epoch == 0
     for epoch in range(run.step // steps_per_epoch - postponed, args.epochs):
         if run.step >= run.end_step and not postponed:
@@ -1115,12 +1127,13 @@ def main(args):
             if device.type == "cuda":  # the last step's GPU work ends before the kNN's clock starts
                 torch.cuda.synchronize(device)
             knn, t_knn = None, time.time()
-            knn_due = args.knn_every and ((epoch + 1) % args.knn_every == 0 or epoch + 1 == args.epochs)
-            if data.train and knn_due and stopping:
+            knn_due = data.train and args.knn_every and ((epoch + 1) % args.knn_every == 0 or epoch + 1 == args.epochs)
+            if knn_due and not stopping:  # a stop asked for during the kNN cuts it short (None)
+                knn = knn_accuracy(raw_model.teacher.backbone, data, args, device, rank, world_size,
+                                   run.preemption.requested)
+            if knn_due and knn is None:
                 break  # postponed (above): saved with this epoch's losses, its row not yet written
-            if data.train and knn_due:
-                knn = knn_accuracy(raw_model.teacher.backbone, data, args, device, rank, world_size)
-                stopping = run.preemption.requested()  # a signal during the kNN: save once, below
+            stopping = run.preemption.requested()  # a signal after the kNN's last check: save once, below
             t_knn = time.time() - t_knn
             run.t_epoch, run.t_row = run.t_epoch + t_knn, run.t_row + t_knn  # img/s counts training time only
             log_row(run, args, "epoch", knn)

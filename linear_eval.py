@@ -677,15 +677,22 @@ class Preemption:
 
 
 @torch.no_grad()
-def extract_features(backbone, dataset, batch_size, workers, device, rank, world_size):
+def extract_features(backbone, dataset, batch_size, workers, device, rank, world_size, stop=None):
     """Backbone features (eval mode, fp32) and labels of every image of `dataset`, in order. Each
     process computes every world_size-th image and all_gather puts them back in place. The labels
-    are the loader's: an unreadable file's row holds the image that replaced it, and that one's label."""
+    are the loader's: an unreadable file's row holds the image that replaced it, and that one's label.
+    `stop` (every process's Preemption.requested) is asked before each batch that every process has:
+    on a large dataset this takes minutes, more than a time limit's warning. None once it says stop."""
     backbone.eval()
     shard = torch.utils.data.Subset(dataset, range(rank, len(dataset), world_size))
     loader = torch.utils.data.DataLoader(shard, batch_size=batch_size, num_workers=workers,
                                          pin_memory=device.type == "cuda", worker_init_fn=common.quiet_worker)
-    feats, labels = zip(*[(backbone(x.to(device, non_blocking=True)).float(), y) for x, y in loader])
+    feats, labels = [], []
+    for i, (x, y) in enumerate(loader):
+        if stop and i < len(dataset) // world_size / batch_size and stop():  # the same calls in every process
+            return None
+        feats.append(backbone(x.to(device, non_blocking=True)).float())
+        labels.append(y)
     feats, labels = torch.cat(feats), torch.cat(labels).to(device)
     if world_size > 1:
         pad = math.ceil(len(dataset) / world_size) - len(feats)
@@ -712,12 +719,17 @@ def knn_predict(train_feats, train_labels, test_feats, num_classes, k=200, tempe
     return torch.cat(scores)
 
 
-def knn_accuracy(backbone, data, args, device, rank, world_size):
-    """Top-1 (%) of the weighted kNN classifier on the test split, train split as memory bank."""
+def knn_accuracy(backbone, data, args, device, rank, world_size, stop=None):
+    """Top-1 (%) of the weighted kNN classifier on the test split, train split as memory bank; None
+    if `stop` said to stop (see extract_features)."""
     t = common.eval_transform(data.image_size, data.mean, data.std)
-    (bank, bank_labels), (test, test_labels) = (
-        extract_features(backbone, s.with_transform(t), 256, args.workers, device, rank, world_size)
-        for s in (data.train, data.test))
+    features = []
+    for split in (data.train, data.test):
+        features.append(extract_features(backbone, split.with_transform(t), 256, args.workers, device, rank,
+                                         world_size, stop))
+        if features[-1] is None:
+            return None
+    (bank, bank_labels), (test, test_labels) = features
     scores = knn_predict(F.normalize(bank, dim=1), bank_labels, F.normalize(test, dim=1), data.num_classes)
     return (scores.argmax(1) == test_labels).float().mean().item() * 100
 
@@ -913,9 +925,10 @@ def main(args):
 
     train_feats = train_labels = loader = None
     local_batch = args.batch_size // world_size
-    if args.mode == "fast":
+    preemption = Preemption(world_size, device)  # from here: the features of a large dataset take minutes
+    if args.mode == "fast":  # None if a stop is asked for meanwhile: the run then saves and stops, untrained
         train_feats, train_labels = extract_features(backbone, data.train.with_transform(eval_t), 256, args.workers,
-                                                     device, rank, world_size)
+                                                     device, rank, world_size, preemption.requested) or (None, None)
         steps_per_epoch = len(data.train) // args.batch_size
     else:
         probe_t = common.probe_transform(data.image_size, data.mean, data.std)
@@ -928,7 +941,7 @@ def main(args):
         rank=rank, step=0, epoch=0, lr=0.0, elapsed=0.0, n_row=0, n_epoch=0, losses=torch.zeros(2, 1, device=device),
         base_lr=args.lr * args.batch_size / 256, total_steps=args.epochs * steps_per_epoch,
         steps_per_epoch=steps_per_epoch,
-        warmup_steps=args.warmup_epochs * steps_per_epoch, preemption=Preemption(world_size, device),
+        warmup_steps=args.warmup_epochs * steps_per_epoch, preemption=preemption,
         backbone=backbone, backbone_meta=backbone_meta, num_images=len(data.train),
         write_id=ckpt.get("write_id") if resume_from is last else None)
     run.end_step = min(run.total_steps, args.max_steps or run.total_steps)
@@ -956,7 +969,7 @@ def main(args):
     # 7. Train the linear layer --------------------------------------------------------------
     run.t_start = run.t_row = time.time()
     for epoch in range(run.step // steps_per_epoch, args.epochs):
-        if run.step >= run.end_step:
+        if run.step >= run.end_step or run.preemption.requested():  # stopped before: during the features
             break
         run.epoch, run.t_epoch, run.epoch_step0 = epoch, time.time(), run.step
         if device.type == "cuda":
@@ -977,17 +990,21 @@ def main(args):
         run.preemption.exit(is_main, f"stopped at step {run.step}, saved {last}")
 
     # 8. Evaluate: top-1/top-5 of the probe and kNN on the test split ------------------------
+    # A stop asked for while the features are computed (minutes on a large dataset) ends the run as one
+    # at a step does: last.pt is saved (above), and the requeued job, at its last step, evaluates.
     test_feats, test_labels = extract_features(backbone, data.test.with_transform(eval_t), 256, args.workers, device,
-                                               rank, world_size)
+                                               rank, world_size, run.preemption.requested) or (None, None)
+    if args.knn_every and train_feats is None and test_feats is not None:
+        train_feats, train_labels = extract_features(backbone, data.train.with_transform(eval_t), 256, args.workers,
+                                                     device, rank, world_size, run.preemption.requested) or (None, None)
+    if test_feats is None or args.knn_every and train_feats is None:
+        run.preemption.exit(is_main, f"stopped at step {run.step} before the evaluation, saved {last}")
     with torch.no_grad():
         top = raw_head.eval()(test_feats).topk(min(5, data.num_classes), dim=1).indices == test_labels[:, None]
     results = {"ckpt": args.ckpt, "arch": meta["arch"], "dataset": args.dataset, "mode": args.mode,
                "epochs": args.epochs, "steps": run.step, "top1": top[:, 0].float().mean().item() * 100,
                "top5": top.any(1).float().mean().item() * 100, "knn_top1": None}
     if args.knn_every:
-        if train_feats is None:
-            train_feats, train_labels = extract_features(backbone, data.train.with_transform(eval_t), 256,
-                                                         args.workers, device, rank, world_size)
         scores = knn_predict(F.normalize(train_feats, dim=1), train_labels, F.normalize(test_feats, dim=1),
                              data.num_classes)
         results["knn_top1"] = (scores.argmax(1) == test_labels).float().mean().item() * 100

@@ -47,3 +47,32 @@ def test_an_unreadable_image_is_replaced_with_its_label(tmp_path, capsys):
                                      world_size=1)
     assert labels.tolist() == [0, 2, 2] and torch.allclose(feats[1], feats[2])
     assert "skipping unreadable image" in capsys.readouterr().err
+
+
+def test_extract_features_stops_when_asked_at_batches_every_process_has(monkeypatch):
+    """A kNN on a large dataset takes minutes, more than a time limit's warning: it asks `stop`
+    (Preemption.requested, an all-reduce) before each batch and gives None once told to stop. Only
+    before the batches every process has: 9 images on 2 processes, batch 2, give rank 0 three
+    batches and rank 1 two; an all-reduce in rank 0's third would wait forever for rank 1."""
+    import simclr
+    data = [(torch.full((3, 2, 2), float(i)), i) for i in range(9)]
+    backbone = torch.nn.Flatten()
+    monkeypatch.setattr(simclr.dist, "all_gather", lambda out, t: [o.copy_(t) for o in out])  # no real group
+
+    def extract(rank, stop_at):
+        calls = []
+
+        def stop():
+            calls.append(len(calls))
+            return len(calls) == stop_at
+        out = extract_features(backbone, data, 2, 0, torch.device("cpu"), rank, 2, stop)
+        return out, len(calls)
+
+    for rank in (0, 1):
+        out, calls = extract(rank, stop_at=None)
+        assert out is not None and calls == 2
+        out, calls = extract(rank, stop_at=2)
+        assert out is None and calls == 2
+    out, calls = extract(0, stop_at=1)
+    assert out is None and calls == 1
+    assert extract_features(backbone, data, 2, 0, torch.device("cpu"), 0, 1)[0].shape == (9, 12)  # no stop: as before

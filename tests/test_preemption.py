@@ -71,6 +71,37 @@ def test_linear_eval_sigusr1(tmp_path, pretrained, fake_scontrol):
     assert not (tmp_path / "le" / "results.json").exists()
 
 
+def test_linear_eval_stopped_while_computing_features_saves_and_the_next_run_goes_on(tmp_path, pretrained):
+    """The features of a large dataset take minutes, more than a time limit's warning: a stop asked
+    for meanwhile ends the run at the next batch of 256. Before training (fast mode: the train
+    features), it saves the untrained probe; before the evaluation, it has saved the trained one.
+    Each time the same command goes on, and the last one writes results.json."""
+    wrapper = tmp_path / "signal_in_features.py"  # SIGUSR1 at batch i of the loader of n images (SIGNAL_AT=n:i)
+    wrapper.write_text(
+        "import os, runpy, signal, sys, torch\n"
+        "n, at = map(int, os.environ['SIGNAL_AT'].split(':'))\n"
+        "iterate = torch.utils.data.DataLoader.__iter__\n"
+        "def iterate_and_signal(self):\n"
+        "    for i, batch in enumerate(iterate(self)):\n"
+        "        if len(self.dataset) == n and i == at:\n"
+        "            os.kill(os.getpid(), signal.SIGUSR1)\n"
+        "        yield batch\n"
+        "torch.utils.data.DataLoader.__iter__ = iterate_and_signal\n"
+        f"sys.path.insert(0, {str(REPO)!r})\n"
+        f"sys.argv[0] = {str(REPO / 'linear_eval.py')!r}\n"
+        f"runpy.run_path({str(REPO / 'linear_eval.py')!r}, run_name='__main__')\n")
+    out = tmp_path / "le"
+    args = ["--ckpt", pretrained / "last.pt", "--mode", "fast", "--device", "cpu", "--workers", "0", "--batch-size",
+            "64", "--epochs", "2", "--synthetic-size", "600", "100", "--output-dir", out]
+    proc = run_script(wrapper, *args, env=clean_env(SIGNAL_AT="600:2"))  # the train features, before training
+    assert "SIGUSR1: stopped at step 0, saved" in proc.stdout and load(out / "last.pt")["step"] == 0
+    proc = run_script(wrapper, *args, env=clean_env(SIGNAL_AT="100:0"))  # the test features, after training
+    assert "at step 0" in proc.stdout and "SIGUSR1: stopped at step 18 before the evaluation, saved" in proc.stdout
+    assert load(out / "last.pt")["step"] == 18 and not (out / "results.json").exists()
+    proc = run_script("linear_eval.py", *args)
+    assert "at step 18" in proc.stdout and "linear top-1" in proc.stdout and (out / "results.json").exists()
+
+
 def test_two_tasks_agree_to_stop_when_one_gets_the_signal(tmp_path, fake_scontrol):
     """srun signals every task, but not at the same instant: a signal seen by one process must
     stop all of them at the same step (here only rank 1 gets it)."""
@@ -141,14 +172,39 @@ def test_sigterm_to_every_process_of_the_job_still_saves(tmp_path):
     assert "SIGTERM: stopped at step" in output and load(tmp_path / "run" / "last.pt")["step"] >= 2
 
 
-def test_a_signal_during_the_knn_saves_once_at_the_end_of_the_epoch(tmp_path):
-    """The kNN reads images in loader processes too. A stop asked for while it runs ends the run
-    at the epoch's last step, saved once, without training another step."""
-    args = [*WORKERS, "--synthetic-size", "128", "3000", "--epochs", "3", "--knn-every", "1",
-            "--output-dir", tmp_path / "run"]
-    code, output = signal_the_job(args, signal.SIGTERM, "epoch 0 step 4/")  # 128 images, batch 32: 4 steps
+def test_a_signal_during_the_knn_cuts_it_short_and_the_resumed_run_does_it(tmp_path):
+    """A kNN on a large dataset outlasts a time limit's warning: a stop asked for while it runs (its
+    loader processes alive, and signalled too) ends it at its next batch. The run saves at the
+    epoch's last step, its kNN and epoch row postponed; the resumed run does them first."""
+    import csv
+    # SIGTERM to the whole job once the kNN's loader of the test images (600: 3 batches) has given 2
+    # batches, one from each of its processes: both run, past their start (see common.quiet_worker).
+    wrapper = tmp_path / "signal_in_knn.py"
+    wrapper.write_text(
+        "import os, runpy, signal, sys, torch\n"
+        "iterate = torch.utils.data.DataLoader.__iter__\n"
+        "def iterate_and_signal(self):\n"
+        "    for i, batch in enumerate(iterate(self)):\n"
+        "        if len(self.dataset) == 600 and i == 2:\n"
+        "            os.killpg(0, signal.SIGTERM)\n"
+        "        yield batch\n"
+        "torch.utils.data.DataLoader.__iter__ = iterate_and_signal\n"
+        f"sys.path.insert(0, {str(REPO)!r})\n"
+        f"sys.argv[0] = {str(REPO / 'simclr.py')!r}\n"
+        f"runpy.run_path({str(REPO / 'simclr.py')!r}, run_name='__main__')\n")
+    out = tmp_path / "run"
+    args = [*WORKERS, "--synthetic-size", "128", "600", "--epochs", "3", "--knn-every", "1", "--output-dir", out]
+    proc = Started(wrapper, *args, new_session=True)
+    code, output = proc.wait(timeout=180), proc.output
     assert code == 143 and "Traceback" not in output, output
-    assert "SIGTERM: stopped at step 4," in output and load(tmp_path / "run" / "last.pt")["step"] == 4
+    assert "SIGTERM: stopped at step 4," in output and "epoch 0 done" not in output, output
+    ckpt = load(out / "last.pt")
+    assert ckpt["step"] == 4 and ckpt["epoch_loss"][1] == 4  # the epoch's losses kept for its row
+    proc = run_script("simclr.py", *args, "--max-steps", "4")
+    assert f"resumed from {out / 'last.pt'} at step 4" in proc.stdout and "epoch 0 done step 4/12" in proc.stdout
+    with open(out / "metrics.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r["kind"] == "epoch"]
+    assert [(r["epoch"], r["step"]) for r in rows] == [("0", "4")] and rows[0]["knn_top1"]
 
 
 def test_ctrl_c_saves_then_stops_and_the_run_resumes(tmp_path):
