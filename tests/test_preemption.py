@@ -1,5 +1,6 @@
 """SIGUSR1 (time limit coming): save, requeue the SLURM job, exit 0. SIGTERM (scancel): save,
 exit 143, no requeue. A fake `scontrol` on PATH records what the script asks of SLURM."""
+import csv
 import os
 import signal
 
@@ -172,22 +173,36 @@ def test_sigterm_to_every_process_of_the_job_still_saves(tmp_path):
     assert "SIGTERM: stopped at step" in output and load(tmp_path / "run" / "last.pt")["step"] >= 2
 
 
-def test_a_signal_during_the_knn_cuts_it_short_and_the_resumed_run_does_it(tmp_path):
+@pytest.mark.parametrize("at", ["start", 2])
+def test_a_signal_during_the_knn_cuts_it_short_and_the_resumed_run_does_it(tmp_path, at):
     """A kNN on a large dataset outlasts a time limit's warning: a stop asked for while it runs (its
     loader processes alive, and signalled too) ends it at its next batch. The run saves at the
-    epoch's last step, its kNN and epoch row postponed; the resumed run does them first."""
-    import csv
-    # SIGTERM to the whole job once the kNN's loader of the test images (600: 3 batches) has given 2
-    # batches, one from each of its processes: both run, past their start (see common.quiet_worker).
+    epoch's last step, its kNN and epoch row postponed; the resumed run does them first.
+    at=2: SIGTERM to the whole job once the loader of the test images (600: 3 batches) has given 2
+    batches, one from each of its processes; at="start": as soon as its processes are started."""
     wrapper = tmp_path / "signal_in_knn.py"
     wrapper.write_text(
         "import os, runpy, signal, sys, torch\n"
         "iterate = torch.utils.data.DataLoader.__iter__\n"
+        f"at = {at!r}\n"
         "def iterate_and_signal(self):\n"
-        "    for i, batch in enumerate(iterate(self)):\n"
-        "        if len(self.dataset) == 600 and i == 2:\n"
-        "            os.killpg(0, signal.SIGTERM)\n"
+        "    batches = iterate(self)  # the loader's processes start\n"
+        "    if len(self.dataset) != 600:\n"
+        "        return batches\n"
+        "    if at == 'start':\n"
+        "        signal_the_group()\n"
+        "    return signal_at_batch(batches)\n"
+        "def signal_at_batch(batches):\n"
+        "    for i, batch in enumerate(batches):\n"
+        "        if i == at:\n"
+        "            signal_the_group()\n"
         "        yield batch\n"
+        "def signal_the_group():  # from another process, as SLURM: a loader process ends on its parent's\n"
+        "    group, child = os.getpgid(0), os.fork()\n"
+        "    if child == 0:\n"
+        "        os.killpg(group, signal.SIGTERM)\n"
+        "        os._exit(0)\n"
+        "    os.waitpid(child, 0)\n"
         "torch.utils.data.DataLoader.__iter__ = iterate_and_signal\n"
         f"sys.path.insert(0, {str(REPO)!r})\n"
         f"sys.argv[0] = {str(REPO / 'simclr.py')!r}\n"
