@@ -30,6 +30,7 @@ read them once, in any of them.
 import argparse
 import copy
 import csv
+import datetime
 import json
 import math
 import os
@@ -402,9 +403,9 @@ def setup_distributed(args):
         # torchrun's processes all see the node's GPUs: a local rank past them would share one, and NCCL stop at the
         # first collective. SLURM (or a launcher) may show each process its own GPUs: one, or its socket's; there
         # the rank wraps around them.
-        count = torch.cuda.device_count()
-        if "RANK" in env and "WORLD_SIZE" in env and 1 < count <= local_rank:
-            common.fail(f"process {local_rank} of this node has no GPU of its own ({count} GPUs are visible): start "
+        count, torchrun = torch.cuda.device_count(), "TORCHELASTIC_RUN_ID" in env  # set by torchrun, for its processes
+        if "RANK" in env and "WORLD_SIZE" in env and (count > 1 or torchrun) and count <= local_rank:
+            common.fail(f"process {local_rank} of this node has no GPU of its own ({count} GPU(s) visible): start "
                         "one process per GPU (--nproc_per_node, or --ntasks-per-node equal to --gpus-per-node)")
         device = torch.device("cuda", local_rank % count)
         torch.cuda.set_device(device)
@@ -412,7 +413,10 @@ def setup_distributed(args):
         common.fail("cannot start the processes from the launcher's variables (MASTER_ADDR or MASTER_PORT is not "
                     "set); start with torchrun or srun, or unset RANK and SLURM_STEP_ID to run as one process")
     if world_size > 1:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world_size)
+        # The other processes wait for rank 0's dataset download (STL-10: 2.6 GB) in their first collective: 30
+        # minutes for it, gloo's default, where NCCL's (10 minutes) would end the job with a store timeout.
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world_size,
+                                timeout=datetime.timedelta(minutes=30))
     return rank, local_rank, world_size, device
 
 

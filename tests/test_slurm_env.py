@@ -71,16 +71,21 @@ def test_world_size_1_alone_is_one_process(monkeypatch):
 
 
 @pytest.mark.parametrize("launcher,gpus,local_rank,device", [("torchrun", 2, 3, None), ("torchrun", 2, 1, 1),
-                                                             ("torchrun", 1, 3, 0), ("srun", 1, 3, 0),
-                                                             ("srun", 4, 5, 1)])
+                                                             ("torchrun", 1, 1, None), ("rank vars", 1, 3, 0),
+                                                             ("srun", 1, 3, 0), ("srun", 4, 5, 1)])
 def test_a_process_without_a_gpu_of_its_own_is_one_line(monkeypatch, launcher, gpus, local_rank, device):
-    """torchrun with 4 processes on a node that shows 2 GPUs: local rank 3 would share GPU 1 and
-    NCCL stop at the first collective with "Duplicate GPU detected"; it stops at once, saying what
-    to change. SLURM (or a launcher that sets CUDA_VISIBLE_DEVICES) may show each process its own
-    GPUs (one, or the 4 of its socket): there the local rank wraps around them. torch.cuda is a
-    stand-in here."""
-    env = ({"RANK": str(local_rank), "WORLD_SIZE": "8", "LOCAL_RANK": str(local_rank)} if launcher == "torchrun"
+    """torchrun with 4 processes on a node that shows 2 GPUs (or 2 on a node with one): local rank 3
+    would share GPU 1 and NCCL stop at the first collective with "Duplicate GPU detected"; it stops at
+    once, saying what to change. SLURM (or a launcher that sets RANK and CUDA_VISIBLE_DEVICES, not
+    torchrun) may show each process its own GPUs (one, or the 4 of its socket): there the local rank
+    wraps around them. torch.cuda is a stand-in here. The process group waits 30 minutes, not NCCL's
+    10, for a process that is late (rank 0 downloading the dataset)."""
+    env = ({"RANK": str(local_rank), "WORLD_SIZE": "8", "LOCAL_RANK": str(local_rank)} if launcher != "srun"
            else slurm_vars(local_rank, 8, 7))
+    if launcher == "torchrun":
+        env["TORCHELASTIC_RUN_ID"] = "none"  # torchrun's default run id
+    else:
+        monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
     for key, value in {**env, "MASTER_ADDR": "localhost", "MASTER_PORT": "1"}.items():
         monkeypatch.setenv(key, value)
     monkeypatch.setattr(simclr.torch.cuda, "is_available", lambda: True)
@@ -88,17 +93,19 @@ def test_a_process_without_a_gpu_of_its_own_is_one_line(monkeypatch, launcher, g
     chosen = []
     monkeypatch.setattr(simclr.torch.cuda, "set_device", chosen.append)
     monkeypatch.setattr(simclr.torch, "set_num_threads", lambda n: None)  # srun: this process keeps its threads
-    monkeypatch.setattr(simclr.dist, "init_process_group", lambda backend, **kw: chosen.append(backend))
+    monkeypatch.setattr(simclr.dist, "init_process_group",
+                        lambda backend, **kw: chosen.append((backend, kw["timeout"].total_seconds())))
     args = argparse.Namespace(device="cuda", batch_size=8)
     if device is None:
         with pytest.raises(SystemExit) as e:
             simclr.setup_distributed(args)
-        assert str(e.value) == ("error: process 3 of this node has no GPU of its own (2 GPUs are visible): start one "
-                                "process per GPU (--nproc_per_node, or --ntasks-per-node equal to --gpus-per-node)")
+        assert str(e.value) == (f"error: process {local_rank} of this node has no GPU of its own ({gpus} GPU(s) "
+                                "visible): start one process per GPU (--nproc_per_node, or --ntasks-per-node equal to "
+                                "--gpus-per-node)")
         assert chosen == []
     else:
         assert simclr.setup_distributed(args)[3] == simclr.torch.device("cuda", device)
-        assert chosen == [simclr.torch.device("cuda", device), "nccl"]
+        assert chosen == [simclr.torch.device("cuda", device), ("nccl", 1800.0)]
 
 
 def test_two_tasks_from_slurm_variables_train_together(tmp_path):

@@ -133,6 +133,7 @@ def bench(method, opts):
                 next(batches)
             train(itertools.islice(batches, opts.warmup))
             out[key] = timed(lambda: train(itertools.islice(batches, n)), b * n, device)  # no batch n+1
+        del batches  # the device loader's copy of the images: not counted in the peak memory of the phase below
         out["end_to_end_cpu_loader_ratio"] = out["end_to_end_cpu_loader_img_s"] / out["model_only_img_s"]
         out["end_to_end_device_aug_ratio"] = out["end_to_end_device_aug_img_s"] / out["model_only_img_s"]
     # The augmentation alone, PIL and batched in turns (--aug-rounds): a machine whose speed drifts
