@@ -643,7 +643,8 @@ class BatchedView:
     central crop), bilinear resize of the box (no antialiasing when it shrinks), flip, colour jitter
     in a random order per sample, grayscale, Gaussian blur (reflect padding), solarisation of the
     pixels >= 128/255, normalisation. Random numbers come from the numpy Generator passed in, so a
-    batch gets the same views on any device. Returns a float tensor (B, 3, size, size).
+    batch draws the same parameters on any device (its pixels then agree up to floating-point
+    rounding: a GPU may blur in TF32). Returns a float tensor (B, 3, size, size).
 
     Speed: everything that depends only on the parameters (blend coefficients, which rows get the
     hue, grey, blur or solarisation) is worked out on the CPU and sent in one copy per view, so the
