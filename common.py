@@ -386,6 +386,10 @@ def _image_folder(root, val_fraction):
         fail(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under --data-dir {root}")
     if labels is None or len(classes) == 1:  # unlabeled (or one dummy class): no kNN or linear probe
         return ImageSet(files=files), None, None, 0
+    split = next((c for c in classes if c in ("val", "test") and any(p.is_dir() for p in (root / c).iterdir())), None)
+    if base == root and split:  # DIR/val/<class>/ beside DIR/<class>/: its images would all be one class, "val"
+        fail(f"{root / split} holds class folders beside the class folders of --data-dir {root}: to hold it out, "
+             f"move the others into {root / 'train'} (DIR/train/<class>/ and DIR/{split}/<class>/)")
     if held_out:
         test_files, test_labels, test_classes = _scan(held_out)
         unknown = set(test_classes or []) - set(classes)

@@ -89,7 +89,8 @@ def get_args_parser():
     g.add_argument("--warmup-epochs", type=common.at_least(0), default=0,
                    help="linear warm-up epochs before the cosine decay")
     g = parser.add_argument_group("run")
-    g.add_argument("--output-dir", default=None, help="results and probe checkpoints (default: beside --ckpt)")
+    g.add_argument("--output-dir", default=None,
+                   help="results and probe checkpoints (default: linear_eval[_fast]/ beside --ckpt)")
     g.add_argument("--resume", default=None, help="probe checkpoint to start from when --output-dir has no last.pt")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to train")
     g.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],

@@ -6,6 +6,7 @@ All data are built in tmp_path with numpy and PIL (images of a few pixels); noth
 """
 import argparse
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -176,6 +177,23 @@ def test_imagefolder_train_and_held_out_folders(tmp_path, held_out):
     by_file = dict(zip(imageset_files(data.test), data.test.labels.tolist()))
     for p in test:
         assert by_file[os.fspath(p)] == "abc".index(p.parent.name)
+
+
+@pytest.mark.parametrize("held_out", ["val", "test"])
+def test_imagefolder_held_out_folder_beside_the_classes_fails(tmp_path, held_out):
+    """DIR/val/<class>/ beside DIR/<class>/ is a split put in the wrong place; scanned as ImageFolder
+    scans it, its images would be trained on as one more class. A class folder named val that holds
+    images only is a class."""
+    class_folder(tmp_path, {"a": ["0.png"], "b": ["0.png"]})
+    class_folder(tmp_path / held_out, {"a": ["0.png"], "b": ["0.png"]})
+    with pytest.raises(SystemExit) as e:
+        common.load_data(make_args("imagefolder", tmp_path))
+    assert str(e.value) == (f"error: {tmp_path / held_out} holds class folders beside the class folders of --data-dir "
+                            f"{tmp_path}: to hold it out, move the others into {tmp_path / 'train'} "
+                            f"(DIR/train/<class>/ and DIR/{held_out}/<class>/)")
+    shutil.rmtree(tmp_path / held_out)
+    class_folder(tmp_path, {held_out: ["0.png", "1.png"]})
+    assert common.load_data(make_args("imagefolder", tmp_path, val_fraction=0.25)).num_classes == 3
 
 
 def test_imagefolder_val_class_missing_from_train_fails(tmp_path):

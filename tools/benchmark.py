@@ -161,7 +161,7 @@ def bench(method, opts):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("--method", default="simclr", choices=[*CLASSES, "all"], help="method script to measure")
     parser.add_argument("--arch", default="resnet18", help="backbone")
     parser.add_argument("--image-size", type=int, default=32, help="image size in pixels")

@@ -38,7 +38,7 @@ def read(folder):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("runs", nargs="+", help="output folders of runs (each holds metrics.csv)")
     parser.add_argument("--out", default=None, help="image file (default: <first run>/metrics.png)")
     args = parser.parse_args(argv)

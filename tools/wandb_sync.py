@@ -66,7 +66,7 @@ def wandb_rows(rows, after_step):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("run", help="the run's output folder (holds metrics.csv and args.json)")
     parser.add_argument("--project", default="ssl-single-file", help="wandb project")
     parser.add_argument("--entity", default=None, help="wandb entity (user or team)")
