@@ -91,14 +91,14 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return action.help if action.default is None else super()._get_help_string(action)
 
 
-def add_data_args(parser):
-    """The data flags, identical in every script."""
+def add_data_args(parser, size_default="the images' own size"):
+    """The data flags, identical in every script (linear_eval's --image-size defaults to the checkpoint's)."""
     g = parser.add_argument_group("data")
     g.add_argument("--dataset", default="cifar10", choices=DATASETS, help="which dataset")
     g.add_argument("--data-dir", default="./data",
                    help="dataset folder (download target for cifar/stl10, image folder, or .npz file)")
     g.add_argument("--image-size", type=at_least(1), default=None,
-                   help="crop size in pixels (default: the images' own size; up to 224 for imagefolder)")
+                   help=f"crop size in pixels (default: {size_default}; up to 224 for imagefolder)")
     g.add_argument("--val-fraction", type=fraction, default=0.1,
                    help="imagefolder without train/ and val/: fraction held out for evaluation")
     g.add_argument("--synthetic-size", type=at_least(0), nargs=2, default=[2000, 500], metavar=("TRAIN", "TEST"),

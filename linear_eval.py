@@ -62,7 +62,8 @@ import common
 def get_args_parser():
     parser = argparse.ArgumentParser("Linear evaluation", description=__doc__.split("\n")[0],
                                      formatter_class=common.HelpFormatter)
-    g = common.add_data_args(parser)  # --dataset --data-dir --image-size --val-fraction --synthetic-size --workers
+    # --dataset --data-dir --image-size --val-fraction --synthetic-size --workers --aug-device
+    g = common.add_data_args(parser, "the checkpoint's, with --ckpt random the images' own size")
     # None: the checkpoint's pretraining values (the same data and split), or else the usual defaults
     parser.set_defaults(dataset=None, data_dir=None, val_fraction=None, synthetic_size=None)
     g.description = ("--dataset, --data-dir, --image-size, --val-fraction, --synthetic-size: when not given, the "

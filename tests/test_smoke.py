@@ -142,6 +142,9 @@ def test_help_documents_every_core_flag(script):
     flat = " ".join(out.split())  # a default is shown once, and never as None
     assert "(default: None)" not in flat and not re.search(r"\(default: [^()]*\) \(default:", flat), flat
     assert "(default: 256)" in flat and "(default: auto)" in flat
+    size = "the images' own size"  # linear_eval: the size the backbone was trained at
+    size = f"the checkpoint's, with --ckpt random {size}" if script == "linear_eval.py" else size
+    assert f"crop size in pixels (default: {size};" in flat, flat
 
 
 def test_import_has_no_side_effects(tmp_path):
