@@ -974,12 +974,17 @@ def main(args):
 
     # 7. Save last.pt; on a signal exit (and requeue), at the end also write backbone.pt ----
     save_state(last, raw_model, optimizer, scaler, run, args)
-    if run.preemption.requested():  # all processes agree on how to end
+    # Complete (its last epoch's end not postponed): a signal now finds nothing to resume, and writing
+    # backbone.pt takes a second, so the run ends as planned instead of requeueing a job to write it.
+    complete = run.step >= run.end_step and not (run.n_epoch > 0 and run.step % steps_per_epoch == 0)
+    stopped = run.preemption.requested()  # all processes agree on how to end
+    if stopped and not complete:
         run.preemption.exit(is_main, f"stopped at step {run.step}, saved {last}")
     if is_main:
         save_checkpoint({"method": "simclr", "args": vars(args), "backbone": raw_model.backbone.state_dict(),
                          "backbone_meta": run.backbone_meta}, out / "backbone.pt")
-        print(f"done at step {run.step}: {last} and {out / 'backbone.pt'}", flush=True)
+        late = " (the stop signal came after the last step: not requeued)" if stopped else ""
+        print(f"done at step {run.step}: {last} and {out / 'backbone.pt'}{late}", flush=True)
     cleanup_distributed()
 
 

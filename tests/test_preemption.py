@@ -287,3 +287,30 @@ def test_a_signal_at_an_epochs_last_step_postpones_its_knn_to_the_resumed_run(tm
         proc = run_script(script, *args, "--output-dir", out)
         assert f"resumed from {out / 'last.pt'} at step {stop_at}" in proc.stdout
         assert epoch_rows(out) == expected
+
+
+@pytest.mark.parametrize("script,sig", [("simclr.py", "SIGUSR1"), ("simclr.py", "SIGTERM"), ("byol.py", "SIGUSR1"),
+                                        ("barlow.py", "SIGUSR1"), ("dino.py", "SIGUSR1")])
+def test_a_signal_after_the_last_step_ends_the_run_as_planned(tmp_path, fake_scontrol, script, sig):
+    """A signal that arrives once the last step is done (here while the last epoch's last.pt is
+    written) finds nothing left to train: the run writes backbone.pt and ends with 0, instead of
+    requeueing a job (which may wait hours in the queue) only to write it."""
+    bin_dir, log = fake_scontrol
+    wrapper = tmp_path / "signal_in_save.py"  # the run sends itself the signal in its first write of last.pt
+    wrapper.write_text(
+        "import os, runpy, signal, sys, torch\n"
+        "save, sent = torch.save, []\n"
+        "def save_and_signal(obj, f, *a, **k):\n"
+        "    if not sent and str(getattr(f, 'name', f)).endswith('last.pt.tmp'):\n"
+        f"        sent.append(os.kill(os.getpid(), signal.{sig}))\n"
+        "    return save(obj, f, *a, **k)\n"
+        "torch.save = save_and_signal\n"
+        f"sys.path.insert(0, {str(REPO)!r})\n"
+        f"sys.argv[0] = {str(REPO / script)!r}\n"
+        f"runpy.run_path({str(REPO / script)!r}, run_name='__main__')\n")
+    out = tmp_path / "run"
+    env = clean_env(PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_ID="4242")
+    proc = run_script(wrapper, *TINY, *METHODS[script], "--epochs", "1", "--knn-every", "0", "--output-dir", out,
+                      env=env)  # exits 0 (checked)
+    assert "done at step 4" in proc.stdout and "the stop signal came after the last step: not requeued" in proc.stdout
+    assert not log.exists() and load(out / "last.pt")["step"] == 4 and (out / "backbone.pt").exists()
