@@ -58,7 +58,7 @@ def run_recorded(module, argv, monkeypatch):
     for key in list(os.environ):
         if key.startswith(("SLURM_", "RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_")):
             monkeypatch.delenv(key)
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGUSR1, signal.SIGTERM)}
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)}
     try:
         with ReadBackRecorder() as recorder:
             module.main(module.get_args_parser().parse_args([*TINY, *argv]))
