@@ -971,6 +971,8 @@ def main(args):
         if run.step == (epoch + 1) * steps_per_epoch:  # the epoch is complete
             if device.type == "cuda":  # the last step's GPU work ends before the kNN's clock starts
                 torch.cuda.synchronize(device)
+            if run.n_row:  # the row of the epoch's last steps, its time_s that of its last step, not after the kNN
+                log_row(run, args, "step")
             knn, t_knn = None, time.time()
             knn_due = data.train and args.knn_every and ((epoch + 1) % args.knn_every == 0 or epoch + 1 == args.epochs)
             if knn_due and not stopping:  # a stop asked for during the kNN cuts it short (None)

@@ -34,6 +34,29 @@ def test_simclr_writes_the_documented_files(pretrained):
     assert json.loads((pretrained / "args.json").read_text())["epochs"] == 2
 
 
+def test_the_row_of_an_epochs_last_steps_is_timed_before_the_knn(tmp_path):
+    """time_s of a step row is when its last step ended: the kNN after it (here made 3 s slower,
+    minutes on a real dataset) counts in the epoch row's time only, not in the steps' row. The four
+    method scripts share these lines."""
+    wrapper = tmp_path / "slow_knn.py"  # topk is the kNN's, not the training's: it sleeps 3 s once
+    wrapper.write_text(
+        "import runpy, sys, time, torch\n"
+        "topk, slept = torch.Tensor.topk, []\n"
+        "def slow_topk(*a, **k):\n"
+        "    if not slept:\n"
+        "        slept.append(time.sleep(3))\n"
+        "    return topk(*a, **k)\n"
+        "torch.Tensor.topk = slow_topk\n"
+        f"sys.path.insert(0, {str(REPO)!r})\n"
+        f"sys.argv[0] = {str(REPO / 'simclr.py')!r}\n"
+        f"runpy.run_path({str(REPO / 'simclr.py')!r}, run_name='__main__')\n")
+    out = tmp_path / "run"
+    run_script(wrapper, *TINY, "--epochs", "1", "--log-every", "3", "--knn-every", "1", "--output-dir", out)
+    rows = [(r["kind"], int(r["step"]), float(r["time_s"])) for r in csv.DictReader(open(out / "metrics.csv"))]
+    assert [row[:2] for row in rows] == [("step", 3), ("step", 4), ("epoch", 4)]
+    assert rows[2][2] - rows[1][2] >= 3 > rows[1][2] - rows[0][2]
+
+
 @pytest.mark.parametrize("ckpt,mode", [("last.pt", "fast"), ("backbone.pt", "linear")])
 def test_linear_eval_on_simclr_checkpoints(pretrained, tmp_path, ckpt, mode):
     proc = run_script("linear_eval.py", "--ckpt", pretrained / ckpt, "--mode", mode, "--epochs", "2",
