@@ -289,8 +289,8 @@ def test_a_signal_at_an_epochs_last_step_postpones_its_knn_to_the_resumed_run(tm
         assert epoch_rows(out) == expected
 
 
-@pytest.mark.parametrize("script,sig", [("simclr.py", "SIGUSR1"), ("simclr.py", "SIGTERM"), ("byol.py", "SIGUSR1"),
-                                        ("barlow.py", "SIGUSR1"), ("dino.py", "SIGUSR1")])
+@pytest.mark.parametrize("script,sig", [("simclr.py", "SIGUSR1"), ("simclr.py", "SIGTERM"), ("simclr.py", "SIGINT"),
+                                        ("byol.py", "SIGUSR1"), ("barlow.py", "SIGUSR1"), ("dino.py", "SIGUSR1")])
 def test_a_signal_after_the_last_step_ends_the_run_as_planned(tmp_path, fake_scontrol, script, sig):
     """A signal that arrives once the last step is done (here while the last epoch's last.pt is
     written) finds nothing left to train: the run writes backbone.pt and ends with 0, instead of
