@@ -469,17 +469,21 @@ class CPUSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
     def forward(self, x):
         if not self.training:
             return super().forward(x)
-        dims, c = [0] + list(range(2, x.dim())), x.shape[1]
+        dims, c, shape = [0] + list(range(2, x.dim())), x.shape[1], (1, x.shape[1]) + (1,) * (x.dim() - 2)
         xf = x.to(torch.promote_types(x.dtype, torch.float32))  # bf16/fp16 (autocast): statistics in fp32
-        count = torch.full((1,), x.numel() / c, dtype=xf.dtype)
-        stats = GatherWithGrad.apply(torch.cat([xf.sum(dims), (xf * xf).sum(dims), count])[None]).sum(0)
-        n = stats[-1]
-        mean, var = stats[:c] / n, stats[c:2 * c] / n - (stats[:c] / n) ** 2
+        # Each process's count, mean and sum of squared deviations from its mean, combined with the
+        # parallel variance formula (Chan et al., as torch's SyncBatchNorm): sums of squares, E[x^2] -
+        # mean^2, cancel when a channel's mean is large against its spread (NaN at a ratio of 10^4).
+        mean_i = xf.mean(dims)
+        local = [torch.full((1,), x.numel() / c, dtype=xf.dtype), mean_i, (xf - mean_i.view(shape)).square().sum(dims)]
+        counts, means, m2s = GatherWithGrad.apply(torch.cat(local)[None]).split([1, c, c], dim=1)
+        n = counts.sum()
+        mean = (counts * means).sum(0) / n
+        var = (m2s.sum(0) + (counts * (means - mean) ** 2).sum(0)) / n
         with torch.no_grad():
             self.running_mean.lerp_(mean, self.momentum)
             self.running_var.lerp_(var * n / (n - 1), self.momentum)
             self.num_batches_tracked += 1
-        shape = (1, c) + (1,) * (x.dim() - 2)
         y = (xf - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
         y = y * self.weight.view(shape) + self.bias.view(shape) if self.affine else y
         return y.to(x.dtype)  # the input's dtype, as torch's BatchNorm under autocast

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from conftest import METHODS, TINY, load, max_diff, run_script, torchrun
+from conftest import METHODS, REPO, TINY, load, max_diff, run_script, torchrun
 
 
 @pytest.mark.parametrize("method", ["simclr", "byol", "barlow", "dino", "dino_vit"])
@@ -94,6 +94,42 @@ def test_cpu_sync_batchnorm_takes_half_precision_input_as_torch_batchnorm():
         (g1,), (g2,) = (torch.autograd.grad(y.float().pow(3).sum(), xx) for y, xx in zip((y1, y2), xs))
         assert g2.dtype == dtype and torch.allclose(g1.float(), g2.float(), rtol=0.05, atol=0.05)
     dist.destroy_process_group()
+
+
+def test_cpu_sync_batchnorm_two_processes_with_a_large_mean_matches_batchnorm(tmp_path):
+    """float32 channels whose mean is 10^4 times their spread, and whose two halves (one per process)
+    have different means: one-pass sums of squares, E[x^2] - mean^2, put the output 0.23 off here
+    (NaN for other draws), and dropping the between-process term of the parallel variance formula
+    4.2 off. Output, input gradients and running statistics against torch's BatchNorm in float64."""
+    script = tmp_path / "syncbn_check.py"
+    script.write_text(
+        "import argparse, sys, torch, torch.distributed as dist\n"
+        f"sys.path.insert(0, {str(REPO)!r})\n"
+        "import simclr\n"
+        "rank, _, world_size, _ = simclr.setup_distributed(argparse.Namespace(device='cpu', batch_size=8))\n"
+        "g = torch.Generator().manual_seed(0)\n"
+        "halves = torch.tensor([0.3] * 4 + [-0.3] * 4).view(8, 1, 1, 1)  # one per process\n"
+        "x = 1000 + 0.1 * torch.randn(8, 3, 4, 4, generator=g) + halves\n"
+        "w = torch.randn(8, 3, 4, 4, generator=g)\n"
+        "share = slice(rank * 8 // world_size, (rank + 1) * 8 // world_size)\n"
+        "xs = x[share].clone().requires_grad_()\n"
+        "bn = simclr.convert_sync_batchnorm(torch.nn.Sequential(torch.nn.BatchNorm2d(3)), torch.device('cpu'))[0]\n"
+        "y = bn(xs)\n"
+        "(y * w[share]).square().sum().backward()\n"
+        "out = [torch.empty(4, 3, 4, 4) for _ in range(2)], [torch.empty(4, 3, 4, 4) for _ in range(2)]\n"
+        "dist.all_gather(out[0], y.detach()), dist.all_gather(out[1], xs.grad)\n"
+        "ref = torch.nn.BatchNorm2d(3).double()\n"
+        "xd = x.double().requires_grad_()\n"
+        "yd = ref(xd)\n"
+        "(yd * w).square().sum().backward()\n"
+        "assert type(bn).__name__ == 'CPUSyncBatchNorm'\n"
+        "assert (torch.cat(out[0]).double() - yd).abs().max() < 1e-2, (torch.cat(out[0]).double() - yd).abs().max()\n"
+        "assert (torch.cat(out[1]).double() - xd.grad).abs().max() < 1e-2 * xd.grad.abs().max()\n"
+        "assert torch.allclose(bn.running_var.double(), ref.running_var, rtol=1e-3)\n"
+        "assert torch.allclose(bn.running_mean.double(), ref.running_mean, rtol=1e-6)\n"
+        "print('checked', rank, flush=True)\n")
+    proc = torchrun(script, cwd=tmp_path)
+    assert proc.stdout.count("checked") == 2
 
 
 def test_linear_eval_two_processes_matches_one(tmp_path, pretrained):
