@@ -768,6 +768,9 @@ def extract_features(backbone, dataset, batch_size, workers, device, rank, world
             return None
         feats.append(backbone(x.to(device, non_blocking=True)).float())
         labels.append(y)
+    if not feats:  # fewer images than processes: none here, but this one's (empty) share is gathered too
+        x, y = next(iter(torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, [0]))))
+        feats, labels = [backbone(x.to(device))[:0].float()], [y[:0]]
     feats, labels = torch.cat(feats), torch.cat(labels).to(device)
     if world_size > 1:
         pad = math.ceil(len(dataset) / world_size) - len(feats)

@@ -146,6 +146,19 @@ def test_linear_eval_two_processes_matches_one(tmp_path, pretrained):
     assert r1["knn_top1"] == r2["knn_top1"] and abs(r1["top1"] - r2["top1"]) < 1e-9
 
 
+def test_a_test_set_smaller_than_the_number_of_processes(tmp_path, pretrained):
+    """One test image for two processes: the second one's share of the features is empty and is
+    gathered all the same (torch.cat of no batches used to crash it, and the other in all_gather)."""
+    from conftest import run_script as run
+    import json
+    args = ["--ckpt", pretrained / "last.pt", "--mode", "fast", "--epochs", "1", "--batch-size", "32",
+            "--device", "cpu", "--workers", "0", "--synthetic-size", "128", "1"]
+    run("linear_eval.py", *args, "--output-dir", tmp_path / "one")
+    torchrun("linear_eval.py", *args, "--output-dir", tmp_path / "two")
+    r1, r2 = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("one", "two"))
+    assert r1["knn_top1"] == r2["knn_top1"] and r1["top1"] == r2["top1"] and r1["top1"] in (0.0, 100.0)
+
+
 def test_convert_sync_batchnorm_keeps_parameters_and_frozen_ones_frozen():
     from simclr import CPUSyncBatchNorm, convert_sync_batchnorm
     model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Sequential(nn.BatchNorm1d(4)))
