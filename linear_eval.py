@@ -847,8 +847,12 @@ def main(args):
     state, meta, pretrain_args = load_backbone(args)
     same_data = args.dataset in (None, pretrain_args.get("dataset"))
     args.dataset = args.dataset or pretrain_args.get("dataset", "cifar10")
-    if same_data:  # evaluate on the pretraining data (and its split) unless told otherwise
-        args.data_dir = args.data_dir or pretrain_args.get("data_dir")
+    if same_data and not args.data_dir:  # evaluate on the pretraining data (and its split) unless told otherwise
+        args.data_dir = pretrain_args.get("data_dir")
+        local = args.dataset in ("imagefolder", "npz", "packed")  # the others are downloaded where they are missing
+        if local and args.data_dir and not Path(args.data_dir).exists():  # a relative path, run from elsewhere
+            common.fail(f"the pretraining's --data-dir {args.data_dir} (from {args.ckpt}) is not found from "
+                        f"{Path.cwd()}; give --data-dir, or run from the folder the pretraining ran in")
     usual = argparse.ArgumentParser()
     common.add_data_args(usual)
     for key in ("val_fraction", "synthetic_size"):  # a flag given wins, then the pretraining's value

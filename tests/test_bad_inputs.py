@@ -124,6 +124,26 @@ def test_linear_eval_needs_labels(tmp_path, pretrained):
                                    "--data-dir", tmp_path / "flat", "--device", "cpu", "--output-dir", tmp_path / "le")
 
 
+def test_linear_eval_from_another_folder_than_a_relative_pretraining_data_dir(tmp_path):
+    """The checkpoint records --data-dir as typed: a relative one is not found from another folder,
+    and the message names where it came from (the user did not pass --data-dir)."""
+    from PIL import Image
+    for c in range(2):
+        (tmp_path / "imgs" / f"c{c}").mkdir(parents=True)
+        for i in range(8):
+            Image.new("RGB", (8, 8), (i * 30, c * 200, 0)).save(tmp_path / "imgs" / f"c{c}" / f"{i}.png")
+    run_script(REPO / "simclr.py", "--dataset", "imagefolder", "--data-dir", "imgs", "--image-size", "8",
+               "--batch-size", "8", "--epochs", "1", "--max-steps", "1", "--device", "cpu", "--workers", "0",
+               "--knn-every", "0", "--output-dir", tmp_path / "run", cwd=tmp_path)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    msg = fails(REPO / "linear_eval.py", "--ckpt", tmp_path / "run" / "backbone.pt", "--device", "cpu",
+                "--mode", "fast", "--workers", "0", cwd=elsewhere)
+    assert msg == (f"error: the pretraining's --data-dir imgs (from {tmp_path / 'run' / 'backbone.pt'}) is not found "
+                   f"from {elsewhere}; give --data-dir, or run from the folder the pretraining ran in")
+    assert not (tmp_path / "run" / "linear_eval_fast" / "last.pt").exists()
+
+
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     args = [*TINY, "--epochs", "3", "--knn-every", "0", "--optimizer", "sgd", "--output-dir", tmp_path]
     run_script("simclr.py", *args, "--max-steps", "4")
