@@ -756,9 +756,11 @@ FIELDS = ["kind", "epoch", "step", "loss", "lr", "img_per_s", "peak_mem_mb", "kn
 
 class CSVLogger:
     """metrics.csv, one row per log step and per epoch. On resume the rows past the checkpoint's
-    step are dropped, so every step appears once however often the run was interrupted."""
+    step are dropped, so every step appears once however often the run was interrupted; so is the
+    epoch row at that step if the checkpoint's epoch end was `postponed` (a run that wrote it then
+    died before its next save): the resumed run writes it again."""
 
-    def __init__(self, path, fields, resume_step=None):
+    def __init__(self, path, fields, resume_step=None, postponed=False):
         self.path, self.fields = path, fields
         rows = []
         try:
@@ -767,8 +769,8 @@ class CSVLogger:
                     reader = csv.DictReader(f)
                     if reader.fieldnames and reader.fieldnames[:3] != fields[:3]:  # its rows would all be dropped
                         raise ValueError(f"its first line is not the header {','.join(fields[:3])},...")
-                    rows = [r for r in reader
-                            if None not in r.values() and r["step"].isdigit() and int(r["step"]) <= resume_step]
+                    rows = [r for r in reader if None not in r.values() and r["step"].isdigit()
+                            and int(r["step"]) <= resume_step - (postponed and r["kind"] == "epoch")]
             with open(f"{path}.tmp", "w", newline="") as f:
                 writer = csv.DictWriter(f, fields, extrasaction="ignore")
                 writer.writeheader()
@@ -869,17 +871,18 @@ class Preemption:
 
     def exit(self, is_main, message):
         """After saving: on SIGUSR1 under SLURM, requeue the job (it keeps its id, so it resumes)."""
-        job = os.environ.get("SLURM_JOB_ID")
+        job, failed = os.environ.get("SLURM_JOB_ID"), False
         if is_main:
             print(f"{self.name if self.term else 'SIGUSR1'}: {message}", flush=True)
             if self.usr1 and not self.term and job:
                 try:
                     subprocess.run(["scontrol", "requeue", job], check=True, timeout=60)
                     print(f"requeued SLURM job {job}", flush=True)
-                except (OSError, subprocess.SubprocessError) as e:
+                except (OSError, subprocess.SubprocessError) as e:  # exit 1: the job ends FAILED, not COMPLETED
                     print(f"error: could not requeue job {job} ({e}); resubmit it to resume", file=sys.stderr)
+                    failed = True
         cleanup_distributed()
-        sys.exit((130 if self.name == "Ctrl-C" else 143) if self.term else 0)
+        sys.exit((130 if self.name == "Ctrl-C" else 143) if self.term else int(failed))
 
 
 # ---- kNN monitor ---------------------------------------------------------------------------
@@ -895,7 +898,9 @@ def extract_features(backbone, dataset, batch_size, workers, device, rank, world
     on a large dataset this takes minutes, more than a time limit's warning. None once it says stop."""
     backbone.eval()
     shard = torch.utils.data.Subset(dataset, range(rank, len(dataset), world_size))
-    loader = torch.utils.data.DataLoader(shard, batch_size=batch_size, num_workers=workers,
+    # Its own generator: iterating a loader draws a seed from torch's global one, so a kNN cut short by
+    # a stop and done again by the resumed run would shift the training's random numbers (drop path).
+    loader = torch.utils.data.DataLoader(shard, batch_size=batch_size, num_workers=workers, generator=torch.Generator(),
                                          pin_memory=device.type == "cuda", worker_init_fn=common.quiet_worker)
     feats, labels = [], []
     for i, (x, y) in enumerate(loader):
@@ -904,7 +909,7 @@ def extract_features(backbone, dataset, batch_size, workers, device, rank, world
         feats.append(backbone(x.to(device, non_blocking=True)).float())
         labels.append(y)
     if not feats:  # fewer images than processes: none here, but this one's (empty) share is gathered too
-        x, y = next(iter(torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, [0]))))
+        x, y = torch.utils.data.default_collate([dataset[0]])
         feats, labels = [backbone(x.to(device))[:0].float()], [y[:0]]
     feats, labels = torch.cat(feats), torch.cat(labels).to(device)
     if world_size > 1:
@@ -1103,6 +1108,9 @@ def main(args):
         set_rng_states(ckpt["rng"])
         run.step, run.elapsed, (epoch_sums, run.n_epoch) = ckpt["step"], ckpt["elapsed"], ckpt["epoch_loss"]
         run.losses[1] = torch.tensor(epoch_sums)
+    # A stop asked for at an epoch's last step or during its kNN leaves no time for the kNN: that epoch's
+    # end (kNN and epoch row) is postponed, and the resumed run does it first, over an empty rest of the epoch.
+    postponed = run.n_epoch > 0 and run.step % steps_per_epoch == 0
     if is_main and run.warmup_steps >= run.total_steps:  # a short run with the recipe's warm-up: say so
         print(f"warning: --warmup-epochs {args.warmup_epochs} covers the whole run: the learning rate never reaches "
               f"{run.base_lr:.4g} nor decays; lower --warmup-epochs for a short run", file=sys.stderr, flush=True)
@@ -1111,7 +1119,8 @@ def main(args):
         if ckpt:
             common.note_changed_flags(resume_from, ckpt["args"], args)
         # the rows of the run resumed, if its own: another run's (left by a lost last.pt) go
-        run.logger = CSVLogger(out / "metrics.csv", fields, resume_step=run.step if resume_from is last else None)
+        run.logger = CSVLogger(out / "metrics.csv", fields, resume_step=run.step if resume_from is last else None,
+                               postponed=postponed)
         (out / "args.json").write_text(json.dumps(vars(args), indent=2))
         print(f"{f'resumed from {resume_from} at step {run.step}' if ckpt else 'new run'}: "
               f"{len(data.pretrain)} images{'' if data.train else ' (unlabeled: no kNN)'}, "
@@ -1121,9 +1130,6 @@ def main(args):
 
     # 6. Train -------------------------------------------------------------------------------
     run.t_start = run.t_row = time.time()
-    # A stop asked for at an epoch's last step or during its kNN leaves no time for the kNN: that epoch's
-    # end (kNN and epoch row) is postponed, and the resumed run does it first, over an empty rest of the epoch.
-    postponed = run.n_epoch > 0 and run.step % steps_per_epoch == 0
     for epoch in range(run.step // steps_per_epoch - postponed, args.epochs):
         if run.step >= run.end_step and not postponed:
             break

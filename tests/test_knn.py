@@ -33,6 +33,19 @@ def test_extract_features_keeps_dataset_order():
     assert labels.tolist() == list(range(10))
 
 
+def test_extract_features_draws_nothing_from_torchs_global_generator():
+    """A kNN cut short by a stop is done again by the resumed run: had its loaders drawn their seeds
+    from torch's generator, the resumed run's random numbers (DINO's drop path) would be shifted
+    against an uninterrupted run's."""
+    data = [(torch.full((3, 2, 2), float(i)), i) for i in range(10)]
+    backbone = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3))
+    for workers in (0, 1):
+        state = torch.get_rng_state()
+        extract_features(backbone, data, batch_size=4, workers=workers, device=torch.device("cpu"), rank=0,
+                         world_size=1)
+        assert torch.equal(torch.get_rng_state(), state)
+
+
 def test_an_unreadable_image_is_replaced_with_its_label(tmp_path, capsys):
     """A corrupt file is replaced by the next readable image: the kNN bank and the probe's features
     must carry that image's label, not the corrupt file's (which would count it under a wrong class)."""

@@ -52,6 +52,21 @@ def test_sigterm_saves_and_exits_without_requeue(tmp_path, fake_scontrol):
     assert load(tmp_path / "run" / "last.pt")["step"] >= 2
 
 
+def test_a_failed_requeue_exits_1(tmp_path):
+    """scontrol refuses (a cluster that forbids requeues, a slurmctld down): the job must not end
+    COMPLETED, or an `afterok` dependency (linear_eval.sh) would start on an unfinished run."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text("#!/bin/sh\necho 'slurm_requeue error: Requested operation is disabled' >&2\n"
+                                      "exit 1\n")
+    (bin_dir / "scontrol").chmod(0o755)
+    env = clean_env(PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_ID="4242")
+    code, output = start_and_signal(tmp_path / "run", signal.SIGUSR1, env)
+    assert code == 1, output
+    assert "error: could not requeue job 4242" in output and "resubmit it to resume" in output
+    assert load(tmp_path / "run" / "last.pt")["step"] >= 2
+
+
 def test_sigusr1_outside_slurm_saves_and_exits_0(tmp_path):
     code, output = start_and_signal(tmp_path / "run", signal.SIGUSR1, clean_env())
     assert code == 0, output
@@ -253,7 +268,8 @@ def test_a_second_ctrl_c_stops_at_once_in_one_line(tmp_path):
 def test_a_signal_at_an_epochs_last_step_postpones_its_knn_to_the_resumed_run(tmp_path, script="simclr.py"):
     """No kNN once a stop is asked for (the time limit is near). The resumed run does that epoch's
     end first, so its row and kNN are those of a run that never stopped: here after epoch 0's last
-    step (step 4) and after the run's very last (step 8, the final kNN). The four method scripts
+    step (step 4) and after the run's very last (step 8, the final kNN); at step 4 also when the first
+    resumed run writes that row, then dies before its next save. The four method scripts
     share these lines of their loop; DINO passed this test too (50 s, so it is not run each time)."""
     import csv
     args = [*TINY, *METHODS[script], "--epochs", "2", "--knn-every", "1", "--deterministic"]
@@ -277,6 +293,19 @@ def test_a_signal_at_an_epochs_last_step_postpones_its_knn_to_the_resumed_run(tm
             return [(r["epoch"], r["step"], r["loss"], r["knn_top1"]) for r in csv.DictReader(f)
                     if r["kind"] == "epoch"]
 
+    crash = tmp_path / "killed_in_save.py"  # the run is killed (SIGKILL) in its first write of last.pt
+    crash.write_text(
+        "import os, runpy, signal, sys, torch\n"
+        "save = torch.save\n"
+        "def save_or_die(obj, f, *a, **k):\n"
+        "    if str(getattr(f, 'name', f)).endswith('last.pt.tmp'):\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "    return save(obj, f, *a, **k)\n"
+        "torch.save = save_or_die\n"
+        f"sys.path.insert(0, {str(REPO)!r})\n"
+        f"sys.argv[0] = {str(REPO / script)!r}\n"
+        f"runpy.run_path({str(REPO / script)!r}, run_name='__main__')\n")
+
     expected = epoch_rows(tmp_path / "straight")
     assert len(expected) == 2 and all(knn for *_, knn in expected)
     for stop_at in (4, 8):
@@ -284,6 +313,9 @@ def test_a_signal_at_an_epochs_last_step_postpones_its_knn_to_the_resumed_run(tm
         proc = run_script(wrapper, *args, "--output-dir", out, env=clean_env(SIGNAL_AT=str(stop_at)))
         assert f"SIGUSR1: stopped at step {stop_at}, saved" in proc.stdout
         assert len(epoch_rows(out)) == stop_at // 4 - 1  # the stopped epoch's row is not written yet
+        if stop_at == 4:  # a resumed run writes the postponed row, then dies before saving again: written once
+            assert run_script(crash, *args, "--output-dir", out, check=False).returncode != 0
+            assert epoch_rows(out) == expected[:1] and load(out / "last.pt")["step"] == 4
         proc = run_script(script, *args, "--output-dir", out)
         assert f"resumed from {out / 'last.pt'} at step {stop_at}" in proc.stdout
         assert epoch_rows(out) == expected
