@@ -31,7 +31,15 @@ def test_pack_reports_bad_files_and_trains(tmp_path):
     labels = np.load(tmp_path / "packed" / "train_labels.npy")
     assert len(labels) == len(train) and set(labels) == {0, 1}
     assert json.loads((tmp_path / "packed" / "classes.json").read_text()) == {"num_classes": 2}
-    # The same image as the folder's, resized and centre-cropped.
+    # The same images as the folder's (its split), in its order, resized and centre-cropped, with their labels.
+    import torchvision.transforms as T
+    pretrain, _, held_out, _ = common._image_folder(tmp_path / "imgs", 0.25)
+    resize = T.Compose([T.Resize(16), T.CenterCrop(16)])
+    for split, name in ((pretrain, "train"), (held_out, "test")):
+        readable = [(f, y) for f, y in zip(split.files, split.labels) if f.name != "broken.jpg"]
+        expected = np.stack([np.asarray(resize(Image.open(f).convert("RGB"))) for f, _ in readable])
+        assert np.array_equal(np.load(tmp_path / "packed" / f"{name}_images.npy"), expected)
+        assert np.load(tmp_path / "packed" / f"{name}_labels.npy").tolist() == [y for _, y in readable]
     data = common.load_data(type("A", (), {"dataset": "packed", "data_dir": tmp_path / "packed", "image_size": None,
                                            "seed": 0})())
     assert isinstance(data.pretrain.images, np.memmap) and data.num_classes == 2 and data.image_size == 16
