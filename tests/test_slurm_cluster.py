@@ -91,7 +91,7 @@ def test_time_limit_signal_saves_requeues_and_resumes(cluster, submit_dir):
     log = submit_dir / "logs" / f"simclr-{job}.out"
     wait_for_text(log, f"requeued SLURM job {job}", cluster, job)
     cluster.run("scontrol", "update", f"JobId={job}", "TimeLimit=10")
-    info = cluster.wait(job, timeout=300)
+    info = cluster.wait(job, timeout=540)  # 1-2 min alone; over 5 on a machine busy with other work
     text = log.read_text()
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", text
     assert "SIGUSR1: stopped at step" in text and f"requeued SLURM job {job}" in text and "resumed from" in text
