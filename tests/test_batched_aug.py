@@ -33,10 +33,12 @@ def test_from_transform_reads_every_recipe():
 
 @pytest.mark.parametrize("height,width,scale,ratio", [(32, 32, (0.08, 1.0), (3 / 4, 4 / 3)),
                                                       (40, 96, (0.5, 1.0), (3 / 4, 4 / 3)),
+                                                      (96, 40, (0.5, 1.0), (3 / 4, 4 / 3)),
                                                       (32, 32, (0.05, 0.4), (3 / 4, 4 / 3))])
 def test_crop_boxes_follow_torchvision_distribution(height, width, scale, ratio):
     """Area fraction, aspect ratio, position and fallback rate of 20,000 boxes against as many from
-    RandomResizedCrop.get_params (a 96x40 image with scale >= 0.5 often needs the fallback)."""
+    RandomResizedCrop.get_params (a wide 40x96 or tall 96x40 image, height x width, with scale >= 0.5
+    often needs the fallback: its fixed, centred box is part of each distribution)."""
     n = 20000
     view = common.BatchedView(32, scale, ratio, MEAN, STD)
     i, j, h, w = torch.from_numpy(view.sample(n, height, width, np.random.default_rng(0))["box"]).double().unbind(1)
@@ -51,6 +53,21 @@ def test_crop_boxes_follow_torchvision_distribution(height, width, scale, ratio)
         for q in (0.1, 0.5, 0.9):  # positions are whole pixels: their quantiles move by 1 px steps
             assert abs(ours.quantile(q) - theirs.quantile(q)) < 0.02 + step
     assert ((h + i) <= height).all() and ((w + j) <= width).all() and (h >= 1).all() and (w >= 1).all()
+
+
+@pytest.mark.parametrize("height,width,box", [(96, 40, (21, 0, 53, 40)), (40, 96, (0, 21, 40, 53)),
+                                              (50, 60, (0, 0, 50, 60))])
+def test_crop_box_fallback_equals_torchvision(height, width, box):
+    """With scale (1, 1) no try fits an image outside the ratio range (its area needs a side longer
+    than the image), so every box is RandomResizedCrop.get_params's fallback: for a tall image
+    (96x40, width / height < 3/4) the full width and height round(width / (3/4)), centred
+    vertically; for a wide one the full height, width round(height * 4/3), centred horizontally; an
+    image inside the range is taken whole. Both give the same boxes, not just the same law."""
+    view = common.BatchedView(32, (1.0, 1.0), (3 / 4, 4 / 3), MEAN, STD)
+    ours = view.sample(50, height, width, np.random.default_rng(0))["box"]
+    ref = T.RandomResizedCrop.get_params(torch.empty(3, height, width), [1.0, 1.0], [3 / 4, 4 / 3])
+    assert tuple(ref) == box
+    assert (ours == np.array(box, dtype=ours.dtype)).all(), ours[:3]
 
 
 def test_jitter_flip_gray_blur_solarize_probabilities():
@@ -160,6 +177,47 @@ def test_whole_view_matches_the_pil_pipeline_statistics():
     assert ours.shape == pil.shape == (2000, 3, 32, 32)
     assert torch.allclose(ours.mean((0, 2, 3)), pil.mean((0, 2, 3)), atol=0.05)
     assert torch.allclose(ours.std((0, 2, 3)), pil.std((0, 2, 3)), rtol=0.05)
+
+
+def test_blurring_views_equal_torchvision_functional_per_sample():
+    """BYOL's two views at 96 px (blur p=1.0 / 0.1 with a 9-tap kernel, solarisation p=0 / 0.2),
+    made in one pass as DeviceLoader makes them, against each sample rebuilt one by one with
+    torchvision's functional ops from the parameters the batched path drew (the same draws again
+    from a Generator with the same seed): crop and flip, the jitter in its sampled order, grayscale,
+    blur with its own sigma, solarisation, normalisation. The blur is checked as applied inside a
+    view: skipped, or given to the wrong rows, it changes the output. Pixels within 1e-4 of the
+    solarisation threshold before it may fall on either side and are left out."""
+    x = images(8, 120, 100, seed=9)
+    views = [common.BatchedView.from_transform(t) for t in common.byol_augmentations(96, MEAN, STD)]
+    assert [v.blur_kernel for v in views] == [9, 9]
+    outs = common.BatchedView.many(views, x, np.random.default_rng(6))
+    rng = np.random.default_rng(6)
+    params = [v.sample(len(x), 120, 100, rng) for v in views]
+    blurred = np.concatenate([p["sigma"] > 0 for p in params])
+    assert blurred[:8].all() and 0 < blurred[8:].sum() < 8  # all of view 1, a few rows of view 2
+    assert len(set(np.concatenate([p["sigma"] for p in params])[blurred].tolist())) == blurred.sum()
+    for key in ("gray", "solarize", "flip"):  # each on some rows and not on others
+        assert 0 < sum(p[key].sum() for p in params) < 16, key
+    ops = [TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue]
+    src = x.permute(0, 3, 1, 2).float() / 255
+    for v, (view, p, out) in enumerate(zip(views, params, outs)):
+        for k in range(len(x)):
+            i, j, h, w = p["box"][k].astype(int).tolist()
+            ref = TF.resized_crop(src[k], i, j, h, w, [96, 96], antialias=False)
+            ref = TF.hflip(ref) if p["flip"][k] else ref
+            if (p["jitter"][k] != np.array([1.0, 1.0, 1.0, 0.0])).any():
+                for op in p["order"][k].tolist():
+                    ref = ops[op](ref, p["jitter"][k, op].item())
+            ref = TF.rgb_to_grayscale(ref, 3) if p["gray"][k] else ref
+            s = p["sigma"][k].item()
+            ref = TF.gaussian_blur(ref, [view.blur_kernel] * 2, [s, s]) if s > 0 else ref
+            keep = torch.ones_like(ref, dtype=torch.bool)
+            if p["solarize"][k]:
+                keep = (ref - 128 / 255).abs() > 1e-4
+                ref = TF.solarize(ref, 128 / 255)
+            ref = TF.normalize(ref, MEAN, STD)
+            err = (out[k] - ref).abs()[keep]
+            assert keep.float().mean() > 0.99 and err.max() < 2e-4, (v, k, err.max())
 
 
 def test_views_do_not_depend_on_the_number_of_processes():
