@@ -235,6 +235,30 @@ def test_benchmark_times_the_pil_loader_after_what_it_made_ahead():
         assert proc.returncode == 2 and "no GPU is visible" in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_benchmark_makes_the_images_once_and_times_longer_on_a_gpu(monkeypatch, capsys):
+    """--method all measures every method on the same synthetic images, made once (25,000 of them
+    took 15 s each time); without --steps, --warmup and --aug-steps a GPU gets 50, 10 and 300."""
+    sys.path.insert(0, str(REPO / "tools"))
+    import benchmark
+    made = []
+    load_data = benchmark.common.load_data
+    monkeypatch.setattr(benchmark.common, "load_data", lambda args: made.append(1) or load_data(args))
+    monkeypatch.setattr(sys, "argv", ["benchmark.py", "--method", "all", "--aug-only", "--image-size", "16",
+                                      "--batch-size", "8", "--aug-steps", "1", "--aug-rounds", "1", "--workers", "0",
+                                      "--device", "cpu"])
+    benchmark.main()
+    out = capsys.readouterr().out
+    assert len(made) == 1 and all(m in out for m in ("simclr", "byol", "barlow", "dino")), out
+    seen = {}
+    monkeypatch.setattr(benchmark, "bench", lambda method, opts: seen.update(vars(opts)) or {})
+    monkeypatch.setattr(benchmark.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(benchmark.torch.cuda, "get_device_name", lambda: "a GPU")
+    monkeypatch.setattr(sys, "argv", ["benchmark.py", "--device", "cuda", "--aug-only", "--workers", "2"])
+    with pytest.raises(KeyError):  # the fake bench returns no figures to print
+        benchmark.main()
+    assert (seen["steps"], seen["warmup"], seen["aug_steps"]) == (50, 10, 300)
+
+
 def test_cifar10_figures_script_end_to_end(tmp_path):
     """tools/cifar10_figures.sh on a tiny archive of the CIFAR-10 layout, on the CPU: packs it,
     benchmarks every method's augmentation, trains SimCLR and prints one row per epoch."""

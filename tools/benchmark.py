@@ -62,7 +62,9 @@ def setup(method, opts):
     device = torch.device(opts.device)
     torch.backends.cudnn.benchmark = True  # as main() does: the fastest convolution algorithms
     amp_dtype = m.autocast_dtype(args, device)  # as main(): bf16, fp16 or fp32 by GPU generation
-    data = common.load_data(args)
+    if opts.data is None:  # the same synthetic images for every method: made once (25,000: 15 s here)
+        opts.data = common.load_data(args)
+    data = opts.data
     args.image_size = data.image_size
     if method == "dino":
         m.fill_recipe(args)
@@ -170,15 +172,23 @@ def main():
                         help="where to measure")
     parser.add_argument("--precision", default="auto", help="auto, fp32, bf16 or fp16")
     parser.add_argument("--workers", type=int, default=None, help="PIL loader processes (default: all cores)")
-    parser.add_argument("--steps", type=int, default=10, help="timed steps per measurement")
-    parser.add_argument("--aug-steps", type=int, default=30, help="timed batches per augmentation-only measurement")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps per measurement (default: 10 on a CPU, "
+                        "50 on a GPU, whose clock takes a while to rise)")
+    parser.add_argument("--aug-steps", type=int, default=None,
+                        help="timed batches per augmentation-only measurement (default: 30 on a CPU, 300 on a GPU)")
     parser.add_argument("--aug-rounds", type=int, default=3, help="augmentation-only turns of each")
     parser.add_argument("--aug-only", action="store_true", help="measure the augmentation alone, not the model")
-    parser.add_argument("--warmup", type=common.at_least(0), default=2, help="untimed steps before each measurement")
+    parser.add_argument("--warmup", type=common.at_least(0), default=None,
+                        help="untimed steps before each measurement (default: 2 on a CPU, 10 on a GPU)")
     parser.add_argument("--images", type=int, default=None, help="synthetic images (default: enough for the steps)")
     parser.add_argument("--json", default=None, help="write the figures to this file")
     parser.add_argument("extra", nargs=argparse.REMAINDER, help="after --: more flags for the method script")
     opts = parser.parse_args()
+    gpu = opts.device == "cuda"
+    for key, on_cpu, on_gpu in (("steps", 10, 50), ("aug_steps", 30, 300), ("warmup", 2, 10)):
+        if getattr(opts, key) is None:  # 10 steps of ResNet-18 on 32 px images: well under a second on a GPU
+            setattr(opts, key, on_gpu if gpu else on_cpu)
+    opts.data = None
     if min(opts.steps, opts.aug_steps, opts.aug_rounds) < 1:
         parser.error("--steps, --aug-steps and --aug-rounds must be at least 1")
     if opts.device == "cuda" and not torch.cuda.is_available():
