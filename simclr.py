@@ -499,10 +499,11 @@ def convert_sync_batchnorm(module, device):
 def save_checkpoint(obj, path):
     """Write atomically: to a temporary file, flushed to disk, then renamed over `path`. A kill at
     any moment leaves the old file or the new one, never half of one. A write that fails (a full
-    disk, a quota) removes the temporary file and stops with one line; the old file is kept."""
-    tmp = f"{path}.tmp"
+    disk, a quota) removes the temporary file and stops with one line; the old file is kept. A kill
+    during the write (SIGKILL) leaves the temporary file: check_writable removes it at the next start."""
+    tmp = f"{path}.{os.urandom(4).hex()}.tmp"  # its own name: two runs saving at once never write one file
     try:
-        with open(tmp, "wb") as f:
+        with open(tmp, "xb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
@@ -511,6 +512,10 @@ def save_checkpoint(obj, path):
         Path(tmp).unlink(missing_ok=True)
         if not (isinstance(e, OSError) or isinstance(e, RuntimeError) and "inline_container" in str(e)):
             raise  # not a failed write (torch.save reports one as a RuntimeError from inline_container.cc)
+        if isinstance(e, FileNotFoundError):  # not a full disk: the folder or the temporary file was deleted
+            common.fail(f"could not write {path}: {tmp} or its folder was deleted during the write (by another run "
+                        "started in that folder?); give each run its own --output-dir, then run the same command "
+                        "again to resume")
         reason = e.strerror if isinstance(e, OSError) and e.strerror else "the write failed"
         kept = f"{Path(path).name} is unchanged; " if os.path.exists(path) else ""
         common.fail(f"could not write {path} ({reason}: a full disk or quota?); {kept}free some space, then run "
@@ -570,6 +575,8 @@ def check_writable(folder):
         common.fail(f"--output-dir {folder} is a file, not a folder; give a folder")
     try:
         Path(folder).mkdir(parents=True, exist_ok=True)
+        for stale in [*Path(folder).glob("last.pt.*.tmp"), *Path(folder).glob("backbone.pt.*.tmp")]:
+            stale.unlink(missing_ok=True)  # left by a save killed while writing (see save_checkpoint)
         with open(Path(folder) / ".write_test", "wb") as f:
             f.write(b"0" * 65536)
         os.remove(Path(folder) / ".write_test")

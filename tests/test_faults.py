@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from conftest import METHODS, REPO, TINY, Started, load, max_diff, run_script, torchrun
+from simclr import check_writable, save_checkpoint
 
 
 def steps_logged(path):
@@ -72,7 +73,49 @@ def test_kill_while_writing_the_checkpoint_keeps_a_loadable_one(tmp_path):
         done = int(proc.output.split()[-1])
         ckpt = torch.load(path, weights_only=True)
         assert int(ckpt["i"]) in (done, done + 1) and ckpt["w"].shape == (2_000_000,)
-    assert not any(p.name != "last.pt" and p.name != "last.pt.tmp" for p in path.parent.iterdir())
+    # A kill during a write leaves its temporary file (one per kill at most); the next start removes them.
+    left = [p.name for p in path.parent.iterdir() if p.name != "last.pt"]
+    assert len(left) <= 4 and all(n.startswith("last.pt.") and n.endswith(".tmp") for n in left), left
+    (path.parent / "notes.tmp").write_text("a user's")
+    check_writable(path.parent)
+    assert sorted(p.name for p in path.parent.iterdir()) == ["last.pt", "notes.tmp"]
+
+
+def test_two_runs_saving_at_once_to_one_last_pt_leave_it_whole(tmp_path, monkeypatch):
+    """Two runs given one --output-dir can both pass check_last_writer at the same moment and write
+    last.pt together (seen in a CI run of the test below: both stopped, last.pt at risk). Each
+    writes its own temporary file, so neither fails in the write and last.pt is the whole file of
+    the one that renamed last; that run goes on, the other stops at its next check."""
+    path, save, other = tmp_path / "last.pt", torch.save, []
+
+    def another_run_saves_too(obj, f, *args, **kwargs):
+        if not other:  # this save has opened its temporary file: the other run's whole save happens now
+            other.append("saving")
+            save_checkpoint({"run": torch.tensor(2), "w": torch.ones(100_000)}, path)
+        return save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", another_run_saves_too)
+    save_checkpoint({"run": torch.tensor(1), "w": torch.zeros(100_000)}, path)
+    ckpt = torch.load(path, weights_only=True)
+    assert int(ckpt["run"]) == 1 and torch.equal(ckpt["w"], torch.zeros(100_000))
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+
+def test_temporary_file_deleted_during_the_save_is_one_line_not_a_full_disk(tmp_path, monkeypatch):
+    """The temporary file removed while it is written (another run's start in the folder removes the
+    ones a killed save left, or a user's cleanup): one line saying so, not "a full disk or quota?"."""
+    path, save = tmp_path / "last.pt", torch.save
+
+    def removed_meanwhile(obj, f, *args, **kwargs):
+        save(obj, f, *args, **kwargs)
+        os.remove(f.name)
+
+    monkeypatch.setattr(torch, "save", removed_meanwhile)
+    with pytest.raises(SystemExit) as e:
+        save_checkpoint({"w": torch.zeros(10)}, path)
+    assert str(e.value).startswith(f"error: could not write {path}: {path}.") and "deleted during the write" in \
+        str(e.value) and "give each run its own --output-dir" in str(e.value) and "full disk" not in str(e.value)
+    assert not path.exists() and not list(tmp_path.iterdir())
 
 
 @pytest.mark.parametrize("first,second", [(2, 1), (1, 2)])
@@ -138,7 +181,7 @@ def test_disk_full_while_saving_keeps_the_checkpoint_and_says_so(tmp_path):
         assert proc.stderr.strip().splitlines()[-1] == (
             f"error: could not write {disk / 'run' / 'last.pt'} (the write failed: a full disk or quota?); last.pt "
             "is unchanged; free some space, then run the same command again to resume")
-        assert (disk / "run" / "last.pt").read_bytes() == before and not (disk / "run" / "last.pt.tmp").exists()
+        assert (disk / "run" / "last.pt").read_bytes() == before and not list((disk / "run").glob("*.tmp"))
     finally:
         subprocess.run(["umount", str(disk)])
     run_script("simclr.py", *args, "--output-dir", tmp_path / "run")
