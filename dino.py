@@ -1165,7 +1165,7 @@ def main(args):
             run.t_epoch, run.t_row = run.t_epoch + t_knn, run.t_row + t_knn  # img/s counts training time only
             log_row(run, args, "epoch", knn)
             run.losses[1], run.n_epoch = 0.0, 0
-            if (epoch + 1) % args.save_every == 0 and not stopping:
+            if (epoch + 1) % args.save_every == 0 and not stopping and run.step < run.end_step:  # the end: once, below
                 save_state(last, raw_model, criterion, optimizer, scaler, run, args)
         if stopping:
             break

@@ -1010,7 +1010,7 @@ def main(args):
         if run.step == (epoch + 1) * steps_per_epoch:
             log_row(run, args, "epoch")
             run.losses[1], run.n_epoch = 0.0, 0
-            if (epoch + 1) % args.save_every == 0 and not stopping:
+            if (epoch + 1) % args.save_every == 0 and not stopping and run.step < run.end_step:  # the end: once, below
                 save_state(last, raw_head, optimizer, scaler, run, args)
         if stopping:
             break

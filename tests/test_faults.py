@@ -262,3 +262,31 @@ def test_a_second_command_started_while_the_first_runs(tmp_path):
     assert sorted(rc for rc, _ in results) == [0, 1], results
     assert "two runs share --output-dir" in next(err for rc, err in results if rc == 1)
     assert load(out / "last.pt")["step"] == 16
+
+
+@pytest.mark.parametrize("script,flags,writes", [
+    ("simclr.py", ["--epochs", "2"], 2), ("barlow.py", ["--epochs", "2", "--save-every", "2"], 1),
+    ("byol.py", ["--epochs", "2", "--max-steps", "6"], 2), ("dino.py", ["--epochs", "2"], 2),
+    ("linear_eval.py", ["--epochs", "2"], 2)])
+def test_last_pt_is_written_once_per_save_and_once_at_the_end(tmp_path, pretrained, script, flags, writes):
+    """An epoch's end that is also the run's end saves once (it wrote last.pt twice: a second of a
+    GPU run per write for a ResNet-50, and a write id for nothing); --max-steps ends mid-epoch."""
+    log = tmp_path / "writes.txt"
+    wrapper = tmp_path / "count_writes.py"
+    wrapper.write_text(
+        "import runpy, sys, torch\n"
+        "save = torch.save\n"
+        "def counted(obj, f, *a, **k):\n"
+        f"    with open({str(log)!r}, 'a') as w:\n"
+        "        w.write(str(getattr(f, 'name', f)).split('/')[-1].split('.')[0] + '\\n')\n"
+        "    return save(obj, f, *a, **k)\n"
+        "torch.save = counted\n"
+        f"sys.path.insert(0, {str(REPO)!r})\n"
+        f"sys.argv[0] = {str(REPO / script)!r}\n"
+        f"runpy.run_path({str(REPO / script)!r}, run_name='__main__')\n")
+    if script == "linear_eval.py":
+        args = ["--ckpt", pretrained / "last.pt", "--device", "cpu", "--workers", "0", "--batch-size", "32"]
+    else:
+        args = [*TINY, *METHODS[script], "--knn-every", "0"]
+    run_script(wrapper, *args, *flags, "--output-dir", tmp_path / "run")
+    assert log.read_text().split().count("last") == writes
