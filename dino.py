@@ -574,6 +574,16 @@ def cleanup_distributed():
         dist.destroy_process_group()
 
 
+def wait_for_rank0(world_size):
+    """The barrier after what rank 0 does alone at the start (output folder, download). If rank 0
+    stopped there, its one error line says why; the others then end with one line, not a traceback."""
+    if world_size > 1:
+        try:
+            dist.barrier()
+        except RuntimeError:  # rank 0's process is gone, and its end of the connection with it
+            raise SystemExit(f"error: process {dist.get_rank()} stops: process 0 did (its error is above)") from None
+
+
 # ---- Distributed: gather with gradients, global BatchNorm ---------------------------------
 # SHARED: identical in every script
 
@@ -877,8 +887,9 @@ class Preemption:
         signal.signal(signal.SIGINT, signal.default_int_handler)  # the next one raises KeyboardInterrupt
         os.write(2, b"Ctrl-C: saving at the end of this step, then stopping (again: stop now, unsaved)\n")
 
-    def exit(self, is_main, message):
-        """After saving: on SIGUSR1 under SLURM, requeue the job (it keeps its id, so it resumes)."""
+    def exit(self, is_main, message, folder):
+        """After saving: on SIGUSR1 under SLURM, requeue the job (it keeps its id, so it resumes from
+        `folder`, the --output-dir)."""
         job, failed = os.environ.get("SLURM_JOB_ID"), False
         if is_main:
             print(f"{self.name if self.term else 'SIGUSR1'}: {message}", flush=True)
@@ -887,7 +898,8 @@ class Preemption:
                     subprocess.run(["scontrol", "requeue", job], check=True, timeout=60)
                     print(f"requeued SLURM job {job}", flush=True)
                 except (OSError, subprocess.SubprocessError) as e:  # exit 1: the job ends FAILED, not COMPLETED
-                    print(f"error: could not requeue job {job} ({e}); resubmit it to resume", file=sys.stderr)
+                    print(f"error: could not requeue job {job} ({e}); to resume, submit it again with --output-dir "
+                          f"{folder} (sbatch/*.sh: OUTPUT_DIR={folder} sbatch ...)", file=sys.stderr)
                     failed = True
         cleanup_distributed()
         sys.exit((130 if self.name == "Ctrl-C" else 143) if self.term else int(failed))
@@ -1039,6 +1051,9 @@ def main(args):
     # 1. Processes, device, precision, seeds ------------------------------------------------
     rank, local_rank, world_size, device = setup_distributed(args)
     is_main = rank == 0
+    # From here a stop signal is kept for the end of the first step: its default action would kill a job
+    # whose time-limit warning comes during the start-up (data, model), without saving or requeueing it.
+    preemption = Preemption(world_size, device)
     if args.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)  # warn where CUDA has no such kernel
@@ -1060,8 +1075,7 @@ def main(args):
     # 3. Data --------------------------------------------------------------------------------
     if is_main:
         common.download_data(args)  # rank 0 downloads while the others wait
-    if world_size > 1:
-        dist.barrier()
+    wait_for_rank0(world_size)
     data = common.load_data(args)
     args.image_size = data.image_size
     fill_recipe(args)
@@ -1103,7 +1117,7 @@ def main(args):
         device=device, amp_dtype=amp_dtype, memory_format=memory_format, is_main=is_main, world_size=world_size,
         step=0, epoch=0, lr=0.0, elapsed=0.0, n_row=0, n_epoch=0, losses=torch.zeros(2, 2, device=device),
         base_lr=args.lr * args.batch_size / 256, total_steps=args.epochs * steps_per_epoch,
-        warmup_steps=args.warmup_epochs * steps_per_epoch, preemption=Preemption(world_size, device),
+        warmup_steps=args.warmup_epochs * steps_per_epoch, preemption=preemption,
         backbone_meta=raw_model.backbone_meta, num_images=len(data.pretrain),
         write_id=ckpt.get("write_id") if resume_from is last else None)  # the last.pt read: see check_last_writer
     run.end_step = min(run.total_steps, args.max_steps or run.total_steps)
@@ -1177,7 +1191,7 @@ def main(args):
     complete = run.step >= run.end_step and not (run.n_epoch > 0 and run.step % steps_per_epoch == 0)
     stopped = run.preemption.requested()  # all processes agree on how to end
     if stopped and not complete:
-        run.preemption.exit(is_main, f"stopped at step {run.step}, saved {last}")
+        run.preemption.exit(is_main, f"stopped at step {run.step}, saved {last}", out)
     if is_main:  # the teacher's backbone: DINO evaluates the teacher (its eval scripts' checkpoint_key)
         save_checkpoint({"method": "dino", "args": vars(args), "backbone": raw_model.teacher.backbone.state_dict(),
                          "backbone_meta": run.backbone_meta}, out / "backbone.pt")

@@ -373,6 +373,16 @@ def cleanup_distributed():
         dist.destroy_process_group()
 
 
+def wait_for_rank0(world_size):
+    """The barrier after what rank 0 does alone at the start (output folder, download). If rank 0
+    stopped there, its one error line says why; the others then end with one line, not a traceback."""
+    if world_size > 1:
+        try:
+            dist.barrier()
+        except RuntimeError:  # rank 0's process is gone, and its end of the connection with it
+            raise SystemExit(f"error: process {dist.get_rank()} stops: process 0 did (its error is above)") from None
+
+
 # ---- Distributed: gather with gradients, global BatchNorm ---------------------------------
 # SHARED: identical in every script
 
@@ -676,8 +686,9 @@ class Preemption:
         signal.signal(signal.SIGINT, signal.default_int_handler)  # the next one raises KeyboardInterrupt
         os.write(2, b"Ctrl-C: saving at the end of this step, then stopping (again: stop now, unsaved)\n")
 
-    def exit(self, is_main, message):
-        """After saving: on SIGUSR1 under SLURM, requeue the job (it keeps its id, so it resumes)."""
+    def exit(self, is_main, message, folder):
+        """After saving: on SIGUSR1 under SLURM, requeue the job (it keeps its id, so it resumes from
+        `folder`, the --output-dir)."""
         job, failed = os.environ.get("SLURM_JOB_ID"), False
         if is_main:
             print(f"{self.name if self.term else 'SIGUSR1'}: {message}", flush=True)
@@ -686,7 +697,8 @@ class Preemption:
                     subprocess.run(["scontrol", "requeue", job], check=True, timeout=60)
                     print(f"requeued SLURM job {job}", flush=True)
                 except (OSError, subprocess.SubprocessError) as e:  # exit 1: the job ends FAILED, not COMPLETED
-                    print(f"error: could not requeue job {job} ({e}); resubmit it to resume", file=sys.stderr)
+                    print(f"error: could not requeue job {job} ({e}); to resume, submit it again with --output-dir "
+                          f"{folder} (sbatch/*.sh: OUTPUT_DIR={folder} sbatch ...)", file=sys.stderr)
                     failed = True
         cleanup_distributed()
         sys.exit((130 if self.name == "Ctrl-C" else 143) if self.term else int(failed))
@@ -846,6 +858,9 @@ def main(args):
     # 1. Processes, device, precision, seeds ------------------------------------------------
     rank, local_rank, world_size, device = setup_distributed(args)
     is_main = rank == 0
+    # From here a stop signal is kept for the end of the first step: its default action would kill a job
+    # whose time-limit warning comes during the start-up (data, model), without saving or requeueing it.
+    preemption = Preemption(world_size, device)
     if args.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)  # warn where CUDA has no such kernel
@@ -898,8 +913,7 @@ def main(args):
     # 4. Data --------------------------------------------------------------------------------
     if is_main:
         common.download_data(args)
-    if world_size > 1:
-        dist.barrier()
+    wait_for_rank0(world_size)
     data = common.load_data(args)
     args.image_size = data.image_size
     if ckpt:  # a probe resumes only the same evaluation; its optimizer's state carries weight decay, eta, clip
@@ -954,7 +968,6 @@ def main(args):
 
     train_feats = train_labels = loader = None
     local_batch = args.batch_size // world_size
-    preemption = Preemption(world_size, device)  # from here: the features of a large dataset take minutes
     if args.mode == "fast":  # None if a stop is asked for meanwhile: the run then saves and stops, untrained
         train_feats, train_labels = extract_features(backbone, data.train.with_transform(eval_t), 256, args.workers,
                                                      device, rank, world_size, preemption.requested) or (None, None)
@@ -1016,7 +1029,7 @@ def main(args):
             break
     save_state(last, raw_head, optimizer, scaler, run, args)
     if run.preemption.requested():  # all processes agree on how to end
-        run.preemption.exit(is_main, f"stopped at step {run.step}, saved {last}")
+        run.preemption.exit(is_main, f"stopped at step {run.step}, saved {last}", out)
 
     # 8. Evaluate: top-1/top-5 of the probe and kNN on the test split ------------------------
     # A stop asked for while the features are computed (minutes on a large dataset) ends the run as one
@@ -1027,7 +1040,7 @@ def main(args):
         train_feats, train_labels = extract_features(backbone, data.train.with_transform(eval_t), 256, args.workers,
                                                      device, rank, world_size, run.preemption.requested) or (None, None)
     if test_feats is None or args.knn_every and train_feats is None:
-        run.preemption.exit(is_main, f"stopped at step {run.step} before the evaluation, saved {last}")
+        run.preemption.exit(is_main, f"stopped at step {run.step} before the evaluation, saved {last}", out)
     with torch.no_grad():
         top = raw_head.eval()(test_feats).topk(min(5, data.num_classes), dim=1).indices == test_labels[:, None]
     results = {"ckpt": args.ckpt, "arch": meta["arch"], "dataset": args.dataset, "mode": args.mode,

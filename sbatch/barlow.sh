@@ -7,6 +7,9 @@
 # without "B:", because the tasks are started by srun); barlow.py then saves last.pt, requeues
 # this job (it keeps its job id) and exits. The requeued job runs this script again, finds
 # runs/barlow-<job id>/last.pt and resumes. scancel sends SIGTERM: it saves and stops for good.
+# A job that ended (scancel, failed, out of time) resumes in a new job given its folder:
+#     OUTPUT_DIR=runs/barlow-<job id> sbatch sbatch/barlow.sh
+# Keep --time well above the 120 s of warning (10 minutes at least).
 #
 # Change for your cluster: the lines marked CHANGE (partition, account, the environment line), and
 # in the #SBATCH lines GPUs per node (--gpus-per-node and --ntasks-per-node must stay equal), CPUs

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, TINY, load, run_script
+from conftest import REPO, TINY, Started, clean_env, free_port, load, run_script
 
 
 def fails(script, *args, cwd=None):
@@ -567,3 +567,22 @@ def test_resume_flag_beside_an_existing_last_pt_says_it_is_not_used(tmp_path, pr
                       "--resume", pretrained / "last.pt")
     assert f"note: --resume {pretrained / 'last.pt'} is not used: {out / 'last.pt'} exists" in proc.stdout
     assert "at step 2" in proc.stdout
+
+
+@pytest.mark.parametrize("script", ["simclr.py", "linear_eval.py"])
+def test_a_start_up_error_of_process_0_is_one_line_in_every_process(tmp_path, pretrained, script):
+    """2 processes (torchrun's variables; srun's are alike): process 0 alone checks the output folder
+    (and downloads) while the other waits; when it stops, the other says so in one line instead of
+    a traceback from its barrier."""
+    (tmp_path / "file").write_text("")
+    args = ([*TINY, "--epochs", "1"] if script == "simclr.py" else
+            ["--ckpt", pretrained / "last.pt", "--device", "cpu", "--workers", "0", "--batch-size", "32"])
+    port = free_port()
+    procs = [Started(script, *args, "--output-dir", tmp_path / "file", env=clean_env(
+        RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)))
+        for r in range(2)]
+    codes = [p.wait(120) for p in procs]
+    assert codes == [1, 1], [p.output for p in procs]
+    for p, line in zip(procs, [f"error: --output-dir {tmp_path / 'file'} is a file, not a folder; give a folder",
+                               "error: process 1 stops: process 0 did (its error is above)"]):
+        assert "Traceback" not in p.output and p.output.strip().splitlines()[-1] == line, p.output

@@ -63,7 +63,9 @@ def test_a_failed_requeue_exits_1(tmp_path):
     env = clean_env(PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_ID="4242")
     code, output = start_and_signal(tmp_path / "run", signal.SIGUSR1, env)
     assert code == 1, output
-    assert "error: could not requeue job 4242" in output and "resubmit it to resume" in output
+    assert "error: could not requeue job 4242" in output
+    # the job's id names its folder (runs/simclr-<job id> in the sbatch scripts): a new job needs this one's
+    assert f"to resume, submit it again with --output-dir {tmp_path / 'run'}" in output
     assert load(tmp_path / "run" / "last.pt")["step"] >= 2
 
 
@@ -346,3 +348,34 @@ def test_a_signal_after_the_last_step_ends_the_run_as_planned(tmp_path, fake_sco
                       env=env)  # exits 0 (checked)
     assert "done at step 4" in proc.stdout and "the stop signal came after the last step: not requeued" in proc.stdout
     assert not log.exists() and load(out / "last.pt")["step"] == 4 and (out / "backbone.pt").exists()
+
+
+@pytest.mark.parametrize("script,step", [("simclr.py", 1), ("linear_eval.py", 0)])
+def test_time_limit_warning_during_the_start_up_saves_and_requeues(tmp_path, fake_scontrol, pretrained, script, step):
+    """SIGUSR1 while the data load (a time limit short for the start-up, or a scancel --signal): the
+    run saves and requeues, instead of dying of the signal's default action with nothing saved and
+    the job not requeued. Pretraining does one step first; linear_eval stops before its first (as
+    after a stop during the features), with an untrained probe."""
+    bin_dir, log = fake_scontrol
+    wrapper = tmp_path / "signal_in_load.py"
+    wrapper.write_text(
+        "import os, runpy, signal, sys\n"
+        f"sys.path.insert(0, {str(REPO)!r})\n"
+        "import common\n"
+        "load = common.load_data\n"
+        "def signal_then_load(args):\n"
+        "    os.kill(os.getpid(), signal.SIGUSR1)\n"
+        "    return load(args)\n"
+        "common.load_data = signal_then_load\n"
+        f"sys.argv[0] = {str(REPO / script)!r}\n"
+        f"runpy.run_path({str(REPO / script)!r}, run_name='__main__')\n")
+    if script == "linear_eval.py":
+        args = ["--ckpt", pretrained / "last.pt", "--device", "cpu", "--workers", "0", "--batch-size", "32",
+                "--mode", "linear"]
+    else:
+        args = [*TINY, "--epochs", "2", "--knn-every", "0"]
+    env = clean_env(PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_ID="4242")
+    proc = run_script(wrapper, *args, "--output-dir", tmp_path / "run", env=env, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"SIGUSR1: stopped at step {step}, saved {tmp_path / 'run' / 'last.pt'}" in proc.stdout
+    assert log.read_text().split() == ["requeue", "4242"] and load(tmp_path / "run" / "last.pt")["step"] == step
