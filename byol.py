@@ -446,7 +446,7 @@ def wait_for_rank0(world_size):
         try:
             dist.barrier()
         except RuntimeError:  # rank 0's process is gone, and its end of the connection with it
-            raise SystemExit(f"error: process {dist.get_rank()} stops: process 0 did (its error is above)") from None
+            raise SystemExit(f"error: process {dist.get_rank()} stops: process 0 is gone (its error is above)") from None
 
 
 # ---- Distributed: gather with gradients, global BatchNorm ---------------------------------

@@ -584,5 +584,5 @@ def test_a_start_up_error_of_process_0_is_one_line_in_every_process(tmp_path, pr
     codes = [p.wait(120) for p in procs]
     assert codes == [1, 1], [p.output for p in procs]
     for p, line in zip(procs, [f"error: --output-dir {tmp_path / 'file'} is a file, not a folder; give a folder",
-                               "error: process 1 stops: process 0 did (its error is above)"]):
+                               "error: process 1 stops: process 0 is gone (its error is above)"]):
         assert "Traceback" not in p.output and p.output.strip().splitlines()[-1] == line, p.output
