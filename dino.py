@@ -581,7 +581,8 @@ def wait_for_rank0(world_size):
         try:
             dist.barrier()
         except RuntimeError:  # rank 0's process is gone, and its end of the connection with it
-            raise SystemExit(f"error: process {dist.get_rank()} stops: process 0 is gone (its error is above)") from None
+            rank = dist.get_rank()
+            raise SystemExit(f"error: process {rank} stops: process 0 is gone (its error is above)") from None
 
 
 # ---- Distributed: gather with gradients, global BatchNorm ---------------------------------
