@@ -1,4 +1,5 @@
 """The weighted kNN monitor on hand-made features."""
+import argparse
 import math
 
 import torch
@@ -7,7 +8,7 @@ import torchvision
 from PIL import Image
 
 import common
-
+import simclr
 from simclr import extract_features, knn_predict
 
 
@@ -89,3 +90,36 @@ def test_extract_features_stops_when_asked_at_batches_every_process_has(monkeypa
     out, calls = extract(0, stop_at=1)
     assert out is None and calls == 1
     assert extract_features(backbone, data, 2, 0, torch.device("cpu"), 0, 1)[0].shape == (9, 12)  # no stop: as before
+
+
+def test_knn_predict_defaults_are_k200_and_temperature_0_1():
+    g = torch.Generator().manual_seed(0)
+    bank = F.normalize(torch.randn(500, 8, generator=g), dim=1)
+    labels = torch.randint(0, 5, (500,), generator=g)
+    test = F.normalize(torch.randn(40, 8, generator=g), dim=1)
+    default = knn_predict(bank, labels, test, 5)
+    assert torch.allclose(default, knn_predict(bank, labels, test, 5, k=200, temperature=0.1))
+    assert not torch.allclose(default, knn_predict(bank, labels, test, 5, k=199, temperature=0.1))
+    assert not torch.allclose(default, knn_predict(bank, labels, test, 5, k=200, temperature=0.09))
+
+
+class Split:
+    def __init__(self, feats, labels):
+        self.feats, self.labels = feats, labels
+
+    def with_transform(self, t):
+        return self
+
+
+def test_knn_accuracy_votes_by_cosine_similarity_not_dot_product(monkeypatch):
+    """Class 0's bank feature points the test feature's way but is short; class 1's is long and at
+    60 degrees. Cosine (weights e^10 and e^5): class 0 wins (100%); a dot product (weights e^10
+    and e^50) would pick class 1 (0%)."""
+    bank = torch.tensor([[1.0, 0.0], [10 * 0.5, 10 * 0.866]])
+    data = argparse.Namespace(train=Split(bank, torch.tensor([0, 1])),
+                              test=Split(torch.tensor([[1.0, 0.0]]), torch.tensor([0])),
+                              num_classes=2, image_size=8, mean=(0.5,) * 3, std=(0.25,) * 3)
+    monkeypatch.setattr(simclr, "extract_features", lambda backbone, split, *a, **k: (split.feats, split.labels))
+    args = argparse.Namespace(workers=0)
+    assert simclr.knn_accuracy(None, data, args, torch.device("cpu"), 0, 1) == 100.0
+

@@ -1,12 +1,14 @@
 """DINO: the loss against a naive per-sample computation and hand-computed values, the teacher
 temperature schedule, the centre update, the head, the teacher EMA and the multi-crop pipeline."""
 import argparse
+import csv
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import METHODS, TINY, load, run_script
 from dino import DINO, DINOHead, DINOLoss, MultiCropNet, clip_gradients, teacher_momentum
 
 
@@ -229,3 +231,16 @@ def test_multicrop_augmentations_sizes_and_order():
     assert [t.transforms[4].transforms[0].kernel_size for t in big] == [(23, 23)] * 2 + [(13, 13)] * 2
     batched = [common.BatchedView.from_transform(t) for t in big]
     assert [v.blur_kernel for v in batched] == [23, 23, 13, 13]
+
+
+def test_student_temperature_and_centre_momentum_are_the_flags(tmp_path):
+    """--student-temp and --center-momentum reach the loss the run optimises, not only args.json:
+    with --center-momentum 1 the centre never moves from 0, and with a huge student temperature the
+    student's distribution is uniform (its outputs are cosines, |s| <= 1), so the first step's loss,
+    -sum_k P_t[k] log P_s[k], is log(out_dim) whatever the teacher says."""
+    run_script("dino.py", *TINY, *METHODS["dino.py"], "--epochs", "1", "--max-steps", "1", "--knn-every", "0",
+               "--log-every", "1", "--student-temp", "10000", "--center-momentum", "1.0", "--output-dir", tmp_path)
+    rows = [r for r in csv.DictReader(open(tmp_path / "metrics.csv")) if r["kind"] == "step"]
+    assert abs(float(rows[0]["loss"]) - math.log(256)) < 1e-3  # METHODS: --out-dim 256
+    center = load(tmp_path / "last.pt")["dino_loss"]["center"]
+    assert torch.equal(center, torch.zeros_like(center))

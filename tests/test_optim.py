@@ -122,3 +122,28 @@ def test_lr_biases_zero_freezes_the_1d_group_and_needs_a_weights_lr():
     args.lr = 0.0
     with pytest.raises(SystemExit, match="--lr-biases needs a --lr above 0"):
         make_optimizer(model.parameters(), args)
+
+
+def test_lars_momentum_buffer_is_independent_of_the_learning_rate():
+    """LARS with a learning rate that changes between steps (warm-up, cosine): the momentum buffer
+    accumulates the unscaled update and the step is lr x buffer, as the official Barlow Twins / BYOL
+    LARS (and torch's SGD in solo-learn) do, not a buffer of lr-scaled updates."""
+    w = torch.nn.Parameter(torch.tensor([[3.0, 4.0]], dtype=torch.float64))
+    b = torch.nn.Parameter(torch.tensor([1.0], dtype=torch.float64))
+    opt = LARS([w, b], lr=0.5, momentum=0.9, weight_decay=0.1, eta=0.001)
+    gw, gb = torch.tensor([[0.6, 0.8]], dtype=torch.float64), torch.tensor([0.5], dtype=torch.float64)
+    w.grad, b.grad = gw.clone(), gb.clone()
+    opt.step()  # lr 0.5: as test_optim's first step
+    assert torch.allclose(w, torch.tensor([[2.9985, 3.998]], dtype=torch.float64), atol=1e-12)
+    assert torch.allclose(b, torch.tensor([0.75], dtype=torch.float64), atol=1e-12)
+    for g in opt.param_groups:
+        g["lr"] = 0.1  # the schedule moves on
+    w.grad, b.grad = gw.clone(), gb.clone()
+    opt.step()
+    # Bias: mu = 0.9 * 0.5 + 0.5 = 0.95, b = 0.75 - 0.1 * 0.95.
+    assert torch.allclose(b, torch.tensor([0.75 - 0.1 * 0.95], dtype=torch.float64), atol=1e-12)
+    u = [0.6 + 0.1 * 2.9985, 0.8 + 0.1 * 3.998]
+    ratio = 0.001 * math.hypot(2.9985, 3.998) / (1.0 + 0.1 * math.hypot(2.9985, 3.998))
+    mu = [0.9 * 0.003 + ratio * u[0], 0.9 * 0.004 + ratio * u[1]]
+    assert torch.allclose(w, torch.tensor([[2.9985 - 0.1 * mu[0], 3.998 - 0.1 * mu[1]]], dtype=torch.float64),
+                          atol=1e-12)

@@ -120,3 +120,47 @@ def test_dino_step_uses_the_epochs_teacher_temperature_and_the_teacher_follows_a
     m = 1 - (1 - 0.5) * (math.cos(math.pi * STEP / TOTAL) + 1) / 2
     assert_ema(model.teacher.parameters(), model.student.parameters(), teacher_before, m)
     torch.testing.assert_close(criterion.center, 0.9 * center + 0.1 * teacher_out.mean(0, keepdim=True))
+
+
+# DINO's loop: the weight-decay schedule on the weights' group only, and --clip-grad.
+def dino_step_once(flags, seed=0):
+    args = dino.get_args_parser().parse_args([
+        "--out-dim", "16", "--head-hidden-dim", "32", "--bottleneck-dim", "8", "--local-crops", "2",
+        "--local-crop-size", "4", "--freeze-last-layer", "0", "--epochs", "20", "--optimizer", "sgd", *flags])
+    args.image_size, args.log_every = 8, 1000
+    dino.fill_recipe(args)
+    torch.manual_seed(seed)
+    model = dino.DINO(args, 8)
+    criterion = dino.DINOLoss(args.out_dim, 4, args.warmup_teacher_temp, args.teacher_temp,
+                              args.warmup_teacher_temp_epochs, args.epochs, args.student_temp, args.center_momentum)
+    g = torch.Generator().manual_seed(1)
+    crops = [torch.randn(6, 3, 8, 8, generator=g) for _ in range(2)] + [torch.randn(6, 3, 4, 4, generator=g)
+                                                                        for _ in range(2)]
+    run = argparse.Namespace(step=STEP, epoch=0, total_steps=TOTAL, warmup_steps=0, base_lr=0.5, lr=0.0,
+                             device=torch.device("cpu"), memory_format=torch.contiguous_format, amp_dtype=None,
+                             losses=torch.zeros(2, 2), n_row=0, n_epoch=0, preemption=NoSignal(), end_step=STEP + 1)
+    optimizer = dino.make_optimizer(model.student.parameters(), args)
+    before = {n: p.detach().clone() for n, p in model.student.named_parameters()}
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    dino.train_one_epoch(model, model, criterion, [(crops, None)], optimizer, scaler, run, args)
+    return model, optimizer, before, run
+
+
+def test_weight_decay_follows_its_cosine_schedule_on_the_weights_only():
+    _, optimizer, _, _ = dino_step_once(["--weight-decay", "0.04", "--weight-decay-end", "0.4", "--clip-grad", "0"])
+    expected = 0.4 + (0.04 - 0.4) * 0.5 * (1 + math.cos(math.pi * STEP / TOTAL))  # main_dino.py's wd_schedule
+    weights, biases = optimizer.param_groups
+    assert weights["weight_decay"] == expected
+    assert biases["weight_decay"] == 0.0  # biases, norms, ViT tokens: never decayed
+
+
+def test_clip_grad_clips_each_parameter_before_the_step():
+    """SGD's first step moves each parameter by lr x (clipped gradient), weight decay 0: no
+    parameter moves by more than lr x clip, and without the clip some would (by far)."""
+    clip = 1e-3
+    model, optimizer, before, run = dino_step_once(["--weight-decay", "0", "--clip-grad", str(clip)])
+    moves = [(p.detach() - before[n]).norm().item() / run.lr for n, p in model.student.named_parameters()]
+    assert max(moves) <= clip * (1 + 1e-3)  # float32 rounding of the small moves
+    model, optimizer, before, run = dino_step_once(["--weight-decay", "0", "--clip-grad", "0"])
+    moves = [(p.detach() - before[n]).norm().item() / run.lr for n, p in model.student.named_parameters()]
+    assert max(moves) > 10 * clip  # the unclipped step: the clip above did something

@@ -1,0 +1,39 @@
+"""The recipes: the defaults the README's table quotes, the learning rate scaled by batch / 256 and
+warmed up over whole epochs (DINO's are in test_vit.py and test_training_step.py)."""
+import csv
+import math
+
+import pytest
+
+import barlow
+import byol
+import simclr
+from conftest import METHODS, TINY, run_script
+
+
+@pytest.mark.parametrize("module,expected", [
+    (simclr, dict(temperature=0.2, lr=0.4, weight_decay=1e-4, proj_hidden_dim=2048, proj_dim=256, optimizer="lars")),
+    (byol, dict(base_tau=0.99, lr=1.0, weight_decay=1e-5, proj_hidden_dim=4096, proj_dim=256, pred_hidden_dim=4096,
+                optimizer="lars")),
+    (barlow, dict(lambd=0.0051, scale_loss=0.1, lr=0.3, weight_decay=1e-4, proj_hidden_dim=2048, proj_dim=2048,
+                  optimizer="lars")),
+])
+def test_defaults_are_the_readme_recipes(module, expected):
+    """The defaults are the recipes the README's table quotes (and its accuracies were measured with):
+    a changed default would silently train another method."""
+    args = vars(module.get_args_parser().parse_args([]))
+    assert {k: args[k] for k in expected} == expected
+
+
+@pytest.mark.parametrize("script", ["simclr.py", "byol.py", "barlow.py"])
+def test_lr_is_scaled_by_batch_and_warmed_up_over_whole_epochs(tmp_path, script):
+    """The logged learning rate of the first steps: --lr is for a batch of 256 (scaled by
+    batch / 256), the warm-up lasts --warmup-epochs epochs of steps (linear from base / warmup_steps),
+    then the cosine starts at the base rate."""
+    # TINY: 128 images, batch 32: 4 steps per epoch; 3 epochs: 12 steps, 4 of warm-up.
+    run_script(script, *TINY, *METHODS[script], "--epochs", "3", "--warmup-epochs", "1", "--max-steps", "6",
+               "--lr", "0.8", "--knn-every", "0", "--log-every", "1", "--output-dir", tmp_path)
+    rows = [r for r in csv.DictReader(open(tmp_path / "metrics.csv")) if r["kind"] == "step"]
+    base = 0.8 * 32 / 256
+    expected = [base * (s + 1) / 4 for s in range(4)] + [base * 0.5 * (1 + math.cos(math.pi * s / 8)) for s in (0, 1)]
+    assert [float(r["lr"]) for r in rows] == pytest.approx(expected, rel=1e-5)
