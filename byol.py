@@ -92,7 +92,7 @@ def get_args_parser():
     g.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="autocast precision (auto: bf16 on Ampere+ GPUs, fp16 on V100/T4, else fp32)")
     g.add_argument("--compile", action="store_true", help="torch.compile the model: a slower start, faster steps")
-    g.add_argument("--seed", type=common.at_least(0), default=0, help="random seed")
+    g.add_argument("--seed", type=common.at_least(0, high=2**32 - 1), default=0, help="random seed")
     g.add_argument("--deterministic", action="store_true", help="deterministic algorithms (bitwise resume on CPU)")
     g.add_argument("--save-every", type=common.at_least(1), default=1, help="write last.pt every N epochs")
     g.add_argument("--log-every", type=common.at_least(1), default=50, help="log and print every N steps")

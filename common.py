@@ -62,7 +62,8 @@ def at_least(low, kind=int, high=None):
         if not (value >= low and math.isfinite(value)):  # nan and inf too
             raise argparse.ArgumentTypeError(f"must be at least {low}, not {text}")
         if high is not None and value > high:
-            raise argparse.ArgumentTypeError(f"must be at most {high:g}, not {text}")
+            raise argparse.ArgumentTypeError(f"must be at most {high:g}, not {text}" if kind is float else
+                                             f"must be at most {high}, not {text}")
         return value
     parse.__name__ = kind.__name__  # argparse then says "invalid int value: 'x'" for a non-number
     return parse

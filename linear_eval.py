@@ -71,7 +71,7 @@ def get_args_parser():
                      "scripts' defaults")
     g = parser.add_argument_group("evaluation")
     g.add_argument("--ckpt", required=True, help="last.pt or backbone.pt of any method script, or 'random'")
-    g.add_argument("--arch", default="resnet18", choices=ARCHS, help="backbone of --ckpt random")
+    g.add_argument("--arch", default=None, choices=ARCHS, help="backbone of --ckpt random (default: resnet18)")
     g.add_argument("--patch-size", type=common.at_least(1), default=None,
                    help="ViT patch size of --ckpt random (default: 4 up to 32 px, 8 up to 64 px, else 16)")
     g.add_argument("--mode", default="linear", choices=["linear", "fast"],
@@ -97,7 +97,7 @@ def get_args_parser():
     g.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="autocast precision of the backbone in --mode linear (auto: bf16 on Ampere+ GPUs, "
                         "fp16 on V100/T4, else fp32); --mode fast extracts its features in fp32")
-    g.add_argument("--seed", type=common.at_least(0), default=0, help="random seed")
+    g.add_argument("--seed", type=common.at_least(0, high=2**32 - 1), default=0, help="random seed")
     g.add_argument("--deterministic", action="store_true", help="deterministic algorithms (bitwise resume on CPU)")
     g.add_argument("--save-every", type=common.at_least(1), default=1, help="write last.pt every N epochs")
     g.add_argument("--log-every", type=common.at_least(1), default=50, help="log and print every N steps")
@@ -843,6 +843,7 @@ def same_tensors(a, b):
 def load_backbone(args):
     """The backbone to evaluate, its metadata, and the pretraining arguments (dataset defaults)."""
     if args.ckpt == "random":
+        args.arch = args.arch or "resnet18"
         return None, {"arch": args.arch, "patch_size": args.patch_size}, {}
     ckpt = load_checkpoint(args.ckpt)
     arch = ckpt["backbone_meta"].get("arch")
@@ -892,6 +893,9 @@ def main(args):
         trained = f"patch size {meta['patch_size']}" if meta.get("patch_size") else "no patches"
         common.fail(f"--patch-size {args.patch_size}: {args.ckpt} holds a {meta['arch']} with {trained}; "
                     "drop the flag")
+    if args.arch not in (None, meta["arch"]):  # it was ignored, yet recorded in args.json
+        common.fail(f"--arch {args.arch}: {args.ckpt} holds a {meta['arch']}; drop the flag")
+    args.arch = meta["arch"]  # args.json and the probe's checkpoint say what was evaluated
 
     # 3. Output directory, and the probe checkpoint to resume from ---------------------------
     # One folder per kind of evaluation, so that the fast and the linear probe (or baselines on two
@@ -919,8 +923,8 @@ def main(args):
     args.image_size = data.image_size
     if ckpt:  # a probe resumes only the same evaluation; its optimizer's state carries weight decay, eta, clip
         common.check_same_flags(resume_from, ckpt["args"], args, (
-            "ckpt", "arch", "patch_size", "dataset", "val_fraction", "synthetic_size", "image_size", "mode",
-            "batch_size", "seed", "optimizer", "weight_decay",
+            "ckpt", *(("arch",) if args.ckpt == "random" else ()), "patch_size", "dataset", "val_fraction",
+            "synthetic_size", "image_size", "mode", "batch_size", "seed", "optimizer", "weight_decay",
             *(("lars_eta", "lars_clip") if args.optimizer == "lars" else ())))
     if meta.get("patch_size") and data.image_size % meta["patch_size"]:
         common.fail(f"--image-size {data.image_size} is not a multiple of the ViT patch size {meta['patch_size']} "

@@ -2,6 +2,7 @@
 harms an existing run."""
 import argparse
 import importlib
+import json
 import os
 
 import numpy as np
@@ -474,6 +475,29 @@ def test_huge_rates_are_refused(script, flags, capsys):
         with pytest.raises(SystemExit):
             parser.parse_args([*required, flag, "1e300"])
         assert f"argument {flag}: must be at most 10000, not 1e300" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("script", ["simclr", "byol", "barlow", "dino", "linear_eval"])
+def test_a_seed_past_numpy_range_is_a_usage_line(script, capsys):
+    """numpy's seed must be below 2**32: a larger --seed was a ValueError traceback at the start."""
+    parser = importlib.import_module(script).get_args_parser()
+    required = ["--ckpt", "x.pt"] if script == "linear_eval" else []
+    assert parser.parse_args([*required, "--seed", str(2**32 - 1)]).seed == 2**32 - 1
+    with pytest.raises(SystemExit):
+        parser.parse_args([*required, "--seed", str(2**32)])
+    assert "argument --seed: must be at most 4294967295, not 4294967296" in capsys.readouterr().err
+
+
+def test_linear_eval_arch_of_another_backbone_than_the_checkpoints_is_one_line(tmp_path, pretrained):
+    """--arch is for --ckpt random: with a checkpoint it was ignored (the checkpoint's backbone was
+    evaluated) yet recorded in args.json, and then blocked the same command without it."""
+    msg = fails("linear_eval.py", "--ckpt", pretrained / "last.pt", "--arch", "vit_small", "--device", "cpu",
+                "--output-dir", tmp_path / "probe")
+    assert msg == f"error: --arch vit_small: {pretrained / 'last.pt'} holds a resnet18; drop the flag"
+    run_script("linear_eval.py", "--ckpt", pretrained / "last.pt", "--arch", "resnet18", "--device", "cpu",
+               "--workers", "0", "--batch-size", "32", "--mode", "fast", "--epochs", "1",
+               "--output-dir", tmp_path / "p")
+    assert json.loads((tmp_path / "p" / "args.json").read_text())["arch"] == "resnet18"
 
 
 def test_weights_that_became_nan_are_not_saved(tmp_path):
