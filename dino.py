@@ -1079,6 +1079,7 @@ def main(args):
     wait_for_rank0(world_size)
     data = common.load_data(args)
     args.image_size = data.image_size
+    given_local = args.local_crop_size is not None  # for the error below: its default cannot always fit
     fill_recipe(args)
     views = common.dino_augmentations(data.image_size, data.mean, data.std, args.local_crops, args.local_crop_size,
                                       args.global_crops_scale, args.local_crops_scale)
@@ -1098,7 +1099,9 @@ def main(args):
                     "change it")
     if args.local_crops and args.local_crop_size >= data.image_size:  # multi-crop: small local views (sec. 3.1)
         common.fail(f"--local-crop-size {args.local_crop_size} is not smaller than the {data.image_size} px global "
-                    "crops; give a smaller one, or leave it out (3/7 of the image size)")
+                    + ("crops; give a smaller one, or leave it out (3/7 of the image size)" if given_local else
+                       "crops (its default, 3/7 of the image size in whole steps of 8 px or of the patch, cannot be); "
+                       "give a larger --image-size, or --local-crops 0"))
     if world_size > 1:
         raw_model = convert_sync_batchnorm(raw_model, device)
     memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format

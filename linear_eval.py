@@ -912,8 +912,9 @@ def main(args):
         print(f"note: --resume {args.resume} is not used: {last} exists and the run continues from it", flush=True)
     ckpt = load_checkpoint(resume_from) if resume_from else None
     if ckpt and ckpt.get("method") != "linear_eval":
-        common.fail(f"{resume_from} was written by {ckpt.get('method')}.py, not linear_eval.py: give another "
-                    "--output-dir")
+        common.fail(f"{resume_from} was written by {ckpt.get('method')}.py, not linear_eval.py: "
+                    + ("give another --output-dir" if resume_from == last else "--resume takes a probe's last.pt (the "
+                       "pretraining checkpoint goes to --ckpt); change or drop it"))
 
     # 4. Data --------------------------------------------------------------------------------
     if is_main:

@@ -500,6 +500,15 @@ def test_linear_eval_arch_of_another_backbone_than_the_checkpoints_is_one_line(t
     assert json.loads((tmp_path / "p" / "args.json").read_text())["arch"] == "resnet18"
 
 
+def test_linear_eval_resume_of_a_pretraining_checkpoint_says_to_change_resume(tmp_path, pretrained):
+    """--resume of a pretraining last.pt (the probe's own flag, confused with --ckpt): the fix is --resume,
+    not another --output-dir, which would read the same --resume."""
+    msg = fails("linear_eval.py", "--ckpt", pretrained / "last.pt", "--resume", pretrained / "last.pt", "--device",
+                "cpu", "--output-dir", tmp_path / "probe")
+    assert msg == (f"error: {pretrained / 'last.pt'} was written by simclr.py, not linear_eval.py: --resume takes a "
+                   "probe's last.pt (the pretraining checkpoint goes to --ckpt); change or drop it")
+
+
 def test_weights_that_became_nan_are_not_saved(tmp_path):
     """A step whose loss is finite can still leave NaN weights (an update too large; made here by a
     stand-in optimizer step): saving them would replace a good last.pt. One line, last.pt kept."""
@@ -576,7 +585,11 @@ def test_a_damaged_metrics_csv_on_resume_is_one_line(tmp_path, damage, named):
 
 def test_dino_local_crops_must_be_smaller_than_the_global_ones(tmp_path):
     msg = fails("dino.py", *TINY, *["--local-crops", "2", "--local-crop-size", "8"], "--output-dir", tmp_path)
-    assert "--local-crop-size 8 is not smaller than the 8 px global crops" in msg
+    assert "--local-crop-size 8 is not smaller than the 8 px global crops; give a smaller one" in msg
+    # Left out, its default (at least 8 px) cannot fit 8 px images: "leave it out" would not help.
+    msg = fails("dino.py", *TINY, "--local-crops", "2", "--output-dir", tmp_path)
+    assert msg.startswith("error: --local-crop-size 8 is not smaller than the 8 px global crops (its default") and \
+        msg.endswith("give a larger --image-size, or --local-crops 0"), msg
 
 
 def test_output_dir_that_is_a_file(tmp_path):

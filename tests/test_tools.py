@@ -104,6 +104,34 @@ def test_wandb_sync_clear_errors(tmp_path, run_dir):
     assert proc.returncode == 1 and "has no metrics.csv" in proc.stderr and "Traceback" not in proc.stderr
 
 
+@pytest.mark.parametrize("state", ['{"id": "x"}', "[1, 2]", '{"id": "x", "step": "3"}'])
+def test_wandb_sync_state_file_of_another_shape_is_one_line(tmp_path, run_dir, state):
+    env = fake_module(tmp_path, "wandb", FAKE_WANDB)
+    (run_dir / "wandb_sync.json").write_text(state)
+    proc = run_script("tools/wandb_sync.py", run_dir, "--mode", "offline", env=env, check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip().startswith(f"error: {run_dir / 'wandb_sync.json'} does not hold this tool's")
+
+
+def test_plot_metrics_gives_each_run_one_colour_in_every_panel(tmp_path, monkeypatch):
+    """A SimCLR run beside a DINO run: the teacher-entropy panel has only DINO's curve, which must keep
+    DINO's colour (the legend's), not take the first colour of its panel, SimCLR's."""
+    pytest.importorskip("matplotlib", reason="matplotlib is optional: pip install matplotlib")
+    sys.path.insert(0, str(REPO / "tools"))
+    import matplotlib.axes
+    import plot_metrics
+    simclr_csv = "\n".join(",".join(r.split(",")[:9]) for r in DINO_CSV.split("\n")[:-1]) + "\n"
+    for name, rows in (("simclr", simclr_csv), ("dino", DINO_CSV)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.csv").write_text(rows)
+    colours = {}
+    plot = matplotlib.axes.Axes.plot
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", lambda self, *a, **kw: colours.setdefault(
+        kw.get("label"), set()).add(plot(self, *a, **kw)[0].get_color()) or [])
+    plot_metrics.main([str(tmp_path / "simclr"), str(tmp_path / "dino"), "--out", str(tmp_path / "p.png")])
+    assert len(colours["simclr"]) == len(colours["dino"]) == 1 and colours["simclr"] != colours["dino"], colours
+
+
 def test_plot_metrics_draws_every_panel(tmp_path, run_dir):
     pytest.importorskip("matplotlib", reason="matplotlib is optional: pip install matplotlib")
     proc = run_script("tools/plot_metrics.py", run_dir)

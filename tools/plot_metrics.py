@@ -63,15 +63,15 @@ def main(argv=None):
     if out.suffix[1:].lower() not in fig.canvas.get_supported_filetypes():
         fail(f"--out {out}: matplotlib cannot write {out.suffix or 'a file without extension'}; use .png, .pdf or .svg")
     knn_ax = axes.flat[len(panels)]
-    for name, (steps, knn, _) in data.items():
-        x = [int(r["step"]) for r in steps]
+    for i, (name, (steps, knn, _)) in enumerate(data.items()):
+        x, color = [int(r["step"]) for r in steps], f"C{i}"  # one colour per run in every panel (the legend's)
         for ax, (key, title) in zip(axes.flat, panels):
             if steps and key in steps[0]:
-                ax.plot(x, [float(r[key] or "nan") for r in steps], label=name,  # empty: a row from before
+                ax.plot(x, [float(r[key] or "nan") for r in steps], label=name, color=color,  # empty: a row from before
                         marker="o" if len(x) == 1 else None)  # one point: a line of it would not show
             ax.set(title=title, xlabel="step")
         if knn:
-            knn_ax.plot(*zip(*knn), marker="o", label=name)
+            knn_ax.plot(*zip(*knn), marker="o", label=name, color=color)
     knn_ax.set(title="kNN top-1 (%)", xlabel="epoch")
     for ax in axes.flat[len(panels) + 1:]:
         ax.axis("off")

@@ -82,6 +82,9 @@ def main(argv=None):
         fail(f"{Path(args.run) / 'metrics.csv'} has no rows yet: sync it once the run has logged a step")
     state_file = Path(args.run) / "wandb_sync.json"
     state = read_json(state_file) if state_file.is_file() else {"id": wandb.util.generate_id(), "step": 0}
+    if not (isinstance(state, dict) and isinstance(state.get("id"), str) and isinstance(state.get("step"), int)):
+        fail(f"{state_file} does not hold this tool's {{\"id\": ..., \"step\": ...}}; repair or delete it (deleting "
+             "it sends the whole run again, as a new wandb run)")
     todo = wandb_rows(rows, state["step"])
     backbone, metrics = Path(args.run) / "backbone.pt", Path(args.run) / "metrics.csv"
     finished = backbone.is_file() and backbone.stat().st_mtime >= metrics.stat().st_mtime
