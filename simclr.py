@@ -22,7 +22,7 @@ kNN after 200 epochs (lightly's benchmark, batch 512). Measured with this script
 
 Reading order: the method is in Arguments, Model, Loss and Training (about 300 lines). The blocks
 marked `# SHARED: identical in every script` (backbone, LARS and schedules, distributed setup,
-checkpoints, logging, preemption, kNN monitor; about 600 lines) are the same in every script:
+checkpoints, logging, preemption, kNN monitor; about 670 lines) are the same in every script:
 read them once, in any of them.
 """
 import argparse
@@ -202,6 +202,8 @@ def build_backbone(arch, image_size, patch_size=None, drop_path=0.0):
         dim, depth, heads = VIT_SIZES[arch]
         net = VisionTransformer(image_size, patch_size, dim, depth, heads, drop_path)
         return net, dict(meta, patch_size=patch_size, feat_dim=dim)
+    if patch_size is not None:  # it would be ignored, yet recorded in args.json
+        common.fail(f"--patch-size applies to ViT backbones, not {arch}; drop it or use --arch vit_*")
     net = getattr(torchvision.models, arch)()
     if image_size <= 64:
         net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)

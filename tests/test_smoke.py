@@ -274,6 +274,16 @@ def test_dino_grad_checkpointing_needs_a_vit(tmp_path):
     assert proc.stderr.count("\n") == 1 and not (tmp_path / "last.pt").exists()
 
 
+@pytest.mark.parametrize("script,extra", [("barlow.py", METHODS["barlow.py"]),
+                                          ("linear_eval.py", ["--ckpt", "random"])])
+def test_patch_size_with_a_resnet_is_refused(tmp_path, script, extra):
+    """--patch-size with a ResNet did nothing, yet args.json recorded it: one line instead."""
+    proc = run_script(script, *TINY, *extra, "--patch-size", "4", "--output-dir", tmp_path, check=False)
+    assert proc.returncode == 1 and proc.stderr == ("error: --patch-size applies to ViT backbones, not resnet18; "
+                                                    "drop it or use --arch vit_*\n")
+    assert not (tmp_path / "last.pt").exists()
+
+
 def test_compile_trains_and_saves_the_plain_module(tmp_path):
     """--compile (torch.compile; on a CPU the first step compiles for about 30 s): the checkpoint
     holds the uncompiled module's keys, so it resumes and evaluates without --compile."""
