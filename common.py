@@ -533,17 +533,20 @@ def synthetic_images(n, size=32, seed=0):
 # ---- Augmentations -------------------------------------------------------------------------
 
 
-def simclr_augmentation(image_size, mean, std):
+def simclr_augmentation(image_size, mean, std, strength=0.5, blur_p=None):
     """One SimCLR view (Chen et al. 2020, appendix A): crop scale (0.08, 1), flip, colour jitter of
-    strength 0.5 (0.4/0.4/0.4/0.1, p=0.8), grayscale p=0.2, and Gaussian blur (p=0.5, kernel 10%
-    of the image, sigma 0.1-2) only above 64 px: the paper drops blur for CIFAR."""
-    blur = []
-    if image_size > 64:
-        blur = [T.RandomApply([T.GaussianBlur(image_size // 20 * 2 + 1, sigma=(0.1, 2.0))], p=0.5)]
+    strength s (0.8s/0.8s/0.8s/0.2s, p=0.8; the paper's CIFAR s is 0.5), grayscale p=0.2, Gaussian
+    blur (sigma 0.1-2, p=blur_p; default: 0.5 above 64 px, none at 64 px or less: the paper drops it
+    for CIFAR). Its kernel is 10% of the image; at 64 px or less 13 taps (+-3 sigma at sigma 2), as
+    solo-learn's CIFAR views blur with PIL's GaussianBlur(radius=sigma), which is not cut off."""
+    if blur_p is None:
+        blur_p = 0.5 if image_size > 64 else 0.0
+    kernel = image_size // 20 * 2 + 1 if image_size > 64 else min(13, 2 * image_size - 1)  # reflect padding < size
+    blur = [T.RandomApply([T.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=blur_p)] if blur_p else []
     return T.Compose([
         T.RandomResizedCrop(image_size, scale=(0.08, 1.0)),
         T.RandomHorizontalFlip(),
-        T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
+        T.RandomApply([T.ColorJitter(0.8 * strength, 0.8 * strength, 0.8 * strength, 0.2 * strength)], p=0.8),
         T.RandomGrayscale(p=0.2),
         *blur,
         T.ToTensor(),

@@ -21,6 +21,9 @@ def test_from_transform_reads_every_recipe():
     assert (simclr.size, simclr.scale, simclr.flip_p, simclr.jitter_p, simclr.gray_p) == (32, (0.08, 1), 0.5, 0.8, 0.2)
     assert [x for r in simclr.jitter for x in r] == pytest.approx([0.6, 1.4, 0.6, 1.4, 0.6, 1.4, -0.1, 0.1])
     assert simclr.blur_p == 0.0
+    solo = common.BatchedView.from_transform(common.simclr_augmentation(32, MEAN, STD, strength=1.0, blur_p=0.5))
+    assert [x for r in solo.jitter for x in r] == pytest.approx([0.2, 1.8, 0.2, 1.8, 0.2, 1.8, -0.2, 0.2])
+    assert (solo.blur_p, solo.blur_kernel, solo.blur_sigma) == (0.5, 13, (0.1, 2.0))
     v1, v2 = (common.BatchedView.from_transform(t) for t in common.byol_augmentations(224, MEAN, STD))
     assert (v1.blur_p, v1.solarize_p, v2.blur_p, v2.solarize_p) == (1.0, 0.0, 0.1, 0.2)
     assert v1.blur_kernel == 23 and v1.blur_sigma == (0.1, 2.0) and v1.mean == MEAN
@@ -156,12 +159,13 @@ def test_hue_rotation_on_ties_grey_and_extremes():
 
 def test_blur_and_solarize_equal_torchvision_functional():
     x = images(3, 20, 20, seed=3).permute(0, 3, 1, 2).float() / 255
-    view = common.BatchedView(20, (0.08, 1), (3 / 4, 4 / 3), MEAN, STD, blur_p=1.0, blur_kernel=7)
-    sigma = torch.tensor([0.1, 1.3, 0.0])
-    out = view.blur(x, sigma)
-    for k, s in enumerate(sigma.tolist()):
-        ref = TF.gaussian_blur(x[k], [7, 7], [s, s]) if s > 0 else x[k]
-        assert torch.allclose(out[k], ref, atol=1e-5), k
+    for kernel in (7, 13):  # 13: SimCLR's blur at 32 px or less (--blur-prob), wide against the image
+        view = common.BatchedView(20, (0.08, 1), (3 / 4, 4 / 3), MEAN, STD, blur_p=1.0, blur_kernel=kernel)
+        sigma = torch.tensor([0.1, 1.3, 0.0])
+        out = view.blur(x, sigma)
+        for k, s in enumerate(sigma.tolist()):
+            ref = TF.gaussian_blur(x[k], [kernel, kernel], [s, s]) if s > 0 else x[k]
+            assert torch.allclose(out[k], ref, atol=1e-5), (kernel, k)
     solarized = torch.where(x >= 128 / 255, 1 - x, x)
     assert torch.equal(solarized, TF.solarize(x, 128 / 255))
 

@@ -578,6 +578,26 @@ def test_simclr_augmentation_blurs_large_images(size):
     assert isinstance(t.transforms[-1], T.Normalize)
 
 
+@pytest.mark.parametrize("size,kernel", [(32, 13), (4, 7), (96, 9)])
+def test_simclr_augmentation_of_another_strength_and_blur(size, kernel):
+    """--color-strength s and --blur-prob (solo-learn's CIFAR views: s = 1, blur p = 0.5): jitter
+    0.8s/0.8s/0.8s/0.2s; the blur kernel 10% of the image above 64 px, else 13 taps (PIL's blur is
+    not cut off), fewer where reflect padding needs them (a 4 px image: 7)."""
+    t = common.simclr_augmentation(size, MEAN, STD, strength=1.0, blur_p=0.3)
+    (cj,) = t.transforms[2].transforms
+    for interval in (cj.brightness, cj.contrast, cj.saturation):
+        assert tuple(interval) == pytest.approx((0.2, 1.8))
+    assert tuple(cj.hue) == pytest.approx((-0.2, 0.2))
+    blur = t.transforms[4]
+    assert isinstance(blur, T.RandomApply) and blur.p == 0.3
+    (g,) = blur.transforms
+    assert tuple(g.kernel_size) == (kernel, kernel) and tuple(g.sigma) == pytest.approx((0.1, 2.0))
+    torch.manual_seed(0)
+    assert t(Image.fromarray(common.synthetic_images(1, 40, seed=0)[0][0])).shape == (3, size, size)
+    assert not any(isinstance(x, T.RandomApply) and isinstance(x.transforms[0], T.GaussianBlur)
+                   for x in common.simclr_augmentation(96, MEAN, STD, blur_p=0.0).transforms)
+
+
 @pytest.mark.parametrize("size", [8, 96])
 def test_simclr_augmentation_output_shape(size):
     img = Image.fromarray(common.synthetic_images(1, 40, seed=0)[0][0])

@@ -12,7 +12,8 @@ from conftest import METHODS, TINY, run_script
 
 
 @pytest.mark.parametrize("module,expected", [
-    (simclr, dict(temperature=0.2, lr=0.4, weight_decay=1e-4, proj_hidden_dim=2048, proj_dim=256, optimizer="lars")),
+    (simclr, dict(temperature=0.2, lr=0.4, weight_decay=1e-4, proj_hidden_dim=2048, proj_dim=256, optimizer="lars",
+                  color_strength=0.5, blur_prob=None)),
     (byol, dict(base_tau=0.99, lr=1.0, weight_decay=1e-5, proj_hidden_dim=4096, proj_dim=256, pred_hidden_dim=4096,
                 optimizer="lars")),
     (barlow, dict(lambd=0.0051, scale_loss=0.1, lr=0.3, weight_decay=1e-4, proj_hidden_dim=2048, proj_dim=2048,

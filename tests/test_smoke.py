@@ -157,6 +157,19 @@ def test_other_optimizers_and_no_projector(tmp_path, optimizer):
     assert not any(k.startswith("projector") for k in load(tmp_path / "last.pt")["model"])
 
 
+def test_simclr_view_flags_reach_the_views(tmp_path):
+    """--color-strength and --blur-prob change the first step's views (hence its loss: same seed,
+    same weights) and are recorded; the default blur probability is recorded as what it was (0 at 8 px)."""
+    losses = {}
+    for name, flags in (("paper", []), ("solo", ["--color-strength", "1.0", "--blur-prob", "0.5"])):
+        run_script("simclr.py", *TINY, "--epochs", "1", "--max-steps", "1", "--log-every", "1", "--knn-every", "0",
+                   *flags, "--output-dir", tmp_path / name)
+        losses[name] = next(csv.DictReader(open(tmp_path / name / "metrics.csv")))["loss"]
+        args = json.loads((tmp_path / name / "args.json").read_text())
+        assert (args["color_strength"], args["blur_prob"]) == ((1.0, 0.5) if flags else (0.5, 0.0))
+    assert losses["paper"] != losses["solo"]
+
+
 @pytest.mark.parametrize("script", ["simclr.py", "byol.py", "barlow.py", "dino.py", "linear_eval.py"])
 def test_help_documents_every_core_flag(script):
     out = run_script(script, "--help").stdout

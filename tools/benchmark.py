@@ -71,7 +71,8 @@ def setup(method, opts):
         views = common.dino_augmentations(data.image_size, data.mean, data.std, args.local_crops,
                                           args.local_crop_size, args.global_crops_scale, args.local_crops_scale)
     elif method == "simclr":
-        views = [common.simclr_augmentation(data.image_size, data.mean, data.std)] * 2
+        views = [common.simclr_augmentation(data.image_size, data.mean, data.std, args.color_strength,
+                                            args.blur_prob)] * 2
     else:
         views = common.byol_augmentations(data.image_size, data.mean, data.std)
     raw_model = getattr(m, CLASSES[method])(args, data.image_size).to(device)
