@@ -22,7 +22,7 @@ second view, no blur at 32 px). Expected, from the sources, not measured here: a
 (solo-learn, online linear probe, 1000 epochs) and about 87% kNN after 200 epochs (lightly's
 benchmark, batch 512). Measured with this script: see README.md.
 
-Reading order: the method is in Arguments, Model, Loss and Training (about 310 lines). The blocks
+Reading order: the method is in Arguments, Model, Loss and Training (about 330 lines). The blocks
 marked `# SHARED: identical in every script` (backbone, LARS and schedules, distributed setup,
 checkpoints, logging, preemption, kNN monitor; about 670 lines) are the same in every script:
 read them once, in any of them.
@@ -62,7 +62,8 @@ import common
 def get_args_parser():
     parser = argparse.ArgumentParser("BYOL", description=__doc__.split("\n")[0],
                                      formatter_class=common.HelpFormatter)
-    common.add_data_args(parser)  # --dataset --data-dir --image-size --val-fraction --synthetic-size --workers
+    # --dataset --data-dir --image-size --val-fraction --synthetic-size --workers --aug-device
+    common.add_data_args(parser)
     g = parser.add_argument_group("model")
     g.add_argument("--arch", default="resnet18", choices=ARCHS, help="backbone")
     g.add_argument("--patch-size", type=common.at_least(1), default=None,

@@ -1,9 +1,10 @@
 """Data loading and augmentation shared by simclr.py, linear_eval.py and the other method scripts.
 
 Only data lives here: datasets, augmentations and the loader (and the data flags, with three
-argparse types that check flag values and the --help format). Everything a reader needs to learn
-a method (model, loss, optimiser, distributed training, checkpoints) is written out in the method
-script itself.
+argparse types that check flag values and the --help format, and the checks that a resumed
+checkpoint fits the command line and the model). Everything a reader needs to learn a method
+(model, loss, optimiser, distributed training, checkpoints) is written out in the method script
+itself.
 
 Datasets (--dataset):
   cifar10, cifar100  torchvision, downloaded into --data-dir
@@ -93,7 +94,8 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def add_data_args(parser, size_default="the images' own size"):
-    """The data flags, identical in every script (linear_eval's --image-size defaults to the checkpoint's)."""
+    """The data flags, identical in every script (linear_eval leaves --dataset, --data-dir, --image-size,
+    --val-fraction and --synthetic-size unset: the checkpoint's values fill them)."""
     g = parser.add_argument_group("data")
     g.add_argument("--dataset", default="cifar10", choices=DATASETS, help="which dataset")
     g.add_argument("--data-dir", default="./data",
@@ -423,8 +425,8 @@ def pack_image_folder(root, out, image_size, val_fraction=0.1):
     --data-dir OUT` reads with memory mapping: a custom small-image dataset then trains at memory
     speed, with the batched augmentation (in the spirit of `ketos compile`). Each image is resized
     (shorter side) and centre-cropped to image_size px. Unreadable files are reported by name and
-    left out. Writes OUT/classes.json if labeled, then the arrays (train_labels.npy, test_*.npy if
-    labeled, train_images.npy last), each atomically: a pack cut short is not taken for a dataset."""
+    left out. Writes OUT/classes.json if labeled, then the arrays (test_*.npy if labeled, then
+    train_labels.npy, train_images.npy last), each atomically: a pack cut short is not taken for a dataset."""
     pretrain, train, test, num_classes = _image_folder(root, val_fraction)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -664,7 +666,7 @@ class BatchedView:
     rounding: a GPU may blur in TF32). Returns a float tensor (B, 3, size, size).
 
     Speed: everything that depends only on the parameters (blend coefficients, which rows get the
-    hue, grey, blur or solarisation) is worked out on the CPU and sent in one copy per view, so the
+    hue, grey, blur or solarisation) is worked out on the CPU and sent in two copies per pass, so the
     device never waits for the host; the costly ops run only on the rows that draw them."""
 
     def __init__(self, size, scale, ratio, mean, std, flip_p=0.0, jitter_p=0.0, jitter=(None,) * 4, gray_p=0.0,

@@ -27,7 +27,7 @@ momentum 0.9. Expected for ResNet-18 on CIFAR-10, from the sources, not measured
 top-1 (solo-learn, online linear probe, 1000 epochs) and about 81% kNN after 200 epochs (lightly's
 benchmark, batch 512). Measured with this script: see README.md.
 
-Reading order: the method is in Arguments, Model, Loss and Training (about 460 lines). The blocks
+Reading order: the method is in Arguments, Model, Loss and Training (about 490 lines). The blocks
 marked `# SHARED: identical in every script` (backbone, LARS and schedules, distributed setup,
 checkpoints, logging, preemption, kNN monitor; about 670 lines) are the same in every script:
 read them once, in any of them.
@@ -67,7 +67,8 @@ import common
 def get_args_parser():
     parser = argparse.ArgumentParser("DINO", description=__doc__.split("\n")[0],
                                      formatter_class=common.HelpFormatter)
-    common.add_data_args(parser)  # --dataset --data-dir --image-size --val-fraction --synthetic-size --workers
+    # --dataset --data-dir --image-size --val-fraction --synthetic-size --workers --aug-device
+    common.add_data_args(parser)
     g = parser.add_argument_group("model")
     g.add_argument("--arch", default="resnet18", choices=ARCHS, help="backbone")
     g.add_argument("--patch-size", type=common.at_least(1), default=None,

@@ -23,7 +23,7 @@ kNN: weighted, k=200, temperature 0.1, on L2-normalised features (as lightly's b
 Features: a ResNet's pooled output, a ViT's final CLS token (DINO's eval_linear.py concatenates the
 CLS tokens of the last 4 blocks for ViT-S, so its ViT figures are not directly comparable).
 
-Reading order: the evaluation is in Arguments and Training (about 320 lines). The blocks
+Reading order: the evaluation is in Arguments and Training (about 350 lines). The blocks
 marked `# SHARED: identical in every script` (backbone, LARS and schedules, distributed setup,
 checkpoints, logging, preemption, kNN monitor; about 670 lines) are the same in every script:
 read them once, in any of them.
@@ -91,7 +91,8 @@ def get_args_parser():
                    help="linear warm-up epochs before the cosine decay")
     g = parser.add_argument_group("run")
     g.add_argument("--output-dir", default=None,
-                   help="results and probe checkpoints (default: linear_eval[_fast]/ beside --ckpt)")
+                   help="results and probe checkpoints (default: linear_eval[_fast]/ beside --ckpt; "
+                        "runs/linear_eval_random_<dataset>_<arch>[_fast] for --ckpt random)")
     g.add_argument("--resume", default=None, help="probe checkpoint to start from when --output-dir has no last.pt")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to train")
     g.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
