@@ -313,3 +313,11 @@ def test_byol_views_crop_scale_ratio_and_flip(size):
         v = common.BatchedView.from_transform(t)
         assert (v.size, v.scale, v.flip_p, v.jitter_p, v.gray_p) == (size, (0.08, 1.0), 0.5, 0.8, 0.2)
         assert [x for r in v.jitter for x in r] == pytest.approx([0.6, 1.4, 0.6, 1.4, 0.8, 1.2, -0.1, 0.1])
+    # Blur p 1.0 / 0.1 above 64 px, none at 64 px or less (solo-learn's CIFAR views); solarisation 0 / 0.2.
+    blur = (1.0, 0.1) if size > 64 else (0.0, 0.0)
+    v1, v2 = (common.BatchedView.from_transform(t) for t in views)
+    assert (v1.blur_p, v2.blur_p, v1.solarize_p, v2.solarize_p) == (*blur, 0.0, 0.2)
+    crops = common.dino_augmentations(size, MEAN, STD, 2, size // 2, (0.14, 1.0), (0.05, 0.14))
+    d = [common.BatchedView.from_transform(t) for t in crops]
+    local = (0.5 if size > 64 else 0.0, 0.0)
+    assert [(v.blur_p, v.solarize_p) for v in d] == [(blur[0], 0.0), (blur[1], 0.2), local, local]

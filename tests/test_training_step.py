@@ -151,7 +151,8 @@ def test_weight_decay_follows_its_cosine_schedule_on_the_weights_only():
     expected = 0.4 + (0.04 - 0.4) * 0.5 * (1 + math.cos(math.pi * STEP / TOTAL))  # main_dino.py's wd_schedule
     weights, biases = optimizer.param_groups
     assert weights["weight_decay"] == expected
-    assert biases["weight_decay"] == 0.0  # biases, norms, ViT tokens: never decayed
+    assert biases["weight_decay"] == 0.0  # biases and norms (1-D) never; the ViT's cls_token and
+    # pos_embed (3-D) are decayed, as main_dino.py's get_params_groups does
 
 
 def test_clip_grad_clips_each_parameter_before_the_step():
