@@ -978,8 +978,10 @@ def main(args):
     train_feats = train_labels = loader = None
     local_batch = args.batch_size // world_size
     if args.mode == "fast":  # None if a stop is asked for meanwhile: the run then saves and stops, untrained
-        train_feats, train_labels = extract_features(backbone, data.train.with_transform(eval_t), 256, args.workers,
-                                                     device, rank, world_size, preemption.requested) or (None, None)
+        # --batch-size images at a time, as the linear mode's steps: lowering it is the cure for out of memory
+        train_feats, train_labels = extract_features(backbone, data.train.with_transform(eval_t), args.batch_size,
+                                                     args.workers, device, rank, world_size,
+                                                     preemption.requested) or (None, None)
         steps_per_epoch = len(data.train) // args.batch_size
     else:
         probe_t = common.probe_transform(data.image_size, data.mean, data.std)
@@ -1043,11 +1045,13 @@ def main(args):
     # 8. Evaluate: top-1/top-5 of the probe and kNN on the test split ------------------------
     # A stop asked for while the features are computed (minutes on a large dataset) ends the run as one
     # at a step does: last.pt is saved (above), and the requeued job, at its last step, evaluates.
-    test_feats, test_labels = extract_features(backbone, data.test.with_transform(eval_t), 256, args.workers, device,
-                                               rank, world_size, run.preemption.requested) or (None, None)
+    test_feats, test_labels = extract_features(backbone, data.test.with_transform(eval_t), args.batch_size,
+                                               args.workers, device, rank, world_size,
+                                               run.preemption.requested) or (None, None)
     if args.knn_every and train_feats is None and test_feats is not None:
-        train_feats, train_labels = extract_features(backbone, data.train.with_transform(eval_t), 256, args.workers,
-                                                     device, rank, world_size, run.preemption.requested) or (None, None)
+        train_feats, train_labels = extract_features(backbone, data.train.with_transform(eval_t), args.batch_size,
+                                                     args.workers, device, rank, world_size,
+                                                     run.preemption.requested) or (None, None)
     if test_feats is None or args.knn_every and train_feats is None:
         run.preemption.exit(is_main, f"stopped at step {run.step} before the evaluation, saved {last}", out)
     with torch.no_grad():

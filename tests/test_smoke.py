@@ -2,7 +2,9 @@
 import csv
 import json
 import math
+import os
 import re
+import signal
 import subprocess
 import sys
 
@@ -89,6 +91,33 @@ def test_linear_eval_default_output_dir_and_random_baseline(pretrained, tmp_path
                    "--batch-size", "32", "--device", "cpu", "--workers", "0", cwd=tmp_path)
         results = tmp_path / "runs" / f"linear_eval_random_{dataset}_resnet18_fast" / "results.json"
         assert json.loads(results.read_text())["ckpt"] == "random"
+
+
+@pytest.mark.parametrize("mode,calls", [("fast", 2), ("linear", 2)])
+def test_linear_eval_extracts_features_in_batches_of_batch_size(tmp_path, monkeypatch, mode, calls):
+    """The frozen backbone sees --batch-size images at a time when it extracts features (fast mode's
+    training set, the test set, the kNN's training set), so lowering --batch-size, as the out-of-memory
+    line says, is the cure there too (it was always 256). Run in this process, to count the calls."""
+    import linear_eval
+    sizes, original = [], linear_eval.extract_features
+
+    def recording(backbone, dataset, batch_size, *args, **kwargs):
+        sizes.append(batch_size)
+        return original(backbone, dataset, batch_size, *args, **kwargs)
+
+    monkeypatch.setattr(linear_eval, "extract_features", recording)
+    for key in list(os.environ):
+        if key.startswith(("SLURM_", "RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_")):
+            monkeypatch.delenv(key)
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)}
+    try:
+        linear_eval.main(linear_eval.get_args_parser().parse_args(
+            [*TINY, "--ckpt", "random", "--mode", mode, "--epochs", "1", "--batch-size", "16",
+             "--output-dir", str(tmp_path)]))
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+    assert sizes == [16] * calls and (tmp_path / "results.json").exists()
 
 
 def test_linear_eval_keeps_the_pretraining_data_dir_when_given_its_dataset(tmp_path):
