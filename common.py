@@ -561,7 +561,7 @@ def _view(size, scale, blur_p, solarize_p, blur, mean, std, min_kernel=1):
     official BYOL and DINO code resize bicubic), flip, colour jitter 0.4/0.4/0.2/0.1 (p=0.8),
     grayscale p=0.2, Gaussian blur (sigma 0.1-2, p=blur_p; kernel 10% of the view, at least
     min_kernel taps) if `blur`, solarisation p=solarize_p."""
-    kernel = max(size // 20 * 2 + 1, min_kernel)
+    kernel = min(max(size // 20 * 2 + 1, min_kernel), 2 * size - 1)  # reflect padding: less than the view's size
     blurs = [T.RandomApply([T.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=blur_p)] if blur else []
     return T.Compose([
         T.RandomResizedCrop(size, scale=scale),

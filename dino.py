@@ -162,7 +162,8 @@ def fill_recipe(args):
     if args.local_crops_scale is None:
         args.local_crops_scale = (0.05, 0.4) if vit else (0.05, 0.14)
     if args.local_crop_size is None:  # 3/7 of the image, in whole ViT patches: 96 px of 224, 48 of 96, 16 of 32
-        step = max(8, args.patch_size or default_patch_size(args.image_size)) if args.arch.startswith("vit") else 8
+        patch = args.patch_size or default_patch_size(args.image_size) if args.arch.startswith("vit") else 1
+        step = patch * math.ceil(8 / patch)  # whole patches, 8 px at least: 8, 9 (3 px patches), 12 (6 px), 16
         args.local_crop_size = max(step, round(args.image_size * 3 / 7 / step) * step)
     for flag, (low, high) in (("global", args.global_crops_scale), ("local", args.local_crops_scale)):
         if not 0 < low <= high <= 1:
@@ -1103,7 +1104,7 @@ def main(args):
     if args.local_crops and args.local_crop_size >= data.image_size:  # multi-crop: small local views (sec. 3.1)
         common.fail(f"--local-crop-size {args.local_crop_size} is not smaller than the {data.image_size} px global "
                     + ("crops; give a smaller one, or leave it out (3/7 of the image size)" if given_local else
-                       "crops (its default, 3/7 of the image size in whole steps of 8 px or of the patch, cannot be); "
+                       "crops (its default, 3/7 of the image size in whole patches, 8 px at least, cannot be); "
                        "give a larger --image-size, or --local-crops 0"))
     if world_size > 1:
         raw_model = convert_sync_batchnorm(raw_model, device)

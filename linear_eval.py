@@ -847,6 +847,8 @@ def load_backbone(args):
     """The backbone to evaluate, its metadata, and the pretraining arguments (dataset defaults)."""
     if args.ckpt == "random":
         args.arch = args.arch or "resnet18"
+        if args.patch_size is not None and args.arch not in VIT_SIZES:  # before the image size is checked against it
+            common.fail(f"--patch-size applies to ViT backbones, not {args.arch}; drop it or use --arch vit_*")
         return None, {"arch": args.arch, "patch_size": args.patch_size}, {}
     ckpt = load_checkpoint(args.ckpt)
     arch = ckpt["backbone_meta"].get("arch")

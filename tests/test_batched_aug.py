@@ -269,6 +269,22 @@ def test_views_made_in_one_pass_equal_views_made_one_by_one():
     assert [tuple(v.shape) for v in next(iter(loader))[0]] == [(6, 3, 32, 32)] * 2 + [(6, 3, 16, 16)] * 3
 
 
+@pytest.mark.parametrize("local", [4, 6, 7])
+def test_tiny_local_crops_of_large_images_blur_within_their_size(local):
+    """Above 64 px DINO's local crops blur with 13 taps at least; a crop of 6 px or less cannot be
+    reflect-padded by 6 (a traceback in the first batch, PIL and batched): the kernel is capped at
+    2 x size - 1 taps, and both pipelines make the view."""
+    from PIL import Image
+    crop = common.dino_augmentations(72, MEAN, STD, 1, local, (0.14, 1.0), (0.05, 0.14))[2]
+    view = common.BatchedView.from_transform(crop)
+    assert view.blur_kernel == min(13, 2 * local - 1) and view.blur_p == 0.5
+    out = view(images(8, 72, 72, seed=2), np.random.default_rng(0))
+    assert out.shape == (8, 3, local, local) and torch.isfinite(out).all()
+    torch.manual_seed(0)
+    pil = [crop(Image.fromarray(images(1, 72, 72, seed=k)[0].numpy())) for k in range(8)]
+    assert all(v.shape == (3, local, local) for v in pil)
+
+
 def test_aug_device_flag_errors(tmp_path):
     from conftest import TINY, run_script
     proc = run_script("simclr.py", *TINY, "--aug-device", "cuda", "--output-dir", tmp_path, check=False)

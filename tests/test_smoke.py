@@ -316,11 +316,13 @@ def test_dino_grad_checkpointing_needs_a_vit(tmp_path):
     assert proc.stderr.count("\n") == 1 and not (tmp_path / "last.pt").exists()
 
 
-@pytest.mark.parametrize("script,extra", [("barlow.py", METHODS["barlow.py"]),
-                                          ("linear_eval.py", ["--ckpt", "random"])])
-def test_patch_size_with_a_resnet_is_refused(tmp_path, script, extra):
-    """--patch-size with a ResNet did nothing, yet args.json recorded it: one line instead."""
-    proc = run_script(script, *TINY, *extra, "--patch-size", "4", "--output-dir", tmp_path, check=False)
+@pytest.mark.parametrize("script,extra,patch", [("barlow.py", METHODS["barlow.py"], "4"),
+                                                ("linear_eval.py", ["--ckpt", "random"], "4"),
+                                                ("linear_eval.py", ["--ckpt", "random"], "3")])
+def test_patch_size_with_a_resnet_is_refused(tmp_path, script, extra, patch):
+    """--patch-size with a ResNet did nothing, yet args.json recorded it: one line instead (linear_eval
+    said that the 8 px images are not a multiple of the ViT patch size 3 of random)."""
+    proc = run_script(script, *TINY, *extra, "--patch-size", patch, "--output-dir", tmp_path, check=False)
     assert proc.returncode == 1 and proc.stderr == ("error: --patch-size applies to ViT backbones, not resnet18; "
                                                     "drop it or use --arch vit_*\n")
     assert not (tmp_path / "last.pt").exists()

@@ -242,6 +242,8 @@ def test_benchmark_writes_every_figure(tmp_path):
     assert proc.returncode == 2 and "--aug-rounds must be at least 1" in proc.stderr
     for bad, message in ((["--images", "16"], "--images 16 is too few"),
                          (["--", "--batch-size", "4"], "--batch-size after --: give it to the benchmark itself"),
+                         (["--", "--synthetic-size", "20", "10"],  # the loaders ran out of images: StopIteration
+                          "--synthetic-size after --: give --images N to the benchmark itself"),
                          (["--json", tmp_path], "cannot write a file there (a folder)"),
                          (["--warmup", "-3"], "argument --warmup: must be at least 0")):
         proc = run_script("tools/benchmark.py", *tiny, *bad, check=False)

@@ -104,15 +104,19 @@ def test_gradient_checkpointing_same_loss_and_gradients_less_memory():
     assert m1 < m0 / 4, (m0, m1)  # 12 blocks' activations against their 12 inputs
 
 
-@pytest.mark.parametrize("arch,size,local", [("vit_tiny", 32, 16), ("vit_tiny", 64, 24), ("vit_tiny", 96, 48),
-                                             ("vit_tiny", 224, 96), ("resnet18", 96, 40), ("resnet18", 32, 16)])
-def test_dino_default_local_crop_is_whole_patches(arch, size, local):
-    """3/7 of the image side (DINO: 96 of 224 px), in whole patches of the default patch size."""
+@pytest.mark.parametrize("arch,size,local,patch", [
+    ("vit_tiny", 32, 16, None), ("vit_tiny", 64, 24, None), ("vit_tiny", 96, 48, None), ("vit_tiny", 224, 96, None),
+    ("resnet18", 96, 40, None), ("resnet18", 32, 16, None),
+    # A patch that does not divide 8 px: whole patches still (the default was a multiple of 8, refused).
+    ("vit_tiny", 24, 12, 6), ("vit_tiny", 24, 9, 3), ("vit_tiny", 20, 10, 5), ("vit_tiny", 28, 14, 7)])
+def test_dino_default_local_crop_is_whole_patches(arch, size, local, patch):
+    """3/7 of the image side (DINO: 96 of 224 px), in whole patches (8 px at least) of the patch size."""
     import dino
-    args = dino.get_args_parser().parse_args(["--arch", arch, "--local-crops", "2"])
+    args = dino.get_args_parser().parse_args(["--arch", arch, "--local-crops", "2",
+                                              *(["--patch-size", str(patch)] if patch else [])])
     args.image_size = size
     dino.fill_recipe(args)
-    assert args.local_crop_size == local
+    assert args.local_crop_size == local and args.local_crop_size % (patch or 1) == 0 and local < size
 
 
 @pytest.mark.parametrize("arch,local_crops,expected", [

@@ -196,9 +196,12 @@ def main():
         parser.error("--device cuda but no GPU is visible to this process; use --device cpu or request a GPU")
     opts.extra = [a for a in opts.extra if a != "--"]
     own = [a for a in opts.extra if a.split("=")[0] in ("--arch", "--image-size", "--batch-size", "--device",
-                                                        "--precision", "--workers", "--aug-device", "--dataset")]
+                                                        "--precision", "--workers", "--aug-device", "--dataset",
+                                                        "--synthetic-size")]
     if own:
-        parser.error(f"{own[0].split('=')[0]} after --: give it to the benchmark itself, before --")
+        flag = own[0].split("=")[0]
+        parser.error(f"{flag} after --: give " + ("--images N" if flag == "--synthetic-size" else "it")
+                     + " to the benchmark itself, before --")
     cpus = len(os.sched_getaffinity(0))
     opts.workers = cpus if opts.workers is None else opts.workers
     skip, n = pil_counts(opts)
