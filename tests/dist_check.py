@@ -16,7 +16,8 @@ method, out = sys.argv[1], sys.argv[2]
 m = importlib.import_module(method.split("_")[0])
 rank, _, world_size, device = m.setup_distributed(argparse.Namespace(device="cpu", batch_size=8))
 torch.manual_seed(0)
-args = argparse.Namespace(arch="vit_tiny" if method == "dino_vit" else "resnet18", patch_size=4, proj_layers=2,
+args = argparse.Namespace(arch="vit_tiny" if method == "dino_vit" else "resnet18",
+                          patch_size=4 if method == "dino_vit" else None, proj_layers=2,
                           proj_hidden_dim=64, proj_dim=32, pred_hidden_dim=64, drop_path=0.0, grad_checkpointing=False,
                           out_dim=32, head_hidden_dim=64, bottleneck_dim=16, norm_last_layer=True)
 name = {"simclr": "SimCLR", "byol": "BYOL", "barlow": "BarlowTwins", "dino": "DINO", "dino_vit": "DINO"}[method]
