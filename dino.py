@@ -162,7 +162,7 @@ def fill_recipe(args):
     if args.local_crops_scale is None:
         args.local_crops_scale = (0.05, 0.4) if vit else (0.05, 0.14)
     if args.local_crop_size is None:  # 3/7 of the image, in whole ViT patches: 96 px of 224, 48 of 96, 16 of 32
-        patch = args.patch_size or default_patch_size(args.image_size) if args.arch.startswith("vit") else 1
+        patch = (args.patch_size or default_patch_size(args.image_size)) if vit else 1
         step = patch * math.ceil(8 / patch)  # whole patches, 8 px at least: 8, 9 (3 px patches), 12 (6 px), 16
         args.local_crop_size = max(step, round(args.image_size * 3 / 7 / step) * step)
     for flag, (low, high) in (("global", args.global_crops_scale), ("local", args.local_crops_scale)):
