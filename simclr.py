@@ -432,15 +432,18 @@ def cleanup_distributed():
         dist.destroy_process_group()
 
 
-def wait_for_rank0(world_size):
+def wait_for_rank0(world_size, group=None):
     """The barrier after what rank 0 does alone at the start (output folder, download). If rank 0
-    stopped there, its one error line says why; the others then end with one line, not a traceback."""
+    stopped there, its one error line says why; the others then end with one line, not a traceback.
+    On GPUs it waits in Preemption's gloo group: NCCL forms its connections at its first call, and a
+    failure there (two processes on one GPU, the network) must not pass for process 0's end."""
     if world_size > 1:
         try:
-            dist.barrier()
-        except RuntimeError:  # rank 0's process is gone, and its end of the connection with it
+            dist.barrier(group=group)
+        except RuntimeError:  # a process is gone, and its end of the connection with it
             rank = dist.get_rank()
-            raise SystemExit(f"error: process {rank} stops: process 0 is gone (its error is above)") from None
+            gone = "process 0 is gone" if rank else "another process is gone"
+            raise SystemExit(f"error: process {rank} stops: {gone} (its error is above)") from None
 
 
 # ---- Distributed: gather with gradients, global BatchNorm ---------------------------------
@@ -926,7 +929,7 @@ def main(args):
     # 3. Data --------------------------------------------------------------------------------
     if is_main:
         common.download_data(args)  # rank 0 downloads while the others wait
-    wait_for_rank0(world_size)
+    wait_for_rank0(world_size, preemption.group)
     data = common.load_data(args)
     args.image_size = data.image_size
     if args.blur_prob is None:  # the paper blurs ImageNet views, not CIFAR's (appendix B.9)

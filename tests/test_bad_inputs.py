@@ -606,6 +606,30 @@ def test_resume_flag_beside_an_existing_last_pt_says_it_is_not_used(tmp_path, pr
     assert "at step 2" in proc.stdout
 
 
+@pytest.mark.parametrize("script", ["simclr.py", "byol.py", "barlow.py", "dino.py", "linear_eval.py"])
+def test_the_start_up_barrier_waits_in_the_preemption_group(monkeypatch, script):
+    """On GPUs the start-up barrier runs in Preemption's gloo group (None, the default gloo group, on
+    CPUs): an NCCL barrier would form NCCL's connections there, and any failure to (two processes
+    on one GPU, the network) was reported as "process 0 is gone", by process 0 too."""
+    import torch.distributed as dist
+    module = importlib.import_module(script[:-3])
+    assert "    wait_for_rank0(world_size, preemption.group)\n" in (REPO / script).read_text()
+    seen = []
+
+    def barrier(group=None):
+        seen.append(group)
+        raise RuntimeError("NCCL error: Duplicate GPU detected")
+
+    monkeypatch.setattr(dist, "barrier", barrier)
+    for rank, line in ((1, "error: process 1 stops: process 0 is gone (its error is above)"),
+                       (0, "error: process 0 stops: another process is gone (its error is above)")):
+        monkeypatch.setattr(dist, "get_rank", lambda: rank)
+        with pytest.raises(SystemExit) as stop:
+            module.wait_for_rank0(2, "gloo group")
+        assert str(stop.value) == line
+    assert seen == ["gloo group"] * 2
+
+
 @pytest.mark.parametrize("script", ["simclr.py", "linear_eval.py"])
 def test_a_start_up_error_of_process_0_is_one_line_in_every_process(tmp_path, pretrained, script):
     """2 processes (torchrun's variables; srun's are alike): process 0 alone checks the output folder
