@@ -23,9 +23,10 @@ LARS (clipped rate, eta 0.02, lr 0.3 x batch/256, weight decay 1e-6), 2 crops. V
 drop path 0.1), patch size 4 on 32 px images. Both: batch 256, 10 warm-up epochs then cosine, teacher
 momentum 0.996 -> 1, head 2048 -> 256 -> 4096 prototypes with the last layer frozen during the
 first epoch, teacher temperature 0.04 -> 0.07 over 30 epochs, student temperature 0.1, centre
-momentum 0.9. Expected for ResNet-18 on CIFAR-10, from the sources, not measured here: about 89.5%
-top-1 (solo-learn, online linear probe, 1000 epochs) and about 81% kNN after 200 epochs (lightly's
-benchmark, batch 512). Measured with this script: see README.md.
+momentum 0.9: the paper's teacher, where solo-learn's differs (momentum 0.9995, crop scale 0.08-1, its
+own temperature warm-up; README.md gives the flags). Expected for ResNet-18 on CIFAR-10, from the
+sources, not measured here: about 89.5% top-1 (solo-learn's recipe, online linear probe, 1000 epochs)
+and about 81% kNN after 200 epochs (lightly's benchmark, batch 512). Measured here: see README.md.
 
 Reading order: the method is in Arguments, Model, Loss and Training (about 490 lines). The blocks
 marked `# SHARED: identical in every script` (backbone, LARS and schedules, distributed setup,
@@ -89,7 +90,7 @@ def get_args_parser():
     g.add_argument("--local-crops", type=common.at_least(0), default=0,
                    help="number of small local crops (the paper: 6 to 10)")
     g.add_argument("--local-crop-size", type=common.at_least(1), default=None,
-                   help="local crop size (default: 3/7 of the image, in steps of 8 px or of a larger ViT patch)")
+                   help="local crop size (default: 3/7 of the image, in steps of 8 px; ViTs: whole patches, >= 8 px)")
     g.add_argument("--global-crops-scale", type=float, nargs=2, default=None,
                    help="area range of the global crops (default: 0.4 1 for ViTs with local crops, else 0.14 1)")
     g.add_argument("--local-crops-scale", type=float, nargs=2, default=None,
