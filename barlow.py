@@ -19,11 +19,12 @@ CIFAR stem, batch 256, LARS (clipped rate, eta 0.02, lr 0.3 x batch/256 for weig
 alike, weight decay 1e-4, 10 warm-up epochs, cosine), projector 2048-2048-2048, lambda 0.0051, loss
 scaled by 0.1, 1000 epochs; BYOL's asymmetric augmentations (as the paper), without blur at 32 px.
 The paper's ImageNet settings: --proj-hidden-dim 8192 --proj-dim 8192 --lr 0.2 --lr-biases 0.0048
---weight-decay 1.5e-6 --scale-loss 1 --batch-size 2048 --no-lars-clip --lars-eta 0.001 (the
-official LARS divides by ||g + wd w|| and decays to lr/1000; its ResNet-50 also starts its residual
-branches' last BatchNorm at zero, zero_init_residual, which no flag here does). Expected, from the sources, not
-measured here: about 92.1% top-1 (solo-learn, online linear probe, 1000 epochs; 91.6% offline,
-solo-learn issue 216) and about 82% kNN after 200 epochs (lightly's benchmark, batch 512).
+--weight-decay 1.5e-6 --scale-loss 1 --batch-size 2048 --no-lars-clip --lars-eta 0.001 --lambd 0.005
+(the official code's lambda is 0.0051, as here; the official LARS divides by ||g + wd w|| and decays
+to lr/1000; its ResNet-50 also starts its residual branches' last BatchNorm at zero,
+zero_init_residual, which no flag here does). Expected, from the sources, not measured here: about
+92.1% top-1 (solo-learn, online linear probe, 1000 epochs; 91.6% offline, solo-learn issue 216)
+and about 82% kNN after 200 epochs (lightly's benchmark, batch 512).
 Measured with this script: see README.md.
 
 Reading order: the method is in Arguments, Model, Loss and Training (about 340 lines). The blocks
@@ -865,6 +866,8 @@ def train_one_epoch(model, loader, optimizer, scaler, run, args):
         x1, x2 = (x.to(run.device, non_blocking=True, memory_format=run.memory_format) for x in (x1, x2))
         with torch.autocast(run.device.type, dtype=run.amp_dtype, enabled=run.amp_dtype is not None):
             z1, z2 = model(x1, x2)
+        # --scale-loss is part of solo-learn's tuned LARS recipe, not a learning rate: biases and norms (no
+        # trust ratio) step 10x less, weight matrices less than that (their rate is clipped at lr).
         loss = args.scale_loss * barlow_twins_loss(z1.float(), z2.float(), args.lambd)  # the loss in fp32
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()

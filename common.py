@@ -584,7 +584,7 @@ def byol_augmentations(image_size, mean, std):
 
 
 def dino_augmentations(image_size, mean, std, local_crops, local_size, global_scale, local_scale):
-    """DINO's multi-crop (Caron et al. 2021, section 3.1, appendix D): two global crops at
+    """DINO's multi-crop (Caron et al. 2021, section 3.1, appendix E): two global crops at
     image_size px with area global_scale, BYOL's asymmetric recipe (blur p=1.0 / 0.1, solarisation
     p=0 / 0.2), then `local_crops` small crops at local_size px with area local_scale (blur p=0.5).
     No blur at 64 px or less, as for BYOL on CIFAR. Global crops come first: the teacher sees them only.

@@ -966,7 +966,7 @@ def main(args):
                     f"{len(data.train)}: use the same images to resume, or another --output-dir")
     memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     backbone = backbone.to(device, memory_format=memory_format).eval().requires_grad_(False)
-    # MAE's linear probe (He et al. 2022, appendix A.2): BatchNorm without affine parameters
+    # MAE's linear probe (He et al. 2022, appendix A.1): BatchNorm without affine parameters
     # standardises the features, so one learning rate fits every backbone; it is still a linear
     # classifier (the BN folds into the linear layer at test time).
     raw_head = nn.Sequential(nn.BatchNorm1d(feat_dim, affine=False), nn.Linear(feat_dim, data.num_classes))
