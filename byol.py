@@ -979,6 +979,7 @@ def main(args):
             scaler.load_state_dict(ckpt["scaler"])
         set_rng_states(ckpt["rng"])
         run.step, run.elapsed, (epoch_sums, run.n_epoch) = ckpt["step"], ckpt["elapsed"], ckpt["epoch_loss"]
+        run.epoch = ckpt["epoch"]  # kept if no epoch is left to train: rerunning a finished run saves it again
         run.losses[1] = torch.tensor(epoch_sums)
     # A stop asked for at an epoch's last step or during its kNN leaves no time for the kNN: that epoch's
     # end (kNN and epoch row) is postponed, and the resumed run does it first, over an empty rest of the epoch.
@@ -1061,3 +1062,9 @@ if __name__ == "__main__":
         need = re.search(r"Tried to allocate [\d.]+ \w+", str(e))
         common.fail(f"out of GPU memory with --batch-size {args.batch_size}" + (f" ({need[0]})" if need else "")
                     + "; lower --batch-size (it is global: more GPUs also help) or use --precision bf16 or fp16")
+    finally:  # ended, saved or not: Python's shutdown (a second or two with torch) gives handled signals back
+        # their default action, so SLURM's or torchrun's SIGUSR1/SIGTERM then killed a finished run (exit -15,
+        # a failed step) instead of its exit 0 or 143; ignored now. Ctrl-C still stops it at once.
+        for sig, action in ((signal.SIGUSR1, signal.SIG_IGN), (signal.SIGTERM, signal.SIG_IGN),
+                            (signal.SIGINT, signal.SIG_DFL)):
+            signal.signal(sig, action)

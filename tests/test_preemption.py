@@ -3,6 +3,9 @@ exit 143, no requeue. A fake `scontrol` on PATH records what the script asks of 
 import csv
 import os
 import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -321,6 +324,39 @@ def test_a_signal_at_an_epochs_last_step_postpones_its_knn_to_the_resumed_run(tm
         proc = run_script(script, *args, "--output-dir", out)
         assert f"resumed from {out / 'last.pt'} at step {stop_at}" in proc.stdout
         assert epoch_rows(out) == expected
+
+
+@pytest.mark.parametrize("sig,end,code", [("SIGTERM", "done", 0), ("SIGUSR1", "done", 0), ("SIGUSR1", "stopped", 143)])
+def test_a_signal_while_python_shuts_down_leaves_the_exit_code(tmp_path, sig, end, code):
+    """Python gives the signals it handled their default action back while it shuts down (a second
+    or two after the last line, with torch): SLURM's or torchrun's signal then killed a run that had
+    ended (exit -15: a failed step, a torchrun ChildFailedError). An object deleted at shutdown sends
+    it here, after that point; a real interpreter, as the forked test runs skip Python's shutdown."""
+    wrapper = tmp_path / "signal_at_shutdown.py"
+    wrapper.write_text(
+        "import os, runpy, signal, sys\n"
+        "class SignalAtShutdown:\n"
+        "    def __del__(self):\n"
+        f"        os.kill(os.getpid(), signal.{sig})\n"
+        "keep = SignalAtShutdown()\n"
+        f"sys.path.insert(0, {str(REPO)!r})\n"
+        f"sys.argv[0] = {str(REPO / 'simclr.py')!r}\n"
+        f"runpy.run_path({str(REPO / 'simclr.py')!r}, run_name='__main__')\n")
+    stop = ["--max-steps", "2"] if end == "done" else ["--epochs", "50"]
+    cmd = [sys.executable, wrapper, *TINY, "--epochs", "1", "--knn-every", "0", *stop, "--output-dir", tmp_path / "run"]
+    if end == "done":
+        proc = subprocess.run(cmd, env=clean_env(), capture_output=True, text=True, timeout=300)
+        output = proc.stdout + proc.stderr
+    else:  # SIGTERM during training: saved, exit 143, and the shutdown's signal after that
+        with open(tmp_path / "output", "w") as f:
+            proc = subprocess.Popen(cmd, env=clean_env(), stdout=f, stderr=subprocess.STDOUT, text=True)
+            while "epoch 0 step" not in (tmp_path / "output").read_text() and proc.poll() is None:
+                time.sleep(0.05)
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=300)
+        output = (tmp_path / "output").read_text()
+    assert proc.returncode == code, output
+    assert ("done at step 2" if end == "done" else "SIGTERM: stopped at step") in output
 
 
 @pytest.mark.parametrize("script,sig", [("simclr.py", "SIGUSR1"), ("simclr.py", "SIGTERM"), ("simclr.py", "SIGINT"),

@@ -77,13 +77,18 @@ def test_resume_from_another_folder_keeps_none_of_this_folders_rows_and_names_ch
     assert "note:" not in proc.stdout and len(rows(tmp_path / "b" / "metrics.csv")) == 1  # its own row stays
 
 
-def test_finished_run_started_again_does_nothing_more(tmp_path):
-    run_script("simclr.py", *ARGS, "--max-steps", 2, "--output-dir", tmp_path)
+@pytest.mark.parametrize("max_steps", [2, None])
+def test_finished_run_started_again_does_nothing_more(tmp_path, max_steps):
+    """Its last.pt is saved again as it was: the weights, and the epoch of its last step (it was
+    saved as epoch 0, the epoch loop not run)."""
+    limit = ["--max-steps", max_steps] if max_steps else []
+    run_script("simclr.py", *ARGS, *limit, "--output-dir", tmp_path)
     before = load(tmp_path / "last.pt")
-    proc = run_script("simclr.py", *ARGS, "--max-steps", 2, "--output-dir", tmp_path)
-    assert "done at step 2" in proc.stdout
+    proc = run_script("simclr.py", *ARGS, *limit, "--output-dir", tmp_path)
+    assert f"done at step {max_steps or 8}" in proc.stdout
     after = load(tmp_path / "last.pt")
     assert all(torch.equal(before["model"][k], after["model"][k]) for k in before["model"])
+    assert before["epoch"] == after["epoch"] == (0 if max_steps else 1) and before["step"] == after["step"]
 
 
 @pytest.mark.parametrize("mode", ["fast", "linear"])
@@ -93,9 +98,11 @@ def test_linear_eval_resume_is_exact(tmp_path, pretrained, mode):
     run_script("linear_eval.py", *args, "--output-dir", tmp_path / "straight")
     run_script("linear_eval.py", *args, "--output-dir", tmp_path / "resumed", "--max-steps", 5)
     run_script("linear_eval.py", *args, "--output-dir", tmp_path / "resumed")
+    run_script("linear_eval.py", *args, "--output-dir", tmp_path / "resumed")  # finished: saved again as it was
     a, b = load(tmp_path / "straight" / "last.pt"), load(tmp_path / "resumed" / "last.pt")
     for key in a["head"]:
         assert torch.equal(a["head"][key], b["head"][key]), key
+    assert a["epoch"] == b["epoch"] == 2 and a["step"] == b["step"]
     assert (tmp_path / "straight" / "results.json").read_text() != ""
 
 
