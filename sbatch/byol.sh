@@ -33,7 +33,7 @@ cd "${SLURM_SUBMIT_DIR:-.}"
 [ -f byol.py ] || { echo "error: no byol.py in $PWD: submit from the repository root" \
     "(cd there, then sbatch sbatch/byol.sh)" >&2; exit 1; }
 # CHANGE: module load pytorch-gpu/py3/2.3.0    (or: source ~/venvs/ssl/bin/activate)
-export SRUN_CPUS_PER_TASK="${SLURM_CPUS_PER_TASK:-1}"  # srun >= 22.05 no longer inherits --cpus-per-task
+export SRUN_CPUS_PER_TASK="${SLURM_CPUS_PER_TASK:-1}"  # srun 22.05 to 23.02 do not inherit --cpus-per-task
 OUTPUT_DIR="${OUTPUT_DIR:-runs/byol-${SLURM_JOB_ID}}"
 echo "job ${SLURM_JOB_ID} (restart ${SLURM_RESTART_COUNT:-0}) on ${SLURM_JOB_NODELIST}: output in ${OUTPUT_DIR}"
 srun --kill-on-bad-exit=1 python -u byol.py --output-dir "${OUTPUT_DIR}" \

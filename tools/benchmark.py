@@ -106,7 +106,7 @@ def setup(method, opts):
 def pil_counts(opts):
     """Batches to skip and to time with the PIL loader. Its --workers processes have 2 batches each
     made ahead (DataLoader's prefetch) before the timing starts, and they finish theirs in bursts of
-    --workers batches: skip the ones made ahead, time at least 4 bursts (16 workers: 34 and 64)."""
+    --workers batches: skip the ones made ahead, time at least 4 bursts (16 workers, CPU defaults: 34 and 64)."""
     return opts.warmup + 2 * opts.workers, max(opts.steps, opts.aug_steps // opts.aug_rounds, 4 * opts.workers)
 
 
