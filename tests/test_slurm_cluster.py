@@ -4,7 +4,10 @@ built from SLURM's variables, and `scontrol requeue` or the time-limit signal (-
 saved checkpoint, a requeue and a resumed job that finishes, with every step logged once.
 Skipped only where SLURM is not installed (`sbatch` absent); CI installs it."""
 import csv
+import fcntl
 import shutil
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -24,11 +27,16 @@ TINY = ["--device", "cpu", "--dataset", "synthetic", "--synthetic-size", "128", 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    c = Cluster(tmp_path_factory.mktemp("slurm"))
-    try:
-        yield c.start()
-    finally:
-        c.stop()
+    """One cluster on the machine at a time (its daemons, ports and munged are the machine's): the
+    xdist_group keeps these tests in one worker, except with pytest 9.2 (pytest-xdist issue 1386:
+    the group is silently lost) or in two test runs at once; a worker then waits for the other's."""
+    with open(Path(tempfile.gettempdir()) / "ssl-tests-slurm-cluster.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, after stop()
+        c = Cluster(tmp_path_factory.mktemp("slurm"))
+        try:
+            yield c.start()
+        finally:
+            c.stop()
 
 
 @pytest.fixture
