@@ -250,14 +250,21 @@ def test_a_second_run_on_the_same_output_dir_stops_without_saving(tmp_path):
 
 def test_a_second_command_started_while_the_first_runs(tmp_path):
     """The same command started twice on one output dir, the second once the first has saved: the run
-    that finds last.pt written by the other stops at its next save; the other finishes, its last.pt whole."""
+    that finds last.pt written by the other stops at its next save; the other finishes, its last.pt whole.
+    The first is paused until the second has read last.pt: a second run that takes longer to start than
+    the first to finish (a fresh interpreter, SSL_TESTS_NO_FORK=1) would find a finished run instead."""
     out = tmp_path / "run"
     args = [*TINY, "--epochs", "4", "--knn-every", "0", "--output-dir", out]
     procs = [Started("simclr.py", *args)]
     deadline = time.time() + 120
     while not (out / "last.pt").exists() and procs[0].returncode is None and time.time() < deadline:
         time.sleep(0.05)
+    procs[0].send_signal(signal.SIGSTOP)
     procs.append(Started("simclr.py", *args))
+    try:
+        procs[1].wait_for("resumed from")
+    finally:
+        procs[0].send_signal(signal.SIGCONT)
     results = [(p.wait(timeout=300), p.output) for p in procs]
     assert sorted(rc for rc, _ in results) == [0, 1], results
     assert "two runs share --output-dir" in next(err for rc, err in results if rc == 1)
