@@ -74,7 +74,8 @@ def get_args_parser():
     g.add_argument("--arch", default="resnet18", choices=ARCHS, help="backbone")
     g.add_argument("--patch-size", type=common.at_least(1), default=None,
                    help="ViT patch size (default: 4 up to 32 px, 8 up to 64 px, else 16)")
-    g.add_argument("--drop-path", type=common.fraction, default=0.1, help="stochastic depth of the student ViT")
+    g.add_argument("--drop-path", type=common.fraction, default=None,
+                   help="stochastic depth of the student ViT (default: 0.1; ResNets: none)")
     g.add_argument("--grad-checkpointing", action="store_true", help="recompute ViT blocks in backward: less memory")
     g.add_argument("--out-dim", type=common.at_least(1), default=4096,
                    help="number of prototypes (65536 in the paper, ImageNet)")
@@ -170,7 +171,11 @@ def fill_recipe(args):
         if not 0 < low <= high <= 1:
             common.fail(f"--{flag}-crops-scale {low} {high}: give the smallest then the largest fraction of the "
                         "image area a crop covers, 0 < smallest <= largest <= 1")
-    if args.grad_checkpointing and not args.arch.startswith("vit"):
+    if args.drop_path is None:
+        args.drop_path = 0.1 if vit else 0.0
+    if args.drop_path and not vit:  # it would be ignored, yet recorded in args.json
+        common.fail(f"--drop-path applies to ViT backbones, not {args.arch}; drop it or use --arch vit_*")
+    if args.grad_checkpointing and not vit:
         common.fail(f"--grad-checkpointing applies to ViT backbones, not {args.arch}; drop it or use --arch vit_*")
 
 

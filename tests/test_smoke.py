@@ -310,10 +310,23 @@ def test_dino_on_an_unlabeled_folder(tmp_path):
     assert load(tmp_path / "out" / "backbone.pt")["backbone_meta"]["patch_size"] == 4
 
 
-def test_dino_grad_checkpointing_needs_a_vit(tmp_path):
-    proc = run_script("dino.py", *TINY, "--grad-checkpointing", "--output-dir", tmp_path, check=False)
-    assert proc.returncode == 1 and "--grad-checkpointing applies to ViT backbones" in proc.stderr
+@pytest.mark.parametrize("flag", [["--grad-checkpointing"], ["--drop-path", "0.2"]])
+def test_dino_vit_flags_need_a_vit(tmp_path, flag):
+    """With a ResNet these did nothing, yet --drop-path's value was recorded in args.json."""
+    proc = run_script("dino.py", *TINY, *flag, "--output-dir", tmp_path, check=False)
+    assert proc.returncode == 1 and f"{flag[0]} applies to ViT backbones, not resnet18" in proc.stderr
     assert proc.stderr.count("\n") == 1 and not (tmp_path / "last.pt").exists()
+
+
+def test_dino_drop_path_default_follows_the_backbone():
+    from dino import fill_recipe, get_args_parser
+    for arch, expected in (("resnet18", 0.0), ("vit_tiny", 0.1)):
+        args = get_args_parser().parse_args(["--arch", arch, "--image-size", "32"])
+        fill_recipe(args)
+        assert args.drop_path == expected
+    args = get_args_parser().parse_args(["--drop-path", "0", "--image-size", "32"])  # 0 with a ResNet: what it does, so allowed
+    fill_recipe(args)
+    assert args.drop_path == 0.0
 
 
 @pytest.mark.parametrize("script,extra,patch", [("barlow.py", METHODS["barlow.py"], "4"),
