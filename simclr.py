@@ -272,8 +272,10 @@ def info_nce_loss(z1, z2, temperature):
     own = torch.arange(n, device=z1.device) + rank * n  # this process's images in the global batch
     self_idx = torch.cat([own, own + big_n])
     pos_idx = torch.cat([own + big_n, own])
-    # An anchor is not its own negative: its similarity with itself is masked out.
-    logits = logits.masked_fill(F.one_hot(self_idx, 2 * big_n).bool(), float("-inf"))
+    # An anchor is not its own negative: its similarity with itself is masked out. The mask is built as
+    # bools (1 byte per logit; a one-hot is int64, 8 bytes: 512 MiB at a batch of 4096 on one GPU).
+    is_self = self_idx[:, None] == torch.arange(2 * big_n, device=z1.device)
+    logits = logits.masked_fill(is_self, float("-inf"))
     return F.cross_entropy(logits, pos_idx)
 
 
