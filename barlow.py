@@ -29,8 +29,8 @@ Measured with this script: see README.md.
 
 Reading order: the method is in Arguments, Model, Loss and Training (about 340 lines). The blocks
 marked `# SHARED: identical in every script` (backbone, LARS and schedules, distributed setup,
-checkpoints, logging, preemption, kNN monitor; about 670 lines) are the same in every script:
-read them once, in any of them.
+gathers with gradients and global BatchNorm, checkpoints, logging, preemption, kNN monitor;
+about 670 lines) are the same in every script: read them once, in any of them.
 """
 import argparse
 import csv
@@ -703,8 +703,8 @@ def log_row(run, args, kind, knn=None):
     a NaN stops the run before anything is saved. Rank 0 prints it and writes it to metrics.csv."""
     if kind == "epoch" and run.n_row:
         log_row(run, args, "step")  # the last steps of the epoch get their own step row first
-    if run.world_size > 1:
-        dist.all_reduce(run.losses)
+    if run.world_size > 1:  # both sums: the epoch's, equal everywhere since the last row's all-reduce, stays
+        dist.all_reduce(run.losses)  # itself plus the mean of what each process added since
         run.losses /= run.world_size
     n = run.n_row if kind == "step" else run.n_epoch
     means, now = (run.losses[int(kind == "epoch")] / max(1, n)).tolist(), time.time()  # the one read-back
@@ -794,9 +794,10 @@ class Preemption:
 
 @torch.no_grad()
 def extract_features(backbone, dataset, batch_size, workers, device, rank, world_size, stop=None):
-    """Backbone features (eval mode, fp32) and labels of every image of `dataset`, in order. Each
-    process computes every world_size-th image and all_gather puts them back in place. The labels
-    are the loader's: an unreadable file's row holds the image that replaced it, and that one's label.
+    """Backbone features (eval mode; fp32, computed under the caller's autocast if any) and labels of
+    every image of `dataset`, in order. Each process computes every world_size-th image and all_gather
+    puts them back in place. The labels are the loader's: an unreadable file's row holds the image that
+    replaced it, and that one's label.
     `stop` (every process's Preemption.requested) is asked before each batch that every process has:
     on a large dataset this takes minutes, more than a time limit's warning. None once it says stop."""
     backbone.eval()
@@ -997,8 +998,9 @@ def main(args):
     # end (kNN and epoch row) is postponed, and the resumed run does it first, over an empty rest of the epoch.
     postponed = run.n_epoch > 0 and run.step % steps_per_epoch == 0
     if is_main and run.warmup_steps >= run.total_steps:  # a short run with the recipe's warm-up: say so
-        print(f"warning: --warmup-epochs {args.warmup_epochs} covers the whole run: the learning rate never reaches "
-              f"{run.base_lr:.4g} nor decays; lower --warmup-epochs for a short run", file=sys.stderr, flush=True)
+        print(f"warning: --warmup-epochs {args.warmup_epochs} covers the whole run: the learning rate rises "
+              f"toward {run.base_lr:.4g} all run long and never decays; lower --warmup-epochs for a short run",
+              file=sys.stderr, flush=True)
     if is_main:
         if ckpt:
             common.note_changed_flags(resume_from, ckpt["args"], args)

@@ -980,9 +980,9 @@ def _major_minor(version):
 
 
 def pretrain_loader(dataset, transforms, local_batch, world_size, rank, args, device):
-    """The loader of the pretraining views: batched on the training device (BatchedView,
-    DeviceLoader) where --aug-device allows it and the images are in memory, otherwise the PIL
-    transforms in --workers worker processes (image folders)."""
+    """The loader of the pretraining views, and of linear_eval's augmented images: batched on the
+    training device (BatchedView, DeviceLoader) where --aug-device allows it and the images are in
+    memory, otherwise the PIL transforms in --workers worker processes (image folders)."""
     if args.aug_device == "cuda" and device.type != "cuda":
         fail("--aug-device cuda but training runs on the CPU; use --aug-device auto or cpu")
     batched = args.aug_device != "cpu" and dataset.images is not None

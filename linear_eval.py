@@ -25,8 +25,8 @@ CLS tokens of the last 4 blocks for ViT-S, so its ViT figures are not directly c
 
 Reading order: the evaluation is in Arguments and Training (about 350 lines). The blocks
 marked `# SHARED: identical in every script` (backbone, LARS and schedules, distributed setup,
-checkpoints, logging, preemption, kNN monitor; about 670 lines) are the same in every script:
-read them once, in any of them.
+gathers with gradients and global BatchNorm, checkpoints, logging, preemption, kNN monitor;
+about 670 lines) are the same in every script: read them once, in any of them.
 """
 import argparse
 import csv
@@ -96,8 +96,8 @@ def get_args_parser():
     g.add_argument("--resume", default=None, help="probe checkpoint to start from when --output-dir has no last.pt")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to train")
     g.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                   help="autocast precision of the backbone in --mode linear (auto: bf16 on Ampere+ GPUs, "
-                        "fp16 on V100/T4, else fp32); --mode fast extracts its features in fp32")
+                   help="autocast precision of the frozen backbone (auto: bf16 on Ampere+ GPUs, fp16 on V100/T4, "
+                        "else fp32); its features and the linear layer are fp32")
     g.add_argument("--seed", type=common.at_least(0, high=2**32 - 1), default=0, help="random seed")
     g.add_argument("--deterministic", action="store_true", help="deterministic algorithms (bitwise resume on CPU)")
     g.add_argument("--save-every", type=common.at_least(1), default=1, help="write last.pt every N epochs")
@@ -627,8 +627,8 @@ def log_row(run, args, kind, knn=None):
     a NaN stops the run before anything is saved. Rank 0 prints it and writes it to metrics.csv."""
     if kind == "epoch" and run.n_row:
         log_row(run, args, "step")  # the last steps of the epoch get their own step row first
-    if run.world_size > 1:
-        dist.all_reduce(run.losses)
+    if run.world_size > 1:  # both sums: the epoch's, equal everywhere since the last row's all-reduce, stays
+        dist.all_reduce(run.losses)  # itself plus the mean of what each process added since
         run.losses /= run.world_size
     n = run.n_row if kind == "step" else run.n_epoch
     means, now = (run.losses[int(kind == "epoch")] / max(1, n)).tolist(), time.time()  # the one read-back
@@ -718,9 +718,10 @@ class Preemption:
 
 @torch.no_grad()
 def extract_features(backbone, dataset, batch_size, workers, device, rank, world_size, stop=None):
-    """Backbone features (eval mode, fp32) and labels of every image of `dataset`, in order. Each
-    process computes every world_size-th image and all_gather puts them back in place. The labels
-    are the loader's: an unreadable file's row holds the image that replaced it, and that one's label.
+    """Backbone features (eval mode; fp32, computed under the caller's autocast if any) and labels of
+    every image of `dataset`, in order. Each process computes every world_size-th image and all_gather
+    puts them back in place. The labels are the loader's: an unreadable file's row holds the image that
+    replaced it, and that one's label.
     `stop` (every process's Preemption.requested) is asked before each batch that every process has:
     on a large dataset this takes minutes, more than a time limit's warning. None once it says stop."""
     backbone.eval()
@@ -782,18 +783,17 @@ def knn_accuracy(backbone, data, args, device, rank, world_size, stop=None):
 # ---- Training ------------------------------------------------------------------------------
 
 
-def train_one_epoch(head, batches, optimizer, scaler, run, args):
+def train_one_epoch(head, batches, optimizer, run, args):
     """Train the linear layer on (features, labels) batches; stop early on a signal or at run.end_step."""
     head.train()
     for feats, labels in batches:
         run.lr = cosine_schedule(run.step, run.total_steps, run.warmup_steps, run.base_lr)
         for g in optimizer.param_groups:
             g["lr"] = run.lr * g["lr_scale"]
-        loss = F.cross_entropy(head(feats), labels)
+        loss = F.cross_entropy(head(feats), labels)  # the head trains in fp32, on fp32 features: no loss scaling
         optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
+        loss.backward()
+        optimizer.step()
         run.step += 1
         run.losses += loss.detach()  # [since the last row, this epoch]: read back only when logging
         run.n_row, run.n_epoch = run.n_row + 1, run.n_epoch + 1
@@ -807,15 +807,15 @@ def epoch_batches(epoch, skip, run, args, backbone, loader, train_feats, train_l
     """This process's (features, labels) batches of one epoch, from the `skip`-th on.
     linear: augmented images through the frozen backbone; fast: a permutation of the stored
     features, split across processes like EpochSampler splits images."""
-    local = args.batch_size // run.world_size
+    local_batch = args.batch_size // run.world_size
     if args.mode == "fast":
         perm = torch.randperm(len(train_feats), generator=torch.Generator().manual_seed(args.seed + epoch))
         perm = perm[run.rank::run.world_size].to(run.device)  # once per epoch: a plain copy waits for the GPU
         for i in range(skip, run.steps_per_epoch):
-            idx = perm[i * local:(i + 1) * local]
+            idx = perm[i * local_batch:(i + 1) * local_batch]
             yield train_feats[idx], train_labels[idx]
         return
-    loader.sampler.set_epoch(epoch, skip=skip * local)
+    loader.sampler.set_epoch(epoch, skip=skip * local_batch)
     for (x,), y in loader:  # one view
         x = x.to(run.device, non_blocking=True, memory_format=run.memory_format)
         with torch.no_grad(), torch.autocast(run.device.type, dtype=run.amp_dtype, enabled=run.amp_dtype is not None):
@@ -823,7 +823,7 @@ def epoch_batches(epoch, skip, run, args, backbone, loader, train_feats, train_l
         yield feats.float(), y.to(run.device, non_blocking=True)
 
 
-def save_state(path, raw_head, optimizer, scaler, run, args):
+def save_state(path, raw_head, optimizer, run, args):
     """Every process calls it (pending losses are averaged and checked first); rank 0 writes."""
     if run.n_row:
         log_row(run, args, "step")
@@ -835,7 +835,7 @@ def save_state(path, raw_head, optimizer, scaler, run, args):
         save_checkpoint({
             "method": "linear_eval", "args": vars(args), "step": run.step, "epoch": run.epoch,
             "head": state, "optimizer": optimizer.state_dict(),
-            "scaler": scaler.state_dict(), "rng": rng_states(), "elapsed": run.elapsed + time.time() - run.t_start,
+            "rng": rng_states(), "elapsed": run.elapsed + time.time() - run.t_start,
             "epoch_loss": [run.losses[1].tolist(), run.n_epoch],
             "backbone": run.backbone.state_dict(), "backbone_meta": run.backbone_meta,
             "num_images": run.num_images, "write_id": run.write_id}, path)
@@ -887,8 +887,8 @@ def main(args):
     args.dataset = args.dataset or pretrain_args.get("dataset", "cifar10")
     if same_data and not args.data_dir:  # evaluate on the pretraining data (and its split) unless told otherwise
         args.data_dir = pretrain_args.get("data_dir")
-        local = args.dataset in ("imagefolder", "npz", "packed")  # the others are downloaded where they are missing
-        if local and args.data_dir and not Path(args.data_dir).exists():  # a relative path, run from elsewhere
+        on_disk = args.dataset in ("imagefolder", "npz", "packed")  # the others are downloaded where they are missing
+        if on_disk and args.data_dir and not Path(args.data_dir).exists():  # a relative path, run from elsewhere
             common.fail(f"the pretraining's --data-dir {args.data_dir} (from {args.ckpt}) is not found from "
                         f"{Path.cwd()}; give --data-dir, or run from the folder the pretraining ran in")
     usual = argparse.ArgumentParser()
@@ -962,7 +962,7 @@ def main(args):
     if ckpt and not same_tensors(ckpt["backbone"], backbone.state_dict()):
         common.fail(f"{resume_from} is a probe of another backbone than the one {args.ckpt} holds now (it was "
                     f"written again since?): delete {out} to probe the new one, or give another --output-dir")
-    if ckpt and ckpt.get("num_images", len(data.train)) != len(data.train):  # another --data-dir, --val-fraction
+    if ckpt and ckpt.get("num_images", len(data.train)) != len(data.train):  # another --data-dir, same flags
         common.fail(f"{resume_from} is a probe trained on {ckpt['num_images']} images, these data hold "
                     f"{len(data.train)}: use the same images to resume, or another --output-dir")
     memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
@@ -979,15 +979,20 @@ def main(args):
         raw_head = convert_sync_batchnorm(raw_head, device)
         head = nn.parallel.DistributedDataParallel(raw_head)
     optimizer = make_optimizer(raw_head.parameters(), args)
-    scaler = torch.amp.GradScaler(device.type, enabled=False)  # the head trains in fp32: nothing to scale
+
+    local_batch = args.batch_size // world_size
+
+    def features_of(split):
+        """(features, labels) of the un-augmented images; (None, None) if a stop is asked for meanwhile.
+        The backbone runs as in the linear mode's steps: under --precision's autocast, local_batch images
+        at a time (lower --batch-size if out of memory), so the probe is scored on features like its own."""
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            return extract_features(backbone, split.with_transform(eval_t), local_batch, args.workers, device, rank,
+                                    world_size, preemption.requested) or (None, None)
 
     train_feats = train_labels = loader = None
-    local_batch = args.batch_size // world_size
     if args.mode == "fast":  # None if a stop is asked for meanwhile: the run then saves and stops, untrained
-        # --batch-size images at a time, as the linear mode's steps: lowering it is the cure for out of memory
-        train_feats, train_labels = extract_features(backbone, data.train.with_transform(eval_t), args.batch_size,
-                                                     args.workers, device, rank, world_size,
-                                                     preemption.requested) or (None, None)
+        train_feats, train_labels = features_of(data.train)
         steps_per_epoch = len(data.train) // args.batch_size
     else:
         probe_t = common.probe_transform(data.image_size, data.mean, data.std)
@@ -1007,15 +1012,14 @@ def main(args):
     if ckpt:
         raw_head.load_state_dict(ckpt["head"])
         load_optimizer_state(optimizer, ckpt["optimizer"])
-        if ckpt["scaler"]:  # empty when saved without fp16: a fresh scaler then starts the scaling
-            scaler.load_state_dict(ckpt["scaler"])
         set_rng_states(ckpt["rng"])
         run.step, run.elapsed, (epoch_sums, run.n_epoch) = ckpt["step"], ckpt["elapsed"], ckpt["epoch_loss"]
         run.epoch = ckpt["epoch"]  # kept if no epoch is left to train: rerunning a finished run saves it again
         run.losses[1] = torch.tensor(epoch_sums)
     if is_main and run.warmup_steps >= run.total_steps:  # a short run with the recipe's warm-up: say so
-        print(f"warning: --warmup-epochs {args.warmup_epochs} covers the whole run: the learning rate never reaches "
-              f"{run.base_lr:.4g} nor decays; lower --warmup-epochs for a short run", file=sys.stderr, flush=True)
+        print(f"warning: --warmup-epochs {args.warmup_epochs} covers the whole run: the learning rate rises "
+              f"toward {run.base_lr:.4g} all run long and never decays; lower --warmup-epochs for a short run",
+              file=sys.stderr, flush=True)
     if is_main:
         if ckpt:
             common.note_changed_flags(resume_from, ckpt["args"], args)
@@ -1036,29 +1040,25 @@ def main(args):
             torch.cuda.reset_peak_memory_stats(device)  # the logged peak memory is this epoch's
         batches = epoch_batches(epoch, run.step - epoch * steps_per_epoch, run, args, backbone, loader,
                                 train_feats, train_labels)
-        train_one_epoch(head, batches, optimizer, scaler, run, args)
+        train_one_epoch(head, batches, optimizer, run, args)
         stopping = run.preemption.requested()
         if run.step == (epoch + 1) * steps_per_epoch:
             log_row(run, args, "epoch")
             run.losses[1], run.n_epoch = 0.0, 0
             if (epoch + 1) % args.save_every == 0 and not stopping and run.step < run.end_step:  # the end: once, below
-                save_state(last, raw_head, optimizer, scaler, run, args)
+                save_state(last, raw_head, optimizer, run, args)
         if stopping:
             break
-    save_state(last, raw_head, optimizer, scaler, run, args)
+    save_state(last, raw_head, optimizer, run, args)
     if run.preemption.requested():  # all processes agree on how to end
         run.preemption.exit(is_main, f"stopped at step {run.step}, saved {last}", out)
 
     # 8. Evaluate: top-1/top-5 of the probe and kNN on the test split ------------------------
     # A stop asked for while the features are computed (minutes on a large dataset) ends the run as one
     # at a step does: last.pt is saved (above), and the requeued job, at its last step, evaluates.
-    test_feats, test_labels = extract_features(backbone, data.test.with_transform(eval_t), args.batch_size,
-                                               args.workers, device, rank, world_size,
-                                               run.preemption.requested) or (None, None)
+    test_feats, test_labels = features_of(data.test)
     if args.knn_every and train_feats is None and test_feats is not None:
-        train_feats, train_labels = extract_features(backbone, data.train.with_transform(eval_t), args.batch_size,
-                                                     args.workers, device, rank, world_size,
-                                                     run.preemption.requested) or (None, None)
+        train_feats, train_labels = features_of(data.train)
     if test_feats is None or args.knn_every and train_feats is None:
         run.preemption.exit(is_main, f"stopped at step {run.step} before the evaluation, saved {last}", out)
     with torch.no_grad():

@@ -97,12 +97,15 @@ def test_linear_eval_default_output_dir_and_random_baseline(pretrained, tmp_path
 def test_linear_eval_extracts_features_in_batches_of_batch_size(tmp_path, monkeypatch, mode, calls):
     """The frozen backbone sees --batch-size images at a time when it extracts features (fast mode's
     training set, the test set, the kNN's training set), so lowering --batch-size, as the out-of-memory
-    line says, is the cure there too (it was always 256). Run in this process, to count the calls."""
+    line says, is the cure there too (it was always 256). It runs under --precision's autocast, as in
+    the linear mode's steps: the probe was scored on fp32 features after training on bf16 ones, and
+    fast mode ignored --precision. Run in this process, to count the calls."""
     import linear_eval
-    sizes, original = [], linear_eval.extract_features
+    sizes, dtypes, original = [], [], linear_eval.extract_features
 
     def recording(backbone, dataset, batch_size, *args, **kwargs):
         sizes.append(batch_size)
+        dtypes.append((torch.ones(2, 2) @ torch.ones(2, 2)).dtype)  # bf16 under the CPU's bf16 autocast
         return original(backbone, dataset, batch_size, *args, **kwargs)
 
     monkeypatch.setattr(linear_eval, "extract_features", recording)
@@ -112,12 +115,15 @@ def test_linear_eval_extracts_features_in_batches_of_batch_size(tmp_path, monkey
     handlers = {s: signal.getsignal(s) for s in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)}
     try:
         linear_eval.main(linear_eval.get_args_parser().parse_args(
-            [*TINY, "--ckpt", "random", "--mode", mode, "--epochs", "1", "--batch-size", "16",
-             "--output-dir", str(tmp_path)]))
+            [*TINY, "--ckpt", "random", "--mode", mode, "--epochs", "1", "--batch-size", "16", "--max-steps", "2",
+             "--precision", "bf16", "--output-dir", str(tmp_path)]))
     finally:
         for s, h in handlers.items():
             signal.signal(s, h)
     assert sizes == [16] * calls and (tmp_path / "results.json").exists()
+    assert dtypes == [torch.bfloat16] * calls
+    ckpt = load(tmp_path / "last.pt")
+    assert ckpt["step"] == 2 and ckpt["args"]["precision"] == "bf16" and "scaler" not in ckpt
 
 
 def test_linear_eval_keeps_the_pretraining_data_dir_when_given_its_dataset(tmp_path):
@@ -151,12 +157,12 @@ def test_mixed_precision_paths(tmp_path, precision, script):
 
 def test_linear_eval_in_fp16_trains_its_head_in_fp32(pretrained, tmp_path):
     """--precision fp16 (auto on V100/T4) applies to the frozen backbone only: the head trains in
-    fp32, so no loss scaling (and none of the scaler's read-backs)."""
+    fp32, so no loss scaling (and none of the scaler's read-backs): the probe's checkpoint has no scaler."""
     run_script("linear_eval.py", "--ckpt", pretrained / "last.pt", "--epochs", "1", "--max-steps", "1",
                "--batch-size", "32", "--device", "cpu", "--workers", "0", "--precision", "fp16", "--knn-every", "0",
                "--output-dir", tmp_path)
     ckpt = load(tmp_path / "last.pt")
-    assert ckpt["args"]["precision"] == "fp16" and ckpt["scaler"] == {}
+    assert ckpt["args"]["precision"] == "fp16" and "scaler" not in ckpt
     assert ckpt["head"]["1.weight"].dtype == torch.float32
     assert json.loads((tmp_path / "results.json").read_text())["steps"] == 1
 
@@ -324,7 +330,7 @@ def test_dino_drop_path_default_follows_the_backbone():
         args = get_args_parser().parse_args(["--arch", arch, "--image-size", "32"])
         fill_recipe(args)
         assert args.drop_path == expected
-    args = get_args_parser().parse_args(["--drop-path", "0", "--image-size", "32"])  # 0 with a ResNet: what it does, so allowed
+    args = get_args_parser().parse_args(["--drop-path", "0", "--image-size", "32"])  # with a ResNet: what it does
     fill_recipe(args)
     assert args.drop_path == 0.0
 
