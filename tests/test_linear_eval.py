@@ -1,0 +1,103 @@
+"""The linear probe trains on the right batches with the right schedule, and results.json reports
+what the trained probe scores: each check here was missed by the other tests, found by mutating
+linear_eval.py (a fixed batch order, features paired with other images' labels, an unscaled or
+step-less warm-up, the probe's BatchNorm not trained, top-1 or kNN computed otherwise)."""
+import argparse
+import csv
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import common
+import linear_eval
+from conftest import TINY, load, run_script
+
+
+def constant_images(n, size=8):
+    """Image i is all pixels i (uint8), label i: a crop or flip keeps the value, so a batch's images
+    say which labels should come with them."""
+    images = np.broadcast_to(np.arange(n, dtype=np.uint8)[:, None, None, None], (n, size, size, 3)).copy()
+    return images, np.arange(n)
+
+
+def decode(x, mean=0.5, std=0.25):
+    """The index of each constant image, from its normalised pixels."""
+    return ((x.flatten(1).mean(1) * std + mean) * 255).round().long()
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_fast_batches_keep_each_feature_with_its_label_and_reshuffle_every_epoch(world_size):
+    feats, labels = torch.arange(64.0)[:, None].repeat(1, 3), torch.arange(64)
+    args = argparse.Namespace(mode="fast", batch_size=16, seed=0)
+    orders = []
+    for epoch in (0, 1):
+        seen = []
+        for rank in range(world_size):
+            run = argparse.Namespace(world_size=world_size, rank=rank, device=torch.device("cpu"), steps_per_epoch=4)
+            batches = list(linear_eval.epoch_batches(epoch, 0, run, args, None, None, feats, labels))
+            assert len(batches) == 4 and all(len(y) == 16 // world_size for _, y in batches)
+            assert all(torch.equal(f[:, 0].long(), y) for f, y in batches)  # the features of those labels
+            seen.append(torch.cat([y for _, y in batches]))
+            skipped = list(linear_eval.epoch_batches(epoch, 3, run, args, None, None, feats, labels))
+            assert len(skipped) == 1 and torch.equal(skipped[0][1], batches[3][1])  # a resumed epoch: its last
+        assert sorted(torch.cat(seen).tolist()) == list(range(64))  # every image once, over the processes
+        orders.append(torch.cat(seen))
+    assert not torch.equal(orders[0], orders[1])
+
+
+def test_linear_batches_follow_the_epoch_and_keep_each_image_with_its_label():
+    images, labels = constant_images(64)
+    data = common.ImageSet(images, labels=labels)
+    args = argparse.Namespace(mode="linear", batch_size=16, seed=0, aug_device="auto", workers=0, dataset="npz")
+    probe_t = common.probe_transform(8, (0.5,) * 3, (0.25,) * 3)
+    loader = common.pretrain_loader(data, [probe_t], 16, 1, 0, args, torch.device("cpu"))
+    run = argparse.Namespace(world_size=1, rank=0, device=torch.device("cpu"), steps_per_epoch=len(loader),
+                             memory_format=torch.contiguous_format, amp_dtype=None)
+    backbone = torch.nn.Identity()  # the "features" are the augmented images themselves
+    orders = []
+    for epoch in (0, 1, 0):
+        batches = list(linear_eval.epoch_batches(epoch, 0, run, args, backbone, loader, None, None))
+        assert all(torch.equal(decode(x), y) for x, y in batches)
+        orders.append(torch.cat([y for _, y in batches]))
+        skipped = list(linear_eval.epoch_batches(epoch, 2, run, args, backbone, loader, None, None))
+        assert torch.equal(torch.cat([y for _, y in skipped]), orders[-1][32:])  # a resumed epoch: its rest
+    assert not torch.equal(orders[0], orders[1]) and torch.equal(orders[0], orders[2])
+
+
+def test_a_fast_run_reports_what_its_probe_scores_with_the_documented_schedule(tmp_path):
+    """One run (fast mode, 3 epochs of 4 steps, 1 of warm-up, stopped at step 6), then everything
+    results.json says is recomputed from its last.pt: top-1/top-5 of the probe in eval mode on the
+    test features, the kNN on normalised features; the logged lr is --lr x batch/256, warmed up over
+    the first epoch's steps then cosine; the probe's BatchNorm has trained (MAE's probe)."""
+    run_script("linear_eval.py", *TINY, "--ckpt", "random", "--mode", "fast", "--epochs", "3", "--warmup-epochs", "1",
+               "--max-steps", "6", "--lr", "0.8", "--log-every", "1", "--output-dir", tmp_path)
+    rows = [r for r in csv.DictReader(open(tmp_path / "metrics.csv")) if r["kind"] == "step"]
+    base = 0.8 * 32 / 256
+    expected = [base * (s + 1) / 4 for s in range(4)] + [base * 0.5 * (1 + math.cos(math.pi * s / 8)) for s in (0, 1)]
+    assert [float(r["lr"]) for r in rows] == pytest.approx(expected, rel=1e-5)
+
+    ckpt, results = load(tmp_path / "last.pt"), json.loads((tmp_path / "results.json").read_text())
+    assert ckpt["head"]["0.num_batches_tracked"] == 6 == results["steps"]
+    assert not torch.allclose(ckpt["head"]["0.running_var"], torch.ones(512))
+    meta = ckpt["backbone_meta"]
+    backbone, _ = linear_eval.build_backbone(meta["arch"], meta["image_size"])
+    backbone.load_state_dict(ckpt["backbone"])
+    data = common.load_data(argparse.Namespace(**{k: ckpt["args"][k] for k in (
+        "dataset", "data_dir", "image_size", "val_fraction", "synthetic_size", "seed", "workers")}))
+    eval_t = common.eval_transform(data.image_size, data.mean, data.std)
+    (train, train_y), (test, test_y) = (linear_eval.extract_features(
+        backbone, split.with_transform(eval_t), 32, 0, torch.device("cpu"), 0, 1) for split in (data.train, data.test))
+    head = torch.nn.Sequential(torch.nn.BatchNorm1d(512, affine=False), torch.nn.Linear(512, data.num_classes))
+    head.load_state_dict(ckpt["head"])
+    with torch.no_grad():
+        top5 = head.eval()(test).topk(5, dim=1).indices
+    assert results["top1"] == pytest.approx((top5[:, 0] == test_y).float().mean().item() * 100)
+    assert results["top5"] == pytest.approx((top5 == test_y[:, None]).any(1).float().mean().item() * 100)
+    assert results["top1"] < results["top5"]  # the check can tell them apart
+    sims = F.normalize(test, dim=1) @ F.normalize(train, dim=1).T  # weighted kNN, k=200 > 128: every image votes
+    votes = torch.zeros(len(test), data.num_classes).index_add_(1, train_y, (sims / 0.1).exp())
+    assert results["knn_top1"] == pytest.approx((votes.argmax(1) == test_y).float().mean().item() * 100)
