@@ -122,6 +122,45 @@ def test_dino_step_uses_the_epochs_teacher_temperature_and_the_teacher_follows_a
     torch.testing.assert_close(criterion.center, 0.9 * center + 0.1 * teacher_out.mean(0, keepdim=True))
 
 
+def test_dino_teacher_sees_the_global_crops_in_train_mode():
+    """The teacher's outputs are its own forward of the two global crops, with batch statistics (a
+    ResNet teacher in eval mode would normalise with running statistics it never trained): the local
+    crops here have the global crops' size, so the forward cannot tell them apart by shape."""
+    args = dino.get_args_parser().parse_args(["--out-dim", "16", "--head-hidden-dim", "32", "--bottleneck-dim", "8"])
+    args.image_size = 8
+    dino.fill_recipe(args)
+    torch.manual_seed(0)
+    model = dino.DINO(args, 8).train()
+    crops = views(4, 8)
+    _, teacher_out = model(crops)
+    assert model.teacher.training and teacher_out.shape == (2 * 6, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(teacher_out, model.teacher(crops[:2]))
+        assert not torch.allclose(teacher_out, model.teacher(crops[2:]))
+        assert not torch.allclose(teacher_out, copy.deepcopy(model.teacher).eval()(crops[:2]))
+
+
+@pytest.mark.parametrize("norm_last_layer", [True, False])
+def test_dino_freezes_the_whole_last_layer_then_trains_it(norm_last_layer):
+    """--freeze-last-layer holds the prototypes' directions (last_v) and, with --no-norm-last-layer,
+    their norms (last_g) too, as the official code's cancel_gradients_last_layer does."""
+    args = dino.get_args_parser().parse_args([
+        "--out-dim", "16", "--head-hidden-dim", "32", "--bottleneck-dim", "8", "--freeze-last-layer", "4",
+        "--epochs", "20", *([] if norm_last_layer else ["--no-norm-last-layer"])])
+    args.image_size = 8
+    dino.fill_recipe(args)
+    for epoch, frozen in ((3, True), (4, False)):
+        torch.manual_seed(0)
+        model = dino.DINO(args, 8)
+        criterion = dino.DINOLoss(args.out_dim, 2, args.warmup_teacher_temp, args.teacher_temp,
+                                  args.warmup_teacher_temp_epochs, args.epochs)
+        head = model.student.head
+        v, g = head.last_v.clone(), head.last_g.clone()
+        one_step(dino, model, views(2, 8), args, model, criterion, epoch=epoch)
+        assert torch.equal(head.last_v, v) == frozen
+        assert torch.equal(head.last_g, g) == (frozen or norm_last_layer)  # a fixed norm never trains
+
+
 # DINO's loop: the weight-decay schedule on the weights' group only, and --clip-grad.
 def dino_step_once(flags, seed=0):
     args = dino.get_args_parser().parse_args([
