@@ -123,3 +123,34 @@ def test_knn_accuracy_votes_by_cosine_similarity_not_dot_product(monkeypatch):
     args = argparse.Namespace(workers=0)
     assert simclr.knn_accuracy(None, data, args, torch.device("cpu"), 0, 1) == 100.0
 
+
+
+def test_knn_predict_scores_every_test_row_beyond_a_chunk():
+    """2,500 test rows (scored 1,024 at a time) against a row-by-row computation, k=3."""
+    g = torch.Generator().manual_seed(0)
+    train, test = (F.normalize(torch.randn(n, 8, generator=g), dim=1) for n in (50, 2500))
+    labels = torch.randint(0, 4, (50,), generator=g)
+    scores = knn_predict(train, labels, test, num_classes=4, k=3, temperature=0.5)
+    assert scores.shape == (2500, 4)
+    for i in (0, 1023, 1024, 2047, 2048, 2499):
+        sim, idx = (train @ test[i]).topk(3)
+        expected = torch.zeros(4).index_add_(0, labels[idx], (sim / 0.5).exp())
+        torch.testing.assert_close(scores[i], expected)
+
+
+def test_knn_monitor_uses_the_un_augmented_images(monkeypatch):
+    """The monitor's bank and queries are centre crops (eval_transform) of both splits, not
+    training views."""
+    seen = []
+
+    def recording(backbone, dataset, *args, **kwargs):
+        seen.append(dataset)
+        return torch.eye(2), torch.arange(2)
+
+    monkeypatch.setattr(simclr, "extract_features", recording)
+    x, y = common.synthetic_images(4, 8)
+    data = argparse.Namespace(train=common.ImageSet(x, labels=y), test=common.ImageSet(x[:2], labels=y[:2]),
+                              num_classes=2, image_size=8, mean=(0.5,) * 3, std=(0.25,) * 3)
+    assert simclr.knn_accuracy(None, data, argparse.Namespace(workers=0), torch.device("cpu"), 0, 1) == 100.0
+    expected = repr(common.eval_transform(8, (0.5,) * 3, (0.25,) * 3))
+    assert [len(d) for d in seen] == [4, 2] and all(repr(d.transform) == expected for d in seen)
