@@ -115,6 +115,12 @@ def test_load_synthetic_sizes_and_defaults():
     assert isinstance(img, Image.Image) and 0 <= label < 10
 
 
+def test_synthetic_test_images_are_not_training_images():
+    data = common.load_data(make_args(synthetic_size=(20, 20)))
+    train = data.pretrain.images.reshape(20, -1)
+    assert not any((train == t.reshape(1, -1)).all(1).any() for t in data.test.images)
+
+
 def test_load_synthetic_image_size_is_settable():
     data = common.load_data(make_args(synthetic_size=(10, 10), image_size=16))
     assert data.image_size == 16
@@ -350,6 +356,14 @@ def test_npz_grey_images_become_three_channels(tmp_path):
     assert pixels(data.pretrain[0][0]).shape == (6, 6, 3)
 
 
+def test_npz_classes_count_the_test_labels_too(tmp_path):
+    """A class seen only in the test split still has a column in the probe (not an index error)."""
+    images = np.zeros((4, 6, 6), np.uint8)
+    np.savez(tmp_path / "m.npz", train_images=images, train_labels=np.array([[0], [1], [0], [1]]),
+             test_images=images, test_labels=np.array([[0], [2], [1], [0]]))
+    assert common.load_data(make_args("npz", tmp_path / "m.npz")).num_classes == 3
+
+
 def test_npz_rgb_and_single_channel_images(tmp_path):
     arrays = write_npz(tmp_path / "rgb.npz", rgb=True)
     data = common.load_data(make_args("npz", tmp_path / "rgb.npz"))
@@ -491,6 +505,13 @@ def test_sampler_skip_drops_this_ranks_first_indices():
     again = sampled(30, 1, 0, epoch=1, skip=7)
     again.set_epoch(2)  # a new epoch starts from the beginning
     assert len(list(again)) == len(again) == 30
+
+
+def test_sampler_drops_the_images_that_do_not_split_evenly():
+    """127 images on 2 processes: 63 each, all different (padding would repeat one, and the epoch of
+    two processes would differ from one process's)."""
+    ranks = [[i for _, i in sampled(127, 2, r)] for r in (0, 1)]
+    assert len(ranks[0]) == len(ranks[1]) == 63 and len(set(ranks[0] + ranks[1])) == 126
 
 
 def test_sampler_permutation_depends_on_epoch_and_seed():
