@@ -24,7 +24,7 @@ from conftest import METHODS, TINY, run_script
     # temperature, centre momentum, head (2048 -> 256 -> 4096 prototypes) and last layer frozen 1 epoch.
     (dino, dict(momentum_teacher=0.996, warmup_teacher_temp=0.04, teacher_temp=0.07, warmup_teacher_temp_epochs=30,
                 student_temp=0.1, center_momentum=0.9, out_dim=4096, head_hidden_dim=2048, bottleneck_dim=256,
-                norm_last_layer=True, freeze_last_layer=1, drop_path=0.1, local_crops=0)),
+                norm_last_layer=True, freeze_last_layer=1, drop_path=None, local_crops=0)),  # 0.1: ViTs
 ])
 def test_defaults_are_the_readme_recipes(module, expected):
     """The defaults are the recipes the README's table quotes (and its accuracies were measured with):
