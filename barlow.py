@@ -869,7 +869,8 @@ def train_one_epoch(model, loader, optimizer, scaler, run, args):
         with torch.autocast(run.device.type, dtype=run.amp_dtype, enabled=run.amp_dtype is not None):
             z1, z2 = model(x1, x2)
         # --scale-loss is part of solo-learn's tuned LARS recipe, not a learning rate: biases and norms (no
-        # trust ratio) step 10x less; weight matrices' trust ratio grows back, up to its clip at lr (default).
+        # trust ratio) step 10x less; for a weight matrix, LARS's ratio grows back, so a loss times s is the
+        # same step with weight decay / s, or, where the ratio is clipped at lr, a gradient step s times smaller.
         loss = args.scale_loss * barlow_twins_loss(z1.float(), z2.float(), args.lambd)  # the loss in fp32
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()

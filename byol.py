@@ -242,14 +242,15 @@ class Encoder(nn.Module):
 
 class BYOL(nn.Module):
     """The online network (encoder and predictor) learns by gradient descent; the target network
-    (a copy of the encoder) follows it as an exponential moving average and gets no gradients."""
+    (a copy of the encoder) follows it as an exponential moving average and gets no gradients. The
+    official code initialises the target from its own random seed, seeing no difference either way."""
 
     def __init__(self, args, image_size):
         super().__init__()
         self.online = Encoder(args, image_size)
         self.predictor = mlp(args.proj_dim, args.pred_hidden_dim, args.proj_dim)
         self.target = copy.deepcopy(self.online).requires_grad_(False)
-        self.feat_dim, self.backbone_meta = self.online.feat_dim, self.online.backbone_meta
+        self.backbone_meta = self.online.backbone_meta
 
     def forward(self, x1, x2):
         """Online predictions p1, p2 and target projections z1, z2 of both views. Each view goes
@@ -283,7 +284,7 @@ def byol_loss(p, z):
 
 def ema_tau(step, total_steps, base_tau):
     """Target momentum at step k of K (section 3.3): tau = 1 - (1 - base_tau)(cos(pi k / K) + 1) / 2,
-    from base_tau at the first step to 1 at the last, updated every step."""
+    from base_tau at the first step towards 1 at the last, updated every step."""
     return 1 - (1 - base_tau) * (math.cos(math.pi * min(step, total_steps) / total_steps) + 1) / 2
 
 

@@ -23,10 +23,11 @@ LARS (clipped rate, eta 0.02, lr 0.3 x batch/256, weight decay 1e-6), 2 crops. V
 drop path 0.1), patch size 4 on 32 px images. Both: batch 256, 10 warm-up epochs then cosine, teacher
 momentum 0.996 -> 1, head 2048 -> 256 -> 4096 prototypes with the last layer frozen during the
 first epoch, teacher temperature 0.04 -> 0.07 over 30 epochs, student temperature 0.1, centre
-momentum 0.9: the paper's teacher, where solo-learn's differs (momentum 0.9995, crop scale 0.08-1, its
-own temperature warm-up; README.md gives the flags). Expected for ResNet-18 on CIFAR-10, from the
-sources, not measured here: about 89.5% top-1 (solo-learn's recipe, online linear probe, 1000 epochs)
-and about 81% kNN after 200 epochs (lightly's benchmark, batch 512). Measured here: see README.md.
+momentum 0.9: the paper's teacher (its momentum is for batch 1024: main_dino.py's help advises 0.9995
+at 256, as solo-learn's recipe, which also differs in crop scale 0.08-1 and temperature warm-up;
+README.md). Expected for ResNet-18 on CIFAR-10, from the sources, not measured here: about 89.5%
+top-1 (solo-learn's recipe, online linear probe, 1000 epochs) and about 81% kNN after 200 epochs
+(lightly's benchmark, batch 512). Measured here: see README.md.
 
 Reading order: the method is in Arguments, Model, Loss and Training (about 490 lines). The blocks
 marked `# SHARED: identical in every script` (backbone, LARS and schedules, distributed setup,
@@ -346,7 +347,7 @@ class DINO(nn.Module):
         self.teacher.load_state_dict(self.student.state_dict())
         self.teacher.requires_grad_(False)
         self.student.backbone.grad_checkpointing = args.grad_checkpointing  # ViTs only (see fill_recipe)
-        self.feat_dim, self.backbone_meta = self.student.backbone_meta["feat_dim"], self.student.backbone_meta
+        self.backbone_meta = self.student.backbone_meta
 
     def forward(self, crops):
         """Student outputs for every crop and teacher outputs for the two global ones. The teacher
@@ -376,14 +377,14 @@ class DINOLoss(nn.Module):
     so every process keeps the same centre. student_out holds n_crops blocks of B rows, global
     crops first; teacher_out the two global blocks."""
 
-    def __init__(self, out_dim, n_crops, warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs, n_epochs,
+    def __init__(self, out_dim, n_crops, warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs,
                  student_temp=0.1, center_momentum=0.9):
         super().__init__()
         self.n_crops, self.student_temp, self.center_momentum = n_crops, student_temp, center_momentum
         self.warmup_teacher_temp, self.teacher_temp = warmup_teacher_temp, teacher_temp
         # As the official np.linspace schedule; a warm-up longer than the run (where the official
         # code fails) simply stops where the run ends.
-        self.warmup_epochs, self.n_epochs = warmup_teacher_temp_epochs, n_epochs
+        self.warmup_epochs = warmup_teacher_temp_epochs
         self.register_buffer("center", torch.zeros(1, out_dim))
 
     def teacher_temperature(self, epoch):
@@ -418,7 +419,7 @@ class DINOLoss(nn.Module):
 
 def teacher_momentum(step, total_steps, base):
     """Teacher momentum at step k of K (section 3.1): 1 - (1 - base)(cos(pi k / K) + 1) / 2, from
-    base at the first step to 1 at the last, updated every step."""
+    base at the first step towards 1 at the last, updated every step."""
     return 1 - (1 - base) * (math.cos(math.pi * min(step, total_steps) / total_steps) + 1) / 2
 
 
@@ -1126,8 +1127,7 @@ def main(args):
     if args.compile:  # raw_model stays the plain module: it is what gets saved
         model = torch.compile(model)
     criterion = DINOLoss(args.out_dim, 2 + args.local_crops, args.warmup_teacher_temp, args.teacher_temp,
-                         args.warmup_teacher_temp_epochs, args.epochs, args.student_temp,
-                         args.center_momentum).to(device)
+                         args.warmup_teacher_temp_epochs, args.student_temp, args.center_momentum).to(device)
     optimizer = make_optimizer(raw_model.parameters(), args)  # the student: the teacher needs no grad
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
 

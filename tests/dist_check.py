@@ -39,7 +39,7 @@ elif method == "byol":
 elif method == "barlow":
     loss = m.barlow_twins_loss(*ddp(x1, x2), 0.0051)
 else:  # two global crops and two 8 px local crops; the centre starts from a non-zero value
-    criterion = m.DINOLoss(32, 4, 0.04, 0.07, 3, 10).double()
+    criterion = m.DINOLoss(32, 4, 0.04, 0.07, 3).double()
     criterion.center.copy_(torch.linspace(-0.1, 0.1, 32))
     local = torch.randn(2, 8, 3, 8, 8, generator=g, dtype=torch.float64)[:, share]
     loss = criterion(*ddp([x1, x2, *local]), epoch=1)

@@ -104,7 +104,7 @@ def test_dino_step_uses_the_epochs_teacher_temperature_and_the_teacher_follows_a
     torch.manual_seed(0)
     model = dino.DINO(args, 8)
     criterion = dino.DINOLoss(args.out_dim, 4, args.warmup_teacher_temp, args.teacher_temp,
-                              args.warmup_teacher_temp_epochs, args.epochs, args.student_temp, args.center_momentum)
+                              args.warmup_teacher_temp_epochs, args.student_temp, args.center_momentum)
     criterion.center.copy_(torch.randn(1, args.out_dim) * 0.1)
     center = criterion.center.clone()
     crops = views(2, 8) + views(2, 4)
@@ -153,7 +153,7 @@ def test_dino_freezes_the_whole_last_layer_then_trains_it(norm_last_layer):
         torch.manual_seed(0)
         model = dino.DINO(args, 8)
         criterion = dino.DINOLoss(args.out_dim, 2, args.warmup_teacher_temp, args.teacher_temp,
-                                  args.warmup_teacher_temp_epochs, args.epochs)
+                                  args.warmup_teacher_temp_epochs)
         head = model.student.head
         v, g = head.last_v.clone(), head.last_g.clone()
         one_step(dino, model, views(2, 8), args, model, criterion, epoch=epoch)
@@ -171,7 +171,7 @@ def dino_step_once(flags, seed=0):
     torch.manual_seed(seed)
     model = dino.DINO(args, 8)
     criterion = dino.DINOLoss(args.out_dim, 4, args.warmup_teacher_temp, args.teacher_temp,
-                              args.warmup_teacher_temp_epochs, args.epochs, args.student_temp, args.center_momentum)
+                              args.warmup_teacher_temp_epochs, args.student_temp, args.center_momentum)
     g = torch.Generator().manual_seed(1)
     crops = [torch.randn(6, 3, 8, 8, generator=g) for _ in range(2)] + [torch.randn(6, 3, 4, 4, generator=g)
                                                                         for _ in range(2)]

@@ -84,8 +84,7 @@ def setup(method, opts):
     criterion = None
     if method == "dino":
         criterion = m.DINOLoss(args.out_dim, 2 + args.local_crops, args.warmup_teacher_temp, args.teacher_temp,
-                               args.warmup_teacher_temp_epochs, args.epochs, args.student_temp,
-                               args.center_momentum).to(device)
+                               args.warmup_teacher_temp_epochs, args.student_temp, args.center_momentum).to(device)
     run = argparse.Namespace(device=device, amp_dtype=amp_dtype, memory_format=memory_format, is_main=True,
                              world_size=1, step=0, epoch=1, lr=0.0, n_row=0, n_epoch=0,
                              losses=torch.zeros(2, 2 if method == "dino" else 1, device=device),
