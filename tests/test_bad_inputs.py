@@ -381,6 +381,8 @@ def test_resume_with_other_optimizer_settings_seed_or_images(tmp_path, pretraine
                            (["--lars-eta", "0.001"], "--lars-eta 0.02, not 0.001"),
                            (["--no-lars-clip"], "--lars-clip, not --no-lars-clip"),
                            (["--seed", "1"], "--seed 0, not 1"),
+                           (["--batch-size", "64"], "--batch-size 32, not 64"),  # same shapes, another run
+                           (["--image-size", "16"], "--image-size 8, not 16"),
                            (["--synthetic-size", "256", "64"], "trained on 128 images, these data hold 256")):
         msg = fails("simclr.py", *TINY, *flags, "--epochs", "3", "--resume", pretrained / "last.pt",
                     "--output-dir", run_dir)

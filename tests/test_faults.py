@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from conftest import METHODS, REPO, TINY, Started, load, max_diff, run_script, torchrun
-from simclr import check_writable, save_checkpoint
+from simclr import check_last_writer, check_writable, save_checkpoint
 
 
 def steps_logged(path):
@@ -296,3 +296,11 @@ def test_last_pt_is_written_once_per_save_and_once_at_the_end(tmp_path, pretrain
         args = [*TINY, *METHODS[script], "--knn-every", "0"]
     run_script(wrapper, *args, *flags, "--output-dir", tmp_path / "run")
     assert log.read_text().split().count("last") == writes
+
+
+def test_a_removed_last_pt_is_seen_as_another_runs_doing(tmp_path):
+    """A run that wrote last.pt (its write id is known) finds it gone: another run sharing the folder
+    removed it, so this one stops instead of writing as if alone. No file and no write id: a new run."""
+    with pytest.raises(SystemExit, match="was replaced or removed by another run"):
+        check_last_writer(tmp_path / "last.pt", "0123abcd")
+    check_last_writer(tmp_path / "last.pt", None)

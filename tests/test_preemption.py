@@ -22,11 +22,13 @@ def fake_scontrol(tmp_path):
     return bin_dir, tmp_path / "scontrol.log"
 
 
-def start_and_signal(out, sig, env, script="simclr.py", extra=()):
-    """Start a long run, send `sig` once it has trained a few steps, return (returncode, output)."""
+def start_and_signal(out, sig, env, script="simclr.py", extra=(), then=None):
+    """Start a long run, send `sig` (then `then`) once it has trained a few steps, return (returncode, output)."""
     proc = Started(script, *TINY, "--epochs", "50", "--knn-every", "0", "--output-dir", out, *extra, env=env)
     proc.wait_for("epoch 0 step")  # the first progress line: training is under way
     proc.send_signal(sig)
+    if then:
+        proc.send_signal(then)
     return proc.wait(timeout=180), proc.output
 
 
@@ -46,10 +48,13 @@ def test_sigusr1_saves_requeues_and_exits_0(tmp_path, fake_scontrol, script):
     assert f"at step {ckpt['step']}" in proc.stdout and load(tmp_path / "run" / "last.pt")["step"] == ckpt["step"] + 2
 
 
-def test_sigterm_saves_and_exits_without_requeue(tmp_path, fake_scontrol):
+@pytest.mark.parametrize("first", [None, signal.SIGUSR1])
+def test_sigterm_saves_and_exits_without_requeue(tmp_path, fake_scontrol, first):
+    """Also after the time limit's SIGUSR1 (scancel in the same step): a cancelled job is not requeued."""
     bin_dir, log = fake_scontrol
     env = clean_env(PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_ID="4242")
-    code, output = start_and_signal(tmp_path / "run", signal.SIGTERM, env)
+    code, output = start_and_signal(tmp_path / "run", first or signal.SIGTERM, env,
+                                    then=signal.SIGTERM if first else None)
     assert code == 143, output
     assert not log.exists(), "SIGTERM must not requeue: scancel has to stop the job for good"
     assert load(tmp_path / "run" / "last.pt")["step"] >= 2
@@ -123,9 +128,10 @@ def test_linear_eval_stopped_while_computing_features_saves_and_the_next_run_goe
     assert "at step 18" in proc.stdout and "linear top-1" in proc.stdout and (out / "results.json").exists()
 
 
-def test_two_tasks_agree_to_stop_when_one_gets_the_signal(tmp_path, fake_scontrol):
+@pytest.mark.parametrize("sig,code", [(signal.SIGUSR1, 0), (signal.SIGTERM, 143)])
+def test_two_tasks_agree_to_stop_when_one_gets_the_signal(tmp_path, fake_scontrol, sig, code):
     """srun signals every task, but not at the same instant: a signal seen by one process must
-    stop all of them at the same step (here only rank 1 gets it)."""
+    stop all of them at the same step, and the same way (here only rank 1 gets it)."""
     import random
     from test_slurm_env import slurm_vars
     bin_dir, log = fake_scontrol
@@ -135,11 +141,14 @@ def test_two_tasks_agree_to_stop_when_one_gets_the_signal(tmp_path, fake_scontro
              for r in (0, 1)]
     try:
         procs[0].wait_for("epoch 0 step")
-        procs[1].send_signal(signal.SIGUSR1)
+        procs[1].send_signal(sig)
     finally:  # a hung process must not outlive the test (wait kills it)
         codes = [p.wait(timeout=180) for p in procs]
-    assert codes == [0, 0], procs[0].output + procs[1].output
-    assert log.read_text().split() == ["requeue", str(job_id)]  # rank 0 requeues, once
+    assert codes == [code, code], procs[0].output + procs[1].output
+    if sig == signal.SIGUSR1:
+        assert log.read_text().split() == ["requeue", str(job_id)]  # rank 0 requeues, once
+    else:
+        assert not log.exists() and "SIGTERM: stopped at step" in procs[0].output
     assert load(tmp_path / "run" / "last.pt")["step"] < 200
 
 

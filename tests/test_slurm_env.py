@@ -48,6 +48,28 @@ def test_second_step_of_a_job_on_its_second_node(monkeypatch):
     assert os.environ["MASTER_ADDR"] == "gpu2" and os.environ["MASTER_PORT"] == str(15000 + 2234)
 
 
+@pytest.mark.parametrize("launcher", ["srun", "torchrun"])
+def test_a_process_on_the_second_node_has_its_global_and_local_ranks(monkeypatch, launcher):
+    """Rank 5 of 8, the second of its node (4 GPUs each): global rank for the process group, local
+    rank for the GPU. Every other test has rank == local rank, where swapping them goes unseen."""
+    if launcher == "srun":
+        env = {**slurm_vars(5, 8, 7), "SLURM_LOCALID": "1", "SLURM_JOB_NODELIST": "gpu[1-2]"}
+    else:
+        env = {"RANK": "5", "LOCAL_RANK": "1", "WORLD_SIZE": "8", "MASTER_ADDR": "gpu1", "MASTER_PORT": "29500",
+               "TORCHELASTIC_RUN_ID": "none"}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    groups = []
+    monkeypatch.setattr(simclr.dist, "init_process_group", lambda backend, **kw: groups.append(kw))
+    monkeypatch.setattr(simclr.torch, "set_num_threads", lambda n: None)
+    monkeypatch.setattr(simclr.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(simclr.torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(simclr.torch.cuda, "set_device", lambda d: None)
+    rank, local_rank, world_size, device = simclr.setup_distributed(argparse.Namespace(device="cuda", batch_size=8))
+    assert (rank, local_rank, world_size, device) == (5, 1, 8, simclr.torch.device("cuda", 1))
+    assert groups[0]["rank"] == 5 and groups[0]["world_size"] == 8
+
+
 def test_batch_shell_of_a_multi_task_job_runs_one_process_with_a_warning(monkeypatch, capsys):
     for key, value in slurm_vars(0, 4, 99, step=False).items():
         monkeypatch.setenv(key, value)

@@ -1,4 +1,5 @@
 """A tiny SimCLR run and the linear evaluation of its checkpoints, as a user runs them."""
+import argparse
 import csv
 import json
 import math
@@ -258,6 +259,12 @@ def test_method_then_linear_eval(tmp_path, script, target):
     ckpt = load(tmp_path / "last.pt")
     assert ckpt["method"] == script[:-3] and ckpt["step"] == 4
     assert any(k.startswith("target.") for k in ckpt["model"]) == target
+    # The optimizer holds every trainable parameter (BYOL's predictor, DINO's whole student), no more.
+    module = __import__(script[:-3])
+    model = {"byol.py": "BYOL", "barlow.py": "BarlowTwins", "dino.py": "DINO"}[script]
+    model = getattr(module, model)(argparse.Namespace(**ckpt["args"]), ckpt["args"]["image_size"])
+    in_optimizer = sum(len(g["params"]) for g in ckpt["optimizer"]["param_groups"])
+    assert in_optimizer == sum(p.requires_grad for p in model.parameters())
     if script == "dino.py":  # epoch 0: the prototypes stay fixed (--freeze-last-layer 1), the rest trains
         model = ckpt["model"]
         assert torch.equal(model["student.head.last_v"], model["teacher.head.last_v"])
@@ -382,3 +389,24 @@ def test_warm_up_longer_than_the_run_is_warned(tmp_path):
     assert "warning: --warmup-epochs 10 covers the whole run" in proc.stderr
     proc = run_script("simclr.py", *args, "--warmup-epochs", "1", "--output-dir", tmp_path / "b")
     assert "warmup" not in proc.stderr
+
+
+def test_step_rows_are_means_since_the_last_row_and_epoch_rows_their_epochs_mean(tmp_path):
+    """--log-every 2, 4 steps per epoch: each step row is the mean loss of its 2 steps (the same run
+    logged every step gives them), each epoch row the mean of the epoch's 4 steps."""
+    args = [*TINY, "--epochs", "2", "--knn-every", "0", "--deterministic"]
+    run_script("simclr.py", *args, "--log-every", "2", "--output-dir", tmp_path / "a")
+    run_script("simclr.py", *args, "--log-every", "1", "--output-dir", tmp_path / "b")
+
+    def losses(folder, kind):
+        return {int(r["step"]): float(r["loss"]) for r in csv.DictReader(open(folder / "metrics.csv"))
+                if r["kind"] == kind}
+
+    every2, every1 = losses(tmp_path / "a", "step"), losses(tmp_path / "b", "step")
+    assert sorted(every2) == [2, 4, 6, 8] and sorted(every1) == list(range(1, 9))
+    for step in every2:
+        assert every2[step] == pytest.approx((every1[step - 1] + every1[step]) / 2, rel=1e-5)
+    for folder in ("a", "b"):
+        epochs = losses(tmp_path / folder, "epoch")
+        assert epochs == pytest.approx({4: sum(every1[s] for s in range(1, 5)) / 4,
+                                        8: sum(every1[s] for s in range(5, 9)) / 4}, rel=1e-5)

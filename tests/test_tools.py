@@ -318,3 +318,33 @@ def test_cifar10_figures_script_end_to_end(tmp_path):
     proc = subprocess.run(["bash", REPO / "tools" / "cifar10_figures.sh", tmp_path / "c10.tar.xz"],
                           env=env, capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr.startswith("usage:")
+
+
+@pytest.mark.parametrize("spans", ["equal", "growing"])
+def test_benchmark_figures_are_images_over_timed_seconds_and_ratios_of_the_named_figures(monkeypatch, spans):
+    """A fake clock: every timed span lasts 1 s ("equal"), so each figure is the images it timed; or
+    each span is longer than the last ("growing"), so a ratio over the wrong figure shows."""
+    sys.path.insert(0, str(REPO / "tools"))
+    import benchmark
+    ticks, now = iter(range(1, 10**6)), [0.0]
+
+    def clock():
+        now[0] += 1.0 if spans == "equal" else next(ticks)
+        return now[0]
+
+    monkeypatch.setattr(benchmark, "time", argparse.Namespace(perf_counter=clock))
+    opts = argparse.Namespace(image_size=16, batch_size=8, arch="resnet18", device="cpu", workers=1, precision="fp32",
+                              extra=[], data=None, aug_only=False, steps=2, warmup=1, aug_steps=2, aug_rounds=2)
+    skip, n = benchmark.pil_counts(opts)  # 3 batches skipped, 4 timed with the PIL loader
+    opts.images = 8 * (skip + n + 2)
+    r = benchmark.bench("simclr", opts)
+    if spans == "equal":
+        assert r["model_only_img_s"] == r["end_to_end_device_aug_img_s"] == 8 * 2
+        assert r["end_to_end_cpu_loader_img_s"] == r["aug_pil_img_s"] == 8 * n
+        assert r["aug_batched_img_s"] == 8 * 1  # aug_steps / aug_rounds batches per round
+    for ratio, num, den in (("end_to_end_cpu_loader_ratio", "end_to_end_cpu_loader_img_s", "model_only_img_s"),
+                            ("end_to_end_device_aug_ratio", "end_to_end_device_aug_img_s", "model_only_img_s"),
+                            ("aug_batched_over_pil", "aug_batched_img_s", "aug_pil_img_s")):
+        assert r[ratio] == pytest.approx(r[num] / r[den])
+    if spans == "growing":
+        assert r["model_only_img_s"] != r["end_to_end_device_aug_img_s"]  # the check can tell them apart

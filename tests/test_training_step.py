@@ -131,6 +131,9 @@ def test_dino_teacher_sees_the_global_crops_in_train_mode():
     dino.fill_recipe(args)
     torch.manual_seed(0)
     model = dino.DINO(args, 8).train()
+    with torch.no_grad():  # not the student's copy any more, as after some steps
+        for p in model.teacher.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
     crops = views(4, 8)
     _, teacher_out = model(crops)
     assert model.teacher.training and teacher_out.shape == (2 * 6, 16)
@@ -162,7 +165,7 @@ def test_dino_freezes_the_whole_last_layer_then_trains_it(norm_last_layer):
 
 
 # DINO's loop: the weight-decay schedule on the weights' group only, and --clip-grad.
-def dino_step_once(flags, seed=0):
+def dino_step_once(flags, seed=0, scaler=None):
     args = dino.get_args_parser().parse_args([
         "--out-dim", "16", "--head-hidden-dim", "32", "--bottleneck-dim", "8", "--local-crops", "2",
         "--local-crop-size", "4", "--freeze-last-layer", "0", "--epochs", "20", "--optimizer", "sgd", *flags])
@@ -180,7 +183,7 @@ def dino_step_once(flags, seed=0):
                              losses=torch.zeros(2, 2), n_row=0, n_epoch=0, preemption=NoSignal(), end_step=STEP + 1)
     optimizer = dino.make_optimizer(model.student.parameters(), args)
     before = {n: p.detach().clone() for n, p in model.student.named_parameters()}
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    scaler = scaler or torch.amp.GradScaler("cpu", enabled=False)
     dino.train_one_epoch(model, model, criterion, [(crops, None)], optimizer, scaler, run, args)
     return model, optimizer, before, run
 
@@ -204,3 +207,13 @@ def test_clip_grad_clips_each_parameter_before_the_step():
     model, optimizer, before, run = dino_step_once(["--weight-decay", "0", "--clip-grad", "0"])
     moves = [(p.detach() - before[n]).norm().item() / run.lr for n, p in model.student.named_parameters()]
     assert max(moves) > 10 * clip  # the unclipped step: the clip above did something
+
+
+def test_clip_grad_clips_the_unscaled_gradients_under_fp16_loss_scaling():
+    """--precision fp16 (V100, T4) scales the loss by 2^16: the clip applies to the true gradients
+    (unscaled first), so the step moves by up to lr x clip, not 2^16 times less."""
+    clip = 1e-3
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16)
+    model, _, before, run = dino_step_once(["--weight-decay", "0", "--clip-grad", str(clip)], scaler=scaler)
+    moves = [(p.detach() - before[n]).norm().item() / run.lr for n, p in model.student.named_parameters()]
+    assert 0.5 * clip < max(moves) <= clip * (1 + 1e-3)
