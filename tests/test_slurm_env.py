@@ -70,6 +70,15 @@ def test_a_process_on_the_second_node_has_its_global_and_local_ranks(monkeypatch
     assert groups[0]["rank"] == 5 and groups[0]["world_size"] == 8
 
 
+def test_a_master_address_and_port_set_by_the_user_are_kept_under_srun(monkeypatch):
+    """Set in the sbatch script (a port known to be free, the node's fast interface): not replaced."""
+    for key, value in {**slurm_vars(0, 1, 1234), "MASTER_ADDR": "ib0-host", "MASTER_PORT": "23456"}.items():
+        monkeypatch.setenv(key, value)
+    simclr.setup_distributed(argparse.Namespace(device="cpu", batch_size=8))
+    import os
+    assert os.environ["MASTER_ADDR"] == "ib0-host" and os.environ["MASTER_PORT"] == "23456"
+
+
 def test_batch_shell_of_a_multi_task_job_runs_one_process_with_a_warning(monkeypatch, capsys):
     for key, value in slurm_vars(0, 4, 99, step=False).items():
         monkeypatch.setenv(key, value)

@@ -348,3 +348,16 @@ def test_benchmark_figures_are_images_over_timed_seconds_and_ratios_of_the_named
         assert r[ratio] == pytest.approx(r[num] / r[den])
     if spans == "growing":
         assert r["model_only_img_s"] != r["end_to_end_device_aug_img_s"]  # the check can tell them apart
+
+
+def test_plot_metrics_puts_each_knn_after_the_epoch_it_ends(tmp_path):
+    """metrics.csv counts epochs from 0; the kNN of epoch 0 is measured after 1 epoch of training.
+    plot_metrics reads it as x = 1 (epochs trained), and keeps the steps' rows and extra columns."""
+    sys.path.insert(0, str(REPO / "tools"))
+    import plot_metrics
+    rows = ["kind,epoch,step,loss,lr,img_per_s,peak_mem_mb,knn_top1,time_s,teacher_entropy",
+            "step,0,2,5.0,0.1,10,100,,1.0,7.0", "epoch,0,2,5.0,0.1,10,100,20.5,1.5,7.0",
+            "step,1,4,4.0,0.1,10,100,,2.0,6.0", "epoch,1,4,4.0,0.1,10,100,30.0,2.5,6.0", "step,2,5,3.0,0.1"]
+    (tmp_path / "metrics.csv").write_text("\n".join(rows))  # the last row half-written: a job still running
+    steps, knn, extra = plot_metrics.read(tmp_path)
+    assert knn == [(1, 20.5), (2, 30.0)] and [r["step"] for r in steps] == ["2", "4"] and extra == ["teacher_entropy"]
