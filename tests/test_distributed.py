@@ -133,12 +133,29 @@ def test_cpu_sync_batchnorm_two_processes_with_a_large_mean_matches_batchnorm(tm
 
 
 def test_linear_eval_two_processes_matches_one(tmp_path, pretrained):
+    """The same probe and results with 2 processes as with 1, each process extracting the features of
+    --batch-size / 2 images at a time (the global batch, as in training: the out-of-memory advice
+    "more GPUs also help" holds there too). The 2-process run goes through a wrapper that records
+    the batch extract_features gets, then runs main() as the script's __main__ guard does."""
     from conftest import run_script as run
     # Odd numbers of images: the features of the last, shorter shard are padded, gathered, then cut.
     args = ["--ckpt", pretrained / "last.pt", "--mode", "fast", "--epochs", "2", "--batch-size", "32",
             "--device", "cpu", "--workers", "0", "--deterministic", "--synthetic-size", "131", "63"]
     run("linear_eval.py", *args, "--output-dir", tmp_path / "one")
-    assert "2 process(es)" in torchrun("linear_eval.py", *args, "--output-dir", tmp_path / "two").stdout
+    wrapper = tmp_path / "record_batches.py"
+    wrapper.write_text(
+        f"import sys\nsys.path.insert(0, {str(REPO)!r})\n"
+        "import linear_eval\n"
+        "original = linear_eval.extract_features\n"
+        "def recording(backbone, dataset, batch_size, workers, device, rank, *rest):\n"
+        "    print(f'extract rank {rank} batch {batch_size}', flush=True)\n"
+        "    return original(backbone, dataset, batch_size, workers, device, rank, *rest)\n"
+        "linear_eval.extract_features = recording\n"
+        "linear_eval.main(linear_eval.get_args_parser().parse_args())\n")
+    out = torchrun(wrapper, *args, "--output-dir", tmp_path / "two", cwd=tmp_path).stdout
+    assert "2 process(es)" in out
+    assert sorted(line for line in out.splitlines() if line.startswith("extract")) == [
+        "extract rank 0 batch 16"] * 2 + ["extract rank 1 batch 16"] * 2  # the train and test features
     one, two = load(tmp_path / "one" / "last.pt"), load(tmp_path / "two" / "last.pt")
     assert max_diff(one["head"], two["head"]) < 1e-5
     import json

@@ -383,10 +383,13 @@ def test_dino_head_and_teacher_flags(tmp_path):
 
 
 def test_warm_up_longer_than_the_run_is_warned(tmp_path):
-    """The recipe's 10 warm-up epochs in a 2-epoch run: the learning rate never gets to its value."""
+    """The recipe's 10 warm-up epochs in a 2-epoch run: the learning rate never gets to its value.
+    A warm-up as long as the run is warned too (it reaches its value only after the last step)."""
     args = [*TINY, "--epochs", "2", "--max-steps", "1", "--knn-every", "0"]
     proc = run_script("simclr.py", *args, "--output-dir", tmp_path / "a")
     assert "warning: --warmup-epochs 10 covers the whole run" in proc.stderr
+    proc = run_script("simclr.py", *args, "--warmup-epochs", "2", "--output-dir", tmp_path / "c")
+    assert "warning: --warmup-epochs 2 covers the whole run" in proc.stderr
     proc = run_script("simclr.py", *args, "--warmup-epochs", "1", "--output-dir", tmp_path / "b")
     assert "warmup" not in proc.stderr
 
