@@ -319,7 +319,7 @@ def test_impossible_method_values_are_one_usage_line(script, flag, value, messag
 
 
 SCALES = [("--global-crops-scale", ["0.9", "0.2"]), ("--global-crops-scale", ["-1", "0.5"]),
-          ("--local-crops-scale", ["0.4", "0.05"])]
+          ("--local-crops-scale", ["0.4", "0.05"]), ("--local-crops-scale", ["0", "0.4"])]  # an empty crop
 
 
 @pytest.mark.parametrize("flag,scale", SCALES)
@@ -396,6 +396,37 @@ def test_resume_with_other_optimizer_settings_seed_or_images(tmp_path, pretraine
                tmp_path / "old.pt", "--output-dir", run_dir)
     assert load(run_dir / "last.pt")["step"] == 12
 
+
+
+@pytest.mark.parametrize("script,flags,message", [
+    ("byol.py", ["--weight-decay", "0.001"], "--weight-decay 1e-05, not 0.001"),
+    ("byol.py", ["--seed", "1"], "--seed 0, not 1"),
+    ("barlow.py", ["--weight-decay", "0.001"], "--weight-decay 0.0001, not 0.001"),
+    ("barlow.py", ["--seed", "1"], "--seed 0, not 1"),
+    ("dino.py", ["--optimizer", "sgd"], "--optimizer lars, not sgd"),
+    ("dino.py", ["--seed", "1"], "--seed 0, not 1")])
+def test_each_method_refuses_a_resume_with_other_run_settings_or_a_backbone(script, flags, message):
+    """Each script's check_resumable (test_resume_with_other_optimizer_settings_seed_or_images runs
+    simclr.py's): the flags the optimizer's state or the data order carry, and a backbone-only file."""
+    import dino
+    from conftest import METHODS
+    module = __import__(script[:-3])
+
+    def parse(extra):
+        args = module.get_args_parser().parse_args([*TINY, *METHODS[script], *extra])
+        if module is dino:
+            dino.fill_recipe(args)
+        return args
+    saved = parse([])
+    model = {"byol.py": "BYOL", "barlow.py": "BarlowTwins", "dino.py": "DINO"}[script]
+    model = getattr(module, model)(saved, 8)
+    ckpt = {"method": script[:-3], "args": vars(saved), "model": model.state_dict(),
+            "backbone_meta": model.backbone_meta, "num_images": 128}
+    module.check_resumable(ckpt, "last.pt", saved, model, 128)  # the same run: resumed
+    with pytest.raises(SystemExit, match="error: last.pt was trained with " + message):
+        module.check_resumable(ckpt, "last.pt", parse(flags), model, 128)
+    with pytest.raises(SystemExit, match="holds only a backbone"):
+        module.check_resumable({k: v for k, v in ckpt.items() if k != "model"}, "last.pt", saved, model, 128)
 
 def test_linear_eval_resume_with_other_settings(tmp_path, pretrained):
     args = ["--ckpt", pretrained / "backbone.pt", "--mode", "fast", "--epochs", "2", "--batch-size", "32",

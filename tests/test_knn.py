@@ -1,7 +1,11 @@
 """The weighted kNN monitor on hand-made features."""
 import argparse
+import importlib
 import math
+import os
+import signal
 
+import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
@@ -154,3 +158,31 @@ def test_knn_monitor_uses_the_un_augmented_images(monkeypatch):
     assert simclr.knn_accuracy(None, data, argparse.Namespace(workers=0), torch.device("cpu"), 0, 1) == 100.0
     expected = repr(common.eval_transform(8, (0.5,) * 3, (0.25,) * 3))
     assert [len(d) for d in seen] == [4, 2] and all(repr(d.transform) == expected for d in seen)
+
+
+@pytest.mark.parametrize("script,prefix", [("byol.py", "online.backbone."), ("dino.py", "teacher.backbone.")])
+def test_the_knn_monitor_scores_the_backbone_that_is_saved(tmp_path, monkeypatch, script, prefix):
+    """BYOL's kNN scores the online network's backbone and DINO's the teacher's: those of
+    backbone.pt, the ones linear_eval.py evaluates. Run in this process, to see the backbone the
+    monitor gets after the last step (the weights last.pt then holds)."""
+    from conftest import METHODS, TINY, load
+    module, seen = importlib.import_module(script[:-3]), []
+
+    def recording(backbone, *args, **kwargs):
+        seen.append({k: v.clone() for k, v in backbone.state_dict().items()})
+        return 50.0
+
+    monkeypatch.setattr(module, "knn_accuracy", recording)
+    for key in list(os.environ):
+        if key.startswith(("SLURM_", "RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_")):
+            monkeypatch.delenv(key)
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)}
+    try:
+        module.main(module.get_args_parser().parse_args(
+            [*TINY, *METHODS[script], "--epochs", "1", "--knn-every", "1", "--output-dir", str(tmp_path)]))
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+    model = load(tmp_path / "last.pt")["model"]
+    assert len(seen) == 1 and seen[0].keys() == load(tmp_path / "backbone.pt")["backbone"].keys()
+    assert all(torch.equal(v, model[prefix + k]) for k, v in seen[0].items())

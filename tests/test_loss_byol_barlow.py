@@ -84,6 +84,20 @@ def test_barlow_matches_naive():
     assert torch.allclose(barlow_twins_loss(z1, z2, 0.0051), naive_barlow(z1, z2, 0.0051), atol=1e-10)
 
 
+def test_barlow_gradients_match_naive():
+    """The gradient flows through the batch mean and variance too, as through BatchNorm (the value
+    alone would not see them detached)."""
+    torch.manual_seed(2)
+    z1, z2 = torch.randn(16, 6, dtype=torch.float64), torch.randn(16, 6, dtype=torch.float64)
+    grads = []
+    for loss in (barlow_twins_loss, naive_barlow):
+        a, b = z1.clone().requires_grad_(), z2.clone().requires_grad_()
+        loss(a, b, 0.0051).backward()
+        grads.append((a.grad, b.grad))
+    for got, expected in zip(*grads):
+        torch.testing.assert_close(got, expected, rtol=1e-8, atol=1e-12)
+
+
 def test_barlow_hand_computed():
     # Two orthogonal +-1 columns: already standardised (mean 0, variance 1) and uncorrelated.
     z = torch.tensor([[1.0, 1.0], [-1.0, 1.0], [1.0, -1.0], [-1.0, -1.0]], dtype=torch.float64)

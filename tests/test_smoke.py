@@ -270,6 +270,10 @@ def test_method_then_linear_eval(tmp_path, script, target):
         assert torch.equal(model["student.head.last_v"], model["teacher.head.last_v"])
         assert not torch.equal(model["student.head.mlp.0.weight"], model["teacher.head.mlp.0.weight"])
     assert load(tmp_path / "backbone.pt")["backbone"].keys() == ckpt["backbone"].keys()
+    # The backbone evaluated: BYOL's online network (the paper's), DINO's teacher (its eval scripts').
+    prefix = {"byol.py": "online.backbone.", "barlow.py": "backbone.", "dino.py": "teacher.backbone."}[script]
+    for saved in (ckpt["backbone"], load(tmp_path / "backbone.pt")["backbone"]):
+        assert all(torch.equal(v, ckpt["model"][prefix + k]) for k, v in saved.items())
     rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
     assert rows[-1]["kind"] == "epoch" and rows[-1]["knn_top1"] != ""
     # DINO logs the teacher entropy (collapse: 0 or log(out_dim)) in its own column, the others do not.

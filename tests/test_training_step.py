@@ -25,12 +25,12 @@ class NoSignal:
         return False
 
 
-def one_step(module, model, views, args, *extra, epoch=0):
+def one_step(module, model, views, args, *extra, epoch=0, amp_dtype=None):
     """Run train_one_epoch on a one-batch loader from step STEP with plain SGD; return the loss it
     recorded. The arguments before the loader are the script's own (raw_model, criterion)."""
     args.optimizer, args.log_every = "sgd", 1000
     run = argparse.Namespace(step=STEP, epoch=epoch, total_steps=TOTAL, warmup_steps=0, base_lr=0.5, lr=0.0,
-                             device=torch.device("cpu"), memory_format=torch.contiguous_format, amp_dtype=None,
+                             device=torch.device("cpu"), memory_format=torch.contiguous_format, amp_dtype=amp_dtype,
                              losses=torch.zeros(2, 2 if module is dino else 1), n_row=0, n_epoch=0,
                              preemption=NoSignal(), end_step=STEP + 1)
     optimizer = module.make_optimizer(model.parameters(), args)
@@ -82,6 +82,46 @@ def test_byol_step_is_symmetrised_across_views_and_the_target_follows_after_it()
     assert_ema(model.target.parameters(), model.online.parameters(), target_before, tau)
 
 
+
+def test_byol_forward_is_the_online_prediction_and_the_target_projection():
+    """p = predictor(online(x)) and z = target(x) for each view, with batch statistics: the step test
+    builds its expected loss from the model's own forward, so a forward without the predictor (or with
+    it on the target too) passed it. The predictor is BYOL's asymmetry, needed against collapse."""
+    args = byol.get_args_parser().parse_args(["--proj-hidden-dim", "32", "--pred-hidden-dim", "32", "--proj-dim", "16"])
+    torch.manual_seed(0)
+    model = byol.BYOL(args, 8).train()
+    with torch.no_grad():
+        for p in model.target.parameters():  # not the online network's copy any more, as after some steps
+            p.add_(torch.randn_like(p) * 0.1)
+        x1, x2 = views()
+        p1, p2, z1, z2 = model(x1, x2)
+        alone = copy.deepcopy(model)
+        for x, p, z in ((x1, p1, z1), (x2, p2, z2)):
+            torch.testing.assert_close(p, alone.predictor(alone.online(x)))
+            torch.testing.assert_close(z, alone.target(x))
+            assert not torch.allclose(p, alone.online(x), atol=1e-3)
+
+
+def test_byol_target_keeps_the_batchnorm_statistics_of_its_own_forward_in_train_mode():
+    """update_target averages the parameters only: the target's BatchNorm running statistics are
+    those of its own forward passes of the two views with batch statistics (train mode), not the
+    online network's copied over, nor left unchanged by an eval-mode forward."""
+    args = byol.get_args_parser().parse_args(["--proj-hidden-dim", "32", "--pred-hidden-dim", "32", "--proj-dim", "16",
+                                              "--base-tau", "0.5"])
+    torch.manual_seed(0)
+    model = byol.BYOL(args, 8)
+    x1, x2 = views()
+    for p in model.target.parameters():  # not the online network's copy any more, as after some steps
+        p.add_(torch.randn_like(p) * 0.1)
+    alone = copy.deepcopy(model.target).train()
+    with torch.no_grad():
+        alone(x1), alone(x2)
+    one_step(byol, model, (x1, x2), args, model)
+    for (name, b), expected, online in zip(model.target.named_buffers(), alone.buffers(), model.online.buffers()):
+        assert torch.equal(b, expected), name
+        if b.is_floating_point():
+            assert not torch.equal(b, online), name
+
 def test_barlow_step_is_the_scaled_cross_correlation_loss():
     args = barlow.get_args_parser().parse_args(["--proj-hidden-dim", "32", "--proj-dim", "16", "--lambd", "0.02",
                                                 "--scale-loss", "0.25"])
@@ -92,6 +132,37 @@ def test_barlow_step_is_the_scaled_cross_correlation_loss():
     expected = 0.25 * naive_barlow(z1.double(), z2.double(), 0.02).item()
     assert one_step(barlow, model, (x1, x2), args) == pytest.approx(expected, rel=1e-5)
 
+
+
+def test_barlow_loss_is_computed_in_fp32_under_bf16_autocast():
+    """Under --precision bf16 the network runs in bf16, the loss of its outputs in fp32: the
+    standardisation and the D x D cross-correlation lose about 1% in bf16."""
+    args = barlow.get_args_parser().parse_args(["--proj-hidden-dim", "32", "--proj-dim", "16", "--scale-loss", "1"])
+    torch.manual_seed(0)
+    model = barlow.BarlowTwins(args, 8)
+    x1, x2 = views()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        z1, z2 = copy.deepcopy(model)(x1, x2)
+    assert z1.dtype == torch.bfloat16
+    expected = naive_barlow(z1.double(), z2.double(), args.lambd).item()
+    assert one_step(barlow, model, (x1, x2), args, amp_dtype=torch.bfloat16) == pytest.approx(expected, rel=1e-4)
+
+
+def test_barlow_views_go_through_the_network_one_by_one():
+    """Each view is its own batch (BatchNorm statistics per view, as the official code), and z2 is
+    the second view's embedding."""
+    args = barlow.get_args_parser().parse_args(["--proj-hidden-dim", "32", "--proj-dim", "16"])
+    torch.manual_seed(0)
+    model = barlow.BarlowTwins(args, 8).train()
+    x1, x2 = views()
+    with torch.no_grad():
+        z1, z2 = model(x1, x2)
+        alone = copy.deepcopy(model)
+        expected = [alone.projector(alone.backbone(x)) for x in (x1, x2)]
+        joint = alone.projector(alone.backbone(torch.cat([x1, x2]))).chunk(2)
+    torch.testing.assert_close(z1, expected[0])
+    torch.testing.assert_close(z2, expected[1])
+    assert not torch.allclose(z1, joint[0], atol=1e-3)
 
 @pytest.mark.parametrize("epoch,frozen", [(3, True), (4, False)])
 def test_dino_step_uses_the_epochs_teacher_temperature_and_the_teacher_follows_after_it(epoch, frozen):
