@@ -397,7 +397,6 @@ def test_resume_with_other_optimizer_settings_seed_or_images(tmp_path, pretraine
     assert load(run_dir / "last.pt")["step"] == 12
 
 
-
 @pytest.mark.parametrize("script,flags,message", [
     ("byol.py", ["--weight-decay", "0.001"], "--weight-decay 1e-05, not 0.001"),
     ("byol.py", ["--seed", "1"], "--seed 0, not 1"),
@@ -417,9 +416,9 @@ def test_each_method_refuses_a_resume_with_other_run_settings_or_a_backbone(scri
         if module is dino:
             dino.fill_recipe(args)
         return args
+
     saved = parse([])
-    model = {"byol.py": "BYOL", "barlow.py": "BarlowTwins", "dino.py": "DINO"}[script]
-    model = getattr(module, model)(saved, 8)
+    model = getattr(module, {"byol.py": "BYOL", "barlow.py": "BarlowTwins", "dino.py": "DINO"}[script])(saved, 8)
     ckpt = {"method": script[:-3], "args": vars(saved), "model": model.state_dict(),
             "backbone_meta": model.backbone_meta, "num_images": 128}
     module.check_resumable(ckpt, "last.pt", saved, model, 128)  # the same run: resumed
@@ -427,6 +426,7 @@ def test_each_method_refuses_a_resume_with_other_run_settings_or_a_backbone(scri
         module.check_resumable(ckpt, "last.pt", parse(flags), model, 128)
     with pytest.raises(SystemExit, match="holds only a backbone"):
         module.check_resumable({k: v for k, v in ckpt.items() if k != "model"}, "last.pt", saved, model, 128)
+
 
 def test_linear_eval_resume_with_other_settings(tmp_path, pretrained):
     args = ["--ckpt", pretrained / "backbone.pt", "--mode", "fast", "--epochs", "2", "--batch-size", "32",

@@ -128,7 +128,6 @@ def test_knn_accuracy_votes_by_cosine_similarity_not_dot_product(monkeypatch):
     assert simclr.knn_accuracy(None, data, args, torch.device("cpu"), 0, 1) == 100.0
 
 
-
 def test_knn_predict_scores_every_test_row_beyond_a_chunk():
     """2,500 test rows (scored 1,024 at a time) against a row-by-row computation, k=3."""
     g = torch.Generator().manual_seed(0)

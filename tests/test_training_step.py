@@ -82,7 +82,6 @@ def test_byol_step_is_symmetrised_across_views_and_the_target_follows_after_it()
     assert_ema(model.target.parameters(), model.online.parameters(), target_before, tau)
 
 
-
 def test_byol_forward_is_the_online_prediction_and_the_target_projection():
     """p = predictor(online(x)) and z = target(x) for each view, with batch statistics: the step test
     builds its expected loss from the model's own forward, so a forward without the predictor (or with
@@ -122,6 +121,7 @@ def test_byol_target_keeps_the_batchnorm_statistics_of_its_own_forward_in_train_
         if b.is_floating_point():
             assert not torch.equal(b, online), name
 
+
 def test_barlow_step_is_the_scaled_cross_correlation_loss():
     args = barlow.get_args_parser().parse_args(["--proj-hidden-dim", "32", "--proj-dim", "16", "--lambd", "0.02",
                                                 "--scale-loss", "0.25"])
@@ -131,7 +131,6 @@ def test_barlow_step_is_the_scaled_cross_correlation_loss():
     z1, z2 = copy.deepcopy(model)(x1, x2)
     expected = 0.25 * naive_barlow(z1.double(), z2.double(), 0.02).item()
     assert one_step(barlow, model, (x1, x2), args) == pytest.approx(expected, rel=1e-5)
-
 
 
 def test_barlow_loss_is_computed_in_fp32_under_bf16_autocast():
@@ -163,6 +162,7 @@ def test_barlow_views_go_through_the_network_one_by_one():
     torch.testing.assert_close(z1, expected[0])
     torch.testing.assert_close(z2, expected[1])
     assert not torch.allclose(z1, joint[0], atol=1e-3)
+
 
 @pytest.mark.parametrize("epoch,frozen", [(3, True), (4, False)])
 def test_dino_step_uses_the_epochs_teacher_temperature_and_the_teacher_follows_after_it(epoch, frozen):
