@@ -51,6 +51,15 @@ def test_batch_sizes(tmp_path):
     assert env_msg.returncode != 0 and "not divisible by the 2 processes" in env_msg.stderr
 
 
+def test_linear_eval_batch_size_of_every_training_image(tmp_path):
+    """--batch-size equal to the number of training images is one step per epoch, not too large."""
+    run_script("linear_eval.py", *TINY, "--synthetic-size", "32", "16", "--ckpt", "random", "--mode", "fast",
+               "--epochs", "1", "--knn-every", "0", "--output-dir", tmp_path)
+    assert load(tmp_path / "last.pt")["step"] == 1
+    assert "larger than the 31 training images" in fails("linear_eval.py", *TINY, "--synthetic-size", "31", "16",
+                                                         "--ckpt", "random", "--output-dir", tmp_path / "b")
+
+
 def test_unknown_arch_and_dataset():
     for flag, value in (("--arch", "resnet7"), ("--dataset", "mnist")):
         proc = run_script("simclr.py", flag, value, check=False)
@@ -346,6 +355,22 @@ def test_a_folder_of_unreadable_images_is_one_line(tmp_path, workers):
     assert not (tmp_path / "run" / "last.pt").exists()
 
 
+def test_linear_eval_unreadable_images_found_by_a_loader_process_are_one_line(tmp_path):
+    """linear_eval.py's own handler: more than 100 unreadable images in a row found by a loader
+    process (the first image, read for the image size, is fine) end in one line, no traceback."""
+    from PIL import Image
+    for split, n_bad in (("train", 120), ("val", 0)):
+        for c in ("a", "b"):
+            (tmp_path / "data" / split / c).mkdir(parents=True)
+            Image.new("RGB", (8, 8), (200 if c == "a" else 0, 0, 0)).save(tmp_path / "data" / split / c / "000.png")
+            for i in range(1, n_bad + 1):
+                (tmp_path / "data" / split / c / f"{i:03d}.jpg").write_bytes(b"")
+    msg = fails("linear_eval.py", "--ckpt", "random", "--dataset", "imagefolder", "--data-dir", tmp_path / "data",
+                "--image-size", "8", "--batch-size", "2", "--epochs", "1", "--device", "cpu", "--workers", "1",
+                "--output-dir", tmp_path / "probe")
+    assert msg.startswith("error: 100 unreadable images in a row from") and str(tmp_path / "data") in msg
+
+
 def test_torchvision_018_with_numpy_2_is_one_line_before_the_pil_loader(monkeypatch, tmp_path):
     """torchvision 0.18 (torch 2.3) computes hue shifts with np.uint8 of a negative number, an
     OverflowError under numpy 2 in a loader process; the batched path does not use that code."""
@@ -435,6 +460,8 @@ def test_linear_eval_resume_with_other_settings(tmp_path, pretrained):
     assert "--weight-decay 0.0, not 0.1" in fails("linear_eval.py", *args, "--weight-decay", "0.1")
     assert "--mode fast, not linear" in fails("linear_eval.py", *args, "--mode", "linear")
     assert "--image-size 8, not 32" in fails("linear_eval.py", *args, "--image-size", "32")
+    assert "--batch-size 32, not 16" in fails("linear_eval.py", *args, "--batch-size", "16")
+    assert "--seed 0, not 1" in fails("linear_eval.py", *args, "--seed", "1")
     random = ["--ckpt", "random", "--dataset", "synthetic", "--synthetic-size", "64", "32", *args[2:-1], tmp_path / "r"]
     run_script("linear_eval.py", *random, "--max-steps", "1")
     assert "--arch resnet18, not resnet34" in fails("linear_eval.py", *random, "--arch", "resnet34")
@@ -493,6 +520,28 @@ def test_nan_and_inf_flag_values_are_refused(flag, value):
     proc = run_script("simclr.py", *TINY, flag, value, check=False)
     assert proc.returncode == 2 and f"argument {flag}: must be" in proc.stderr and "Traceback" not in proc.stderr
 
+
+
+@pytest.mark.parametrize("script,flag", [("barlow", "--lambd"), ("dino", "--clip-grad")])
+@pytest.mark.parametrize("value", ["inf", "nan"])
+def test_infinite_values_of_flags_without_an_upper_bound_are_refused(script, flag, value, capsys):
+    """No upper bound refuses inf for these two (a Barlow loss of inf, clipping that never clips): the
+    finite check alone does."""
+    with pytest.raises(SystemExit) as e:
+        importlib.import_module(script).get_args_parser().parse_args([flag, value])
+    assert e.value.code == 2 and f"argument {flag}: must be at least 0, not {value}" in capsys.readouterr().err
+
+
+def test_fractions_take_both_ends():
+    """0 and 1 are fractions (--momentum-teacher 1 keeps the teacher fixed, --blur-prob 1 blurs every
+    view); only values outside are refused."""
+    import common
+    assert [common.fraction(v) for v in ("0", "1", "1.0", "0.25")] == [0, 1, 1, 0.25]
+    dino = importlib.import_module("dino")
+    assert dino.get_args_parser().parse_args(["--momentum-teacher", "1"]).momentum_teacher == 1
+    for value in ("-0.01", "1.01", "nan"):
+        with pytest.raises(argparse.ArgumentTypeError, match=f"must be between 0 and 1, not {value}"):
+            common.fraction(value)
 
 @pytest.mark.parametrize("script,flags", [("simclr", ["--lr", "--weight-decay"]), ("byol", ["--lr", "--weight-decay"]),
                                           ("barlow", ["--lr", "--lr-biases", "--weight-decay"]),
@@ -638,6 +687,21 @@ def test_resume_flag_beside_an_existing_last_pt_says_it_is_not_used(tmp_path, pr
     assert f"note: --resume {pretrained / 'last.pt'} is not used: {out / 'last.pt'} exists" in proc.stdout
     assert "at step 2" in proc.stdout
 
+
+
+def test_linear_eval_resume_flag_beside_an_existing_last_pt_is_not_used(tmp_path, pretrained):
+    """The probe's own last.pt wins over --resume (a requeued job given --resume goes on from its last
+    save, not from the start again), and the user is told so."""
+    out = tmp_path / "probe"
+    args = ["--ckpt", pretrained / "backbone.pt", "--mode", "fast", "--epochs", "2", "--batch-size", "32", "--device",
+            "cpu", "--workers", "0", "--knn-every", "0", "--output-dir", out]
+    run_script("linear_eval.py", *args, "--max-steps", "2")
+    earlier = load(out / "last.pt")
+    earlier["step"] = 1
+    torch.save(earlier, tmp_path / "earlier.pt")
+    proc = run_script("linear_eval.py", *args, "--max-steps", "3", "--resume", tmp_path / "earlier.pt")
+    assert f"note: --resume {tmp_path / 'earlier.pt'} is not used: {out / 'last.pt'} exists" in proc.stdout
+    assert f"resumed from {out / 'last.pt'} at step 2" in proc.stdout and load(out / "last.pt")["step"] == 3
 
 @pytest.mark.parametrize("script", ["simclr.py", "byol.py", "barlow.py", "dino.py", "linear_eval.py"])
 def test_the_start_up_barrier_waits_in_the_preemption_group(monkeypatch, script):

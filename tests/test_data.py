@@ -142,6 +142,60 @@ def test_mean_std_of_in_memory_images_in_small_chunks():
     assert peak < images.nbytes  # was 16 times it
 
 
+
+def test_mean_std_of_a_constant_channel_is_not_zero():
+    """A channel that never changes (a blank channel, a constant npz): its std is floored at 0.001,
+    not 0, which Normalize would divide by (inf and nan in every view)."""
+    images = np.zeros((10, 4, 4, 3), np.uint8)
+    images[..., 0] = 128
+    mean, std = common._mean_std(images)
+    assert mean == pytest.approx((128 / 255, 0, 0), abs=1e-4) and std == (0.001, 0.001, 0.001)
+
+
+def test_cifar_and_stl10_splits_on_stand_ins_for_torchvision(monkeypatch):
+    """load_data's cifar and stl10 branches, on stand-ins for torchvision's classes (nothing is
+    downloaded): cifar's train=True split trains and train=False is the test split; STL10 pretrains
+    on train+unlabeled (N x 3 x H x W, made N x H x W x 3) and its labeled images (label >= 0, class 0
+    included) are the labeled train split."""
+    class Cifar:
+        def __init__(self, root, train, download):
+            n = 6 if train else 4
+            self.data, self.targets = np.full((n, 4, 4, 3), 1 if train else 2, np.uint8), list(range(n))
+            self.classes = list("abcdefghij")
+
+    class STL:
+        def __init__(self, root, split, download):
+            self.labels = np.array({"train+unlabeled": [0, 1, 2, -1, -1], "test": [2, 0]}[split])
+            self.data = np.zeros((len(self.labels), 3, 5, 5), np.uint8)
+
+    monkeypatch.setattr(common.torchvision.datasets, "CIFAR10", Cifar)
+    monkeypatch.setattr(common.torchvision.datasets, "STL10", STL)
+    data = common.load_data(make_args("cifar10"))
+    assert data.pretrain is data.train and len(data.train) == 6 and (data.train.images == 1).all()
+    assert len(data.test) == 4 and (data.test.images == 2).all() and data.num_classes == 10
+    assert data.mean == common.NORMALISATION["cifar10"][0] and data.image_size == 4
+    data = common.load_data(make_args("stl10"))
+    assert len(data.pretrain) == 5 and data.pretrain.images.shape[1:] == (5, 5, 3)
+    assert data.train.labels.tolist() == [0, 1, 2] and data.test.labels.tolist() == [2, 0] and data.num_classes == 10
+
+
+def test_download_data_fetches_both_splits(monkeypatch, tmp_path):
+    """--dataset cifar10/cifar100/stl10 download their training and test splits (STL10: train+unlabeled,
+    the pretraining images, not only train); the other datasets download nothing."""
+    calls = []
+
+    def recorder(name):
+        return lambda root, download, **kw: calls.append((name, root, download, kw))
+
+    for name in ("CIFAR10", "CIFAR100", "STL10"):
+        monkeypatch.setattr(common.torchvision.datasets, name, recorder(name))
+    for dataset in ("cifar10", "cifar100", "stl10", "synthetic", "npz"):
+        common.download_data(make_args(dataset, tmp_path))
+    d = str(tmp_path)
+    assert calls == [("CIFAR10", d, True, {"train": True}), ("CIFAR10", d, True, {"train": False}),
+                     ("CIFAR100", d, True, {"train": True}), ("CIFAR100", d, True, {"train": False}),
+                     ("STL10", d, True, {"split": "train+unlabeled"}), ("STL10", d, True, {"split": "test"})]
+
 # ---- 3. load_data: imagefolder -------------------------------------------------------------
 
 
@@ -178,6 +232,7 @@ def test_imagefolder_split_is_deterministic_disjoint_and_sized(tmp_path):
     assert np.array_equal(one.test.labels, two.test.labels)
     other = common.load_data(make_args("imagefolder", tmp_path, val_fraction=0.5))
     assert len(other.test) == 10
+    assert len(common.load_data(make_args("imagefolder", tmp_path, val_fraction=0.33)).test) == 7  # 6.6, rounded
 
 
 def test_imagefolder_val_fraction_that_leaves_nothing_fails(tmp_path):
@@ -199,6 +254,15 @@ def test_imagefolder_train_and_held_out_folders(tmp_path, held_out):
     for p in test:
         assert by_file[os.fspath(p)] == "abc".index(p.parent.name)
 
+
+
+def test_imagefolder_val_folder_is_held_out_rather_than_test(tmp_path):
+    """train/, val/ and test/ all present: val/ is the split evaluated on (test/ stays untouched)."""
+    class_folder(tmp_path / "train", {"a": ["0.png", "1.png"], "b": ["0.png"]})
+    val = class_folder(tmp_path / "val", {"a": ["0.png"], "b": ["0.png"]})
+    class_folder(tmp_path / "test", {"a": ["0.png", "1.png", "2.png"], "b": ["0.png"]})
+    data = common.load_data(make_args("imagefolder", tmp_path))
+    assert sorted(imageset_files(data.test)) == sorted(map(os.fspath, val))
 
 @pytest.mark.parametrize("held_out", ["val", "test"])
 def test_imagefolder_held_out_folder_beside_the_classes_fails(tmp_path, held_out):
@@ -296,6 +360,17 @@ def test_all_images_corrupt_raises(tmp_path):
         s.load(0)
     with pytest.raises(SystemExit, match="error: 3 unreadable images in a row"):  # one line from load_data
         common.load_data(make_args("imagefolder", tmp_path))
+
+
+def test_a_run_of_fewer_than_100_unreadable_images_is_skipped(tmp_path):
+    """Up to 100 unreadable files in a row are skipped (a batch of broken files in a large folder);
+    only then is the folder taken for the problem."""
+    files = [tmp_path / f"{i:02d}.jpg" for i in range(30)]
+    for f in files:
+        f.write_bytes(b"junk")
+    files.append(save_image(tmp_path / "99.png", (0, 0, 255)))
+    img, i = common.ImageSet(files=files).load(0)
+    assert i == 30 and np.array_equal(pixels(img)[0, 0], (0, 0, 255))
 
 
 def test_corrupt_image_replacement_keeps_its_own_label(tmp_path):
@@ -627,6 +702,36 @@ def test_simclr_augmentation_output_shape(size):
     assert out.shape == (3, size, size) and out.dtype == torch.float32
 
 
+
+def blur_and_solarize_positions(t):
+    kinds = [type(x.transforms[0] if isinstance(x, T.RandomApply) else x) for x in t.transforms]
+    return [[i for i, k in enumerate(kinds) if k is kind] for kind in (T.GaussianBlur, T.RandomSolarize)]
+
+
+def test_byol_views_blur_above_64_px_only_and_before_solarising():
+    """BYOL's (and DINO's) PIL views: no blur at 64 px or less (solo-learn's CIFAR recipe), blur above;
+    a view both blurred and solarised is blurred first, as in BYOL's recipe and the batched views."""
+    for t in common.byol_augmentations(64, MEAN, STD):
+        assert blur_and_solarize_positions(t)[0] == []
+    for t in common.byol_augmentations(65, MEAN, STD) + common.dino_augmentations(96, MEAN, STD, 2, 32, (0.4, 1),
+                                                                                  (0.05, 0.4)):
+        (blur,), (solarize,) = blur_and_solarize_positions(t)
+        assert blur < solarize
+    for t in common.dino_augmentations(96, MEAN, STD, 2, 32, (0.4, 1), (0.05, 0.4)):  # DINO: at least 13 taps
+        assert tuple(t.transforms[blur_and_solarize_positions(t)[0][0]].transforms[0].kernel_size) == (13, 13)
+
+
+def test_views_come_in_the_order_of_their_transforms():
+    """Views(t1, t2, ...): view i is transform i's (BYOL's asymmetric pair, DINO's global crops first)."""
+    views = common.Views(lambda img: ("first", img), lambda img: ("second", img))
+    assert views("x") == [("first", "x"), ("second", "x")]
+
+
+def test_eval_transform_of_64_px_is_not_cropped():
+    """64 px or less: resized to the size itself (the whole image); the 0.875 crop only above."""
+    resize = next(x for x in common.eval_transform(64, MEAN, STD).transforms if isinstance(x, T.Resize))
+    assert resize.size in (64, [64])
+
 # ---- 9. eval_transform and probe_transform -------------------------------------------------
 
 
@@ -711,3 +816,15 @@ def test_16_bit_images_are_scaled_not_clipped(tmp_path):
     assert np.array_equal(np.asarray(img)[0, :, 0], np.arange(256))
     img, i = common.ImageSet(files=files).load(1)  # the float image is skipped: the next one comes
     assert i == 0
+
+
+
+def test_32_bit_integer_images_of_16_bit_values_are_scaled(tmp_path):
+    """Mode "I" (32-bit integer pixels, as some Pillow versions open 16-bit PNGs and as 16-bit TIFFs
+    may be stored): scaled to 8 bits like a 16-bit image, not clipped to white."""
+    ramp = (np.arange(256)[None, :].repeat(8, 0) * 257).astype(np.int32)  # 0 .. 65535
+    Image.fromarray(ramp).save(tmp_path / "ramp.tiff")
+    with Image.open(tmp_path / "ramp.tiff") as img:
+        assert img.mode == "I"
+    img, _ = common.ImageSet(files=[tmp_path / "ramp.tiff"]).load(0)
+    assert np.array_equal(np.asarray(img)[0, :, 0], np.arange(256))

@@ -101,3 +101,69 @@ def test_a_fast_run_reports_what_its_probe_scores_with_the_documented_schedule(t
     sims = F.normalize(test, dim=1) @ F.normalize(train, dim=1).T  # weighted kNN, k=200 > 128: every image votes
     votes = torch.zeros(len(test), data.num_classes).index_add_(1, train_y, (sims / 0.1).exp())
     assert results["knn_top1"] == pytest.approx((votes.argmax(1) == test_y).float().mean().item() * 100)
+
+
+def test_the_documented_protocol_is_the_default():
+    """The module docstring's protocol: SGD, lr 0.1 x batch/256, no weight decay, 100 epochs, batch 256,
+    on augmented images (--mode linear)."""
+    args = linear_eval.get_args_parser().parse_args(["--ckpt", "random"])
+    got = (args.optimizer, args.lr, args.weight_decay, args.epochs, args.batch_size, args.mode, args.warmup_epochs)
+    assert got == ("sgd", 0.1, 0.0, 100, 256, "linear", 0)
+
+
+def test_probe_initialisation_saves_every_n_epochs_and_a_warm_up_as_long_as_the_run(tmp_path, monkeypatch, capsys):
+    """Run in this process: the linear layer starts as MoCo's and DINO's (weights N(0, 0.01), biases 0);
+    last.pt is written after every --save-every-th epoch (here the 2nd of 3) and at the end; a warm-up of
+    every epoch is warned of (the learning rate never decays)."""
+    import os
+    import signal
+    made, saved = [], []
+    make_optimizer, save_state = linear_eval.make_optimizer, linear_eval.save_state
+
+    def recording_optimizer(params, args):
+        params = list(params)
+        made.append([p.detach().clone() for p in params])
+        return make_optimizer(params, args)
+
+    def recording_save(path, raw_head, optimizer, run, args):
+        saved.append(run.step)
+        return save_state(path, raw_head, optimizer, run, args)
+
+    monkeypatch.setattr(linear_eval, "make_optimizer", recording_optimizer)
+    monkeypatch.setattr(linear_eval, "save_state", recording_save)
+    for key in list(os.environ):
+        if key.startswith(("SLURM_", "RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_")):
+            monkeypatch.delenv(key)
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)}
+    try:
+        linear_eval.main(linear_eval.get_args_parser().parse_args(
+            [*TINY, "--ckpt", "random", "--mode", "fast", "--epochs", "3", "--save-every", "2", "--warmup-epochs", "3",
+             "--knn-every", "0", "--output-dir", str(tmp_path)]))
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+    (weight, bias), = made
+    assert weight.shape == (10, 512) and weight.std().item() == pytest.approx(0.01, rel=0.1)
+    assert abs(weight.mean().item()) < 1e-3 and torch.equal(bias, torch.zeros(10))
+    assert saved == [8, 12]  # 4 steps per epoch: after epoch 2 of 3, then at the end
+    assert "warning: --warmup-epochs 3 covers the whole run" in capsys.readouterr().err
+    assert json.loads((tmp_path / "results.json").read_text())["epochs"] == 3
+
+
+def test_another_dataset_than_the_pretrainings_takes_the_usual_split(tmp_path, pretrained):
+    """--val-fraction and --synthetic-size come from the checkpoint only for its own dataset (the same
+    split as in pretraining); evaluated on another dataset, the usual defaults hold."""
+    ckpt = load(pretrained / "last.pt")
+    ckpt["args"]["val_fraction"] = 0.5  # pretrained with --val-fraction 0.5 (and --synthetic-size 128 64)
+    torch.save(ckpt, tmp_path / "last.pt")
+    from PIL import Image
+    for c in range(2):
+        (tmp_path / "imgs" / str(c)).mkdir(parents=True)
+        for i in range(20):
+            Image.new("RGB", (8, 8), (c * 200, i * 10, 0)).save(tmp_path / "imgs" / str(c) / f"{i}.png")
+    proc = run_script("linear_eval.py", "--ckpt", tmp_path / "last.pt", "--dataset", "imagefolder", "--data-dir",
+                      tmp_path / "imgs", "--mode", "fast", "--epochs", "1", "--batch-size", "8", "--knn-every", "0",
+                      "--device", "cpu", "--workers", "0", "--output-dir", tmp_path / "probe")
+    assert "on imagefolder: 36 train / 4 test images" in proc.stdout
+    args = json.loads((tmp_path / "probe" / "args.json").read_text())
+    assert args["val_fraction"] == 0.1 and args["synthetic_size"] == [2000, 500]

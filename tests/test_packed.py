@@ -102,6 +102,23 @@ def test_repacking_replaces_every_file_and_an_interrupted_pack_is_no_dataset(tmp
     assert proc.returncode == 1 and "holds no train_images.npy; make it with python common.py pack" in proc.stderr
 
 
+def test_a_pack_cut_short_in_its_test_split_is_no_dataset(tmp_path, monkeypatch):
+    """The test split is written first, the training images last: a pack cut short while writing
+    the test images leaves no train_images.npy, not a training set without its test split (which
+    --dataset packed would take for an unlabeled one and train on without a word)."""
+    make_folder(tmp_path / "imgs")
+    save = np.save
+
+    def interrupted(f, array):
+        if str(getattr(f, "name", "")).endswith("test_images.npy.part"):
+            raise KeyboardInterrupt
+        save(f, array)
+    monkeypatch.setattr(np, "save", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        common.pack_image_folder(tmp_path / "imgs", tmp_path / "packed", 8)
+    assert not (tmp_path / "packed" / "train_images.npy").exists()
+
+
 def test_damaged_packed_array_is_one_clear_line(tmp_path):
     make_folder(tmp_path / "imgs")
     common.pack_image_folder(tmp_path / "imgs", tmp_path / "packed", 8)

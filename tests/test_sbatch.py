@@ -72,8 +72,10 @@ def test_linear_eval_sbatch_script(submit_dir):
             "--batch-size", "32", "--epochs", "1"]
     subprocess.run(["bash", "sbatch/simclr.sh", *tiny, "--knn-every", "0", "--max-steps", "1"], cwd=submit_dir,
                    env=env, check=True, capture_output=True, timeout=300)
-    proc = subprocess.run(["bash", "sbatch/linear_eval.sh", "--ckpt", "runs/simclr-55/backbone.pt", "--mode", "fast",
-                           *tiny], cwd=submit_dir, env=env, capture_output=True, text=True, timeout=300)
+    # Started from elsewhere, as SLURM runs its spooled copy: it cds to the submit dir (the relative --ckpt is there).
+    proc = subprocess.run(["bash", submit_dir / "sbatch" / "linear_eval.sh", "--ckpt", "runs/simclr-55/backbone.pt",
+                           "--mode", "fast", *tiny], cwd=submit_dir / "bin", env=env, capture_output=True, text=True,
+                          timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "top1" in json.loads((submit_dir / "runs" / "simclr-55" / "linear_eval_fast" / "results.json").read_text())
 
@@ -86,3 +88,6 @@ def test_other_method_sbatch_scripts(submit_dir, method):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert load(submit_dir / "runs" / f"{method}-8" / "last.pt")["method"] == method
+    # workers from --cpus-per-task (3: 2 workers and the training process), srun told the CPUs per task
+    assert json.loads((submit_dir / "runs" / f"{method}-8" / "args.json").read_text())["workers"] == 2
+    assert "srun cpus=3" in proc.stderr
