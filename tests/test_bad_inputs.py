@@ -521,7 +521,6 @@ def test_nan_and_inf_flag_values_are_refused(flag, value):
     assert proc.returncode == 2 and f"argument {flag}: must be" in proc.stderr and "Traceback" not in proc.stderr
 
 
-
 @pytest.mark.parametrize("script,flag", [("barlow", "--lambd"), ("dino", "--clip-grad")])
 @pytest.mark.parametrize("value", ["inf", "nan"])
 def test_infinite_values_of_flags_without_an_upper_bound_are_refused(script, flag, value, capsys):
@@ -542,6 +541,7 @@ def test_fractions_take_both_ends():
     for value in ("-0.01", "1.01", "nan"):
         with pytest.raises(argparse.ArgumentTypeError, match=f"must be between 0 and 1, not {value}"):
             common.fraction(value)
+
 
 @pytest.mark.parametrize("script,flags", [("simclr", ["--lr", "--weight-decay"]), ("byol", ["--lr", "--weight-decay"]),
                                           ("barlow", ["--lr", "--lr-biases", "--weight-decay"]),
@@ -688,7 +688,6 @@ def test_resume_flag_beside_an_existing_last_pt_says_it_is_not_used(tmp_path, pr
     assert "at step 2" in proc.stdout
 
 
-
 def test_linear_eval_resume_flag_beside_an_existing_last_pt_is_not_used(tmp_path, pretrained):
     """The probe's own last.pt wins over --resume (a requeued job given --resume goes on from its last
     save, not from the start again), and the user is told so."""
@@ -702,6 +701,7 @@ def test_linear_eval_resume_flag_beside_an_existing_last_pt_is_not_used(tmp_path
     proc = run_script("linear_eval.py", *args, "--max-steps", "3", "--resume", tmp_path / "earlier.pt")
     assert f"note: --resume {tmp_path / 'earlier.pt'} is not used: {out / 'last.pt'} exists" in proc.stdout
     assert f"resumed from {out / 'last.pt'} at step 2" in proc.stdout and load(out / "last.pt")["step"] == 3
+
 
 @pytest.mark.parametrize("script", ["simclr.py", "byol.py", "barlow.py", "dino.py", "linear_eval.py"])
 def test_the_start_up_barrier_waits_in_the_preemption_group(monkeypatch, script):

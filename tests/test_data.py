@@ -142,7 +142,6 @@ def test_mean_std_of_in_memory_images_in_small_chunks():
     assert peak < images.nbytes  # was 16 times it
 
 
-
 def test_mean_std_of_a_constant_channel_is_not_zero():
     """A channel that never changes (a blank channel, a constant npz): its std is floored at 0.001,
     not 0, which Normalize would divide by (inf and nan in every view)."""
@@ -255,7 +254,6 @@ def test_imagefolder_train_and_held_out_folders(tmp_path, held_out):
         assert by_file[os.fspath(p)] == "abc".index(p.parent.name)
 
 
-
 def test_imagefolder_val_folder_is_held_out_rather_than_test(tmp_path):
     """train/, val/ and test/ all present: val/ is the split evaluated on (test/ stays untouched)."""
     class_folder(tmp_path / "train", {"a": ["0.png", "1.png"], "b": ["0.png"]})
@@ -263,6 +261,7 @@ def test_imagefolder_val_folder_is_held_out_rather_than_test(tmp_path):
     class_folder(tmp_path / "test", {"a": ["0.png", "1.png", "2.png"], "b": ["0.png"]})
     data = common.load_data(make_args("imagefolder", tmp_path))
     assert sorted(imageset_files(data.test)) == sorted(map(os.fspath, val))
+
 
 @pytest.mark.parametrize("held_out", ["val", "test"])
 def test_imagefolder_held_out_folder_beside_the_classes_fails(tmp_path, held_out):
@@ -702,7 +701,6 @@ def test_simclr_augmentation_output_shape(size):
     assert out.shape == (3, size, size) and out.dtype == torch.float32
 
 
-
 def blur_and_solarize_positions(t):
     kinds = [type(x.transforms[0] if isinstance(x, T.RandomApply) else x) for x in t.transforms]
     return [[i for i, k in enumerate(kinds) if k is kind] for kind in (T.GaussianBlur, T.RandomSolarize)]
@@ -816,7 +814,6 @@ def test_16_bit_images_are_scaled_not_clipped(tmp_path):
     assert np.array_equal(np.asarray(img)[0, :, 0], np.arange(256))
     img, i = common.ImageSet(files=files).load(1)  # the float image is skipped: the next one comes
     assert i == 0
-
 
 
 def test_32_bit_integer_images_of_16_bit_values_are_scaled(tmp_path):

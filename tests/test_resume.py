@@ -77,7 +77,6 @@ def test_resume_from_another_folder_keeps_none_of_this_folders_rows_and_names_ch
     assert "note:" not in proc.stdout and len(rows(tmp_path / "b" / "metrics.csv")) == 1  # its own row stays
 
 
-
 def test_values_given_again_as_typed_are_no_change(capsys):
     """common.note_changed_flags: a pair filled in as a tuple (DINO's crop scales) and typed on the
     command line as a list is the same value, not a change to note; --output-dir and --resume are
@@ -92,6 +91,7 @@ def test_values_given_again_as_typed_are_no_change(capsys):
     common.note_changed_flags("a/last.pt", saved, args)
     assert capsys.readouterr().out == ("note: a/last.pt continues with other values of --global-crops-scale "
                                        "[0.3, 1.0] (was [0.4, 1.0]), --lr 0.2 (was 0.1)\n")
+
 
 @pytest.mark.parametrize("max_steps", [2, None])
 def test_finished_run_started_again_does_nothing_more(tmp_path, max_steps):
