@@ -725,11 +725,6 @@ def test_views_come_in_the_order_of_their_transforms():
     assert views("x") == [("first", "x"), ("second", "x")]
 
 
-def test_eval_transform_of_64_px_is_not_cropped():
-    """64 px or less: resized to the size itself (the whole image); the 0.875 crop only above."""
-    resize = next(x for x in common.eval_transform(64, MEAN, STD).transforms if isinstance(x, T.Resize))
-    assert resize.size in (64, [64])
-
 # ---- 9. eval_transform and probe_transform -------------------------------------------------
 
 
@@ -754,11 +749,21 @@ def test_eval_transform_large_images():
     assert out.shape == (3, 96, 96) and torch.equal(out, t(img))
 
 
-def test_probe_transform_output_size():
+def test_eval_transform_of_64_px_is_not_cropped():
+    """64 px or less: resized to the size itself (the whole image); the 0.875 crop only above."""
+    resize = next(x for x in common.eval_transform(64, MEAN, STD).transforms if isinstance(x, T.Resize))
+    assert resize.size in (64, [64])
+
+
+def test_probe_transform_is_the_standard_crop_and_flip():
+    """The linear protocol's training views (MoCo, SimCLR, DINO): a random-resized crop of 8-100% of
+    the area, aspect ratio 3/4 to 4/3, and a horizontal flip."""
     img = Image.fromarray(common.synthetic_images(1, 30, seed=0)[0][0])
     t = common.probe_transform(12, MEAN, STD)
     assert t(img).shape == (3, 12, 12)
     assert any(isinstance(x, T.RandomHorizontalFlip) for x in t.transforms)
+    crop = next(x for x in t.transforms if isinstance(x, T.RandomResizedCrop))
+    assert tuple(crop.scale) == (0.08, 1.0) and tuple(crop.ratio) == pytest.approx((3 / 4, 4 / 3))
 
 
 # ---- 10. add_data_args ---------------------------------------------------------------------
