@@ -29,6 +29,8 @@ import copy
 import json
 import math
 import multiprocessing
+import multiprocessing.forkserver
+import multiprocessing.resource_tracker
 import os
 import re
 import signal
@@ -257,6 +259,7 @@ def download_data(args):
 
 def load_data(args):
     """Build the pretraining, labeled train and test sets selected by --dataset (no download)."""
+    start_loader_helpers(args.workers)  # the loaders of these sets come next
     name, root = args.dataset, args.data_dir
     if name in ("cifar10", "cifar100"):
         cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
@@ -958,6 +961,25 @@ def _end_on_sigterm_from(parent_pid):
     while signal.sigwaitinfo([signal.SIGTERM]).si_pid != parent_pid:
         pass
     os._exit(0)
+
+
+def start_loader_helpers(workers):
+    """Loader processes started by a forkserver or spawned (Python 3.14's default on Linux, fork before)
+    need helper processes: multiprocessing's resource tracker, and the forkserver. Python starts them
+    ignoring SIGINT and SIGTERM, not SIGUSR1, which SLURM sends to every process of the job: the
+    tracker died of it, and its replacement filled the log with tracebacks (and shared memory could
+    leak). Started here, before any loader, with SIGUSR1 blocked, which stays blocked across fork
+    and exec; a SIGUSR1 sent meanwhile reaches this process when it is unblocked."""
+    method = multiprocessing.get_start_method()
+    if workers == 0 or method == "fork" or not hasattr(signal, "pthread_sigmask"):
+        return
+    signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGUSR1])
+    try:
+        multiprocessing.resource_tracker.ensure_running()
+        if method == "forkserver":
+            multiprocessing.forkserver.ensure_running()
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGUSR1])
 
 
 def _seed_worker(worker_id):

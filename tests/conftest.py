@@ -119,14 +119,14 @@ class Started:
     stderr=STDOUT) would, but forked like run_script's runs (SSL_TESTS_NO_FORK=1: a real Popen).
     Both streams go to one file: `output` is all of it so far, wait_for() waits for a line."""
 
-    def __init__(self, script, *args, cwd=REPO, env=None, new_session=False):
+    def __init__(self, script, *args, cwd=REPO, env=None, new_session=False, fresh=False):
         path = str(script) if os.path.isabs(script) else str(Path(cwd) / script)
         self.cmd, env = [sys.executable, path, *map(str, args)], env or clean_env()
         folder = tempfile.mkdtemp(prefix="started-")
         weakref.finalize(self, shutil.rmtree, folder, True)
         self.file = Path(folder) / "output"
         self.file.touch()
-        if os.environ.get("SSL_TESTS_NO_FORK"):
+        if fresh or os.environ.get("SSL_TESTS_NO_FORK"):  # fresh: none of this process's state, nor helpers
             with open(self.file, "w") as f:
                 self._proc = subprocess.Popen(self.cmd, cwd=cwd, env=env, stdout=f, stderr=subprocess.STDOUT,
                                               start_new_session=new_session)

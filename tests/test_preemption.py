@@ -174,10 +174,10 @@ def test_the_flags_tensor_outlives_every_all_reduce(monkeypatch):
     assert len(handed) == 2 and all(r() is not None for r in handed) and handed[0]() is handed[1]()
 
 
-def signal_the_job(args, sig, trigger, timeout=180):
+def signal_the_job(args, sig, trigger, timeout=180, script="simclr.py", fresh=False):
     """Run simclr.py in a process group of its own and send `sig` to the whole group (as SLURM signals
     every process of a job step, loader processes included) once a line starts with `trigger`."""
-    proc = Started("simclr.py", *args, new_session=True)
+    proc = Started(script, *args, new_session=True, fresh=fresh)
     try:
         proc.wait_for(trigger)
         proc.send_signal(sig, group=True)
@@ -193,13 +193,23 @@ def signal_the_job(args, sig, trigger, timeout=180):
 WORKERS = [*TINY[:TINY.index("--workers")], "--workers", "2", "--log-every", "1", "--aug-device", "cpu"]
 
 
-def test_sigterm_to_every_process_of_the_job_still_saves(tmp_path):
-    """torch's loader processes die of SIGTERM; the main process then stopped with a traceback
-    (or a false 'full disk' line) instead of saving. They now ignore it and the run saves."""
-    code, output = signal_the_job([*WORKERS, "--epochs", "50", "--knn-every", "0", "--output-dir", tmp_path / "run"],
-                                  signal.SIGTERM, "epoch 0 step 2/")
-    assert code == 143 and "Traceback" not in output, output
-    assert "SIGTERM: stopped at step" in output and load(tmp_path / "run" / "last.pt")["step"] >= 2
+@pytest.mark.parametrize("start", ["fork", "forkserver", "spawn"])
+@pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 143), (signal.SIGUSR1, 0)])
+def test_a_signal_to_every_process_of_the_job_still_saves(tmp_path, sig, code, start):
+    """torch's loader processes die of SIGTERM and SIGUSR1 (scancel, a time limit's warning); the main
+    process then stopped with a traceback (or a false 'full disk' line) instead of saving. They now
+    ignore both and the run saves (SIGUSR1 outside SLURM: saved, not requeued, exit 0).
+    forkserver (Python 3.14's default start method on Linux): multiprocessing's resource tracker died
+    of SIGUSR1 and its replacement printed a traceback for each shared-memory batch it did not know.
+    A fresh interpreter: one forked from the tests' process would use that process's tracker."""
+    wrapper = tmp_path / "start_method.py"
+    wrapper.write_text(f"import multiprocessing, runpy, sys\nmultiprocessing.set_start_method({start!r}, force=True)\n"
+                       f"sys.path.insert(0, {str(REPO)!r})\nsys.argv[0] = {str(REPO / 'simclr.py')!r}\n"
+                       f"runpy.run_path({str(REPO / 'simclr.py')!r}, run_name='__main__')\n")
+    got, output = signal_the_job([*WORKERS, "--epochs", "50", "--knn-every", "0", "--output-dir", tmp_path / "run"],
+                                 sig, "epoch 0 step 2/", script=wrapper, fresh=start != "fork")
+    assert got == code and "Traceback" not in output, output
+    assert f"{sig.name}: stopped at step" in output and load(tmp_path / "run" / "last.pt")["step"] >= 2
 
 
 @pytest.mark.parametrize("at", ["start", 2])
