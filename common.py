@@ -29,8 +29,6 @@ import copy
 import json
 import math
 import multiprocessing
-import multiprocessing.forkserver
-import multiprocessing.resource_tracker
 import os
 import re
 import signal
@@ -259,7 +257,6 @@ def download_data(args):
 
 def load_data(args):
     """Build the pretraining, labeled train and test sets selected by --dataset (no download)."""
-    start_loader_helpers(args.workers)  # the loaders of these sets come next
     name, root = args.dataset, args.data_dir
     if name in ("cifar10", "cifar100"):
         cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
@@ -963,28 +960,19 @@ def _end_on_sigterm_from(parent_pid):
     os._exit(0)
 
 
-def start_loader_helpers(workers):
-    """Loader processes started by a forkserver or spawned (Python 3.14's default on Linux, fork before)
-    need helper processes: multiprocessing's resource tracker, and the forkserver. Python starts them
-    ignoring SIGINT and SIGTERM, not SIGUSR1, which SLURM sends to every process of the job: the
-    tracker died of it, and its replacement filled the log with tracebacks (and shared memory could
-    leak). Started here, before any loader, with SIGUSR1 blocked, which stays blocked across fork
-    and exec; a SIGUSR1 sent meanwhile reaches this process when it is unblocked."""
-    method = multiprocessing.get_start_method()
-    if workers == 0 or method == "fork" or not hasattr(signal, "pthread_sigmask"):
-        return
-    signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGUSR1])
-    try:
-        multiprocessing.resource_tracker.ensure_running()
-        if method == "forkserver":
-            multiprocessing.forkserver.ensure_running()
-    finally:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGUSR1])
-
-
 def _seed_worker(worker_id):
     quiet_worker(worker_id)
     np.random.seed(torch.initial_seed() % 2**32)
+
+
+def loader_context(workers):
+    """How a DataLoader starts its loader processes: forked on Linux, as Python did by default before
+    3.14 (forkserver since). Forked, they share the images in memory, a packed dataset's memory map
+    too, which forkserver and spawn pickle in full to each of them (at every kNN, for its loader), and
+    they need no helper processes: multiprocessing's resource tracker, which forkserver and spawn
+    start, dies of the SIGUSR1 that SLURM sends to every process, and its replacement fills the log
+    with tracebacks. None (torch's default) without loader processes or on other systems."""
+    return "fork" if workers and sys.platform == "linux" else None
 
 
 def train_loader(dataset, local_batch, world_size, rank, workers, seed, pin_memory):
@@ -993,7 +981,8 @@ def train_loader(dataset, local_batch, world_size, rank, workers, seed, pin_memo
     return torch.utils.data.DataLoader(
         dataset, batch_size=local_batch, sampler=EpochSampler(dataset, world_size, rank, seed),
         num_workers=workers, pin_memory=pin_memory, drop_last=True, persistent_workers=workers > 0,
-        worker_init_fn=_seed_worker, generator=torch.Generator().manual_seed(seed))
+        worker_init_fn=_seed_worker, generator=torch.Generator().manual_seed(seed),
+        multiprocessing_context=loader_context(workers))
 
 
 def _major_minor(version):

@@ -938,7 +938,8 @@ def extract_features(backbone, dataset, batch_size, workers, device, rank, world
     # Its own generator: iterating a loader draws a seed from torch's global one, so a kNN cut short by
     # a stop and done again by the resumed run would shift the training's random numbers (drop path).
     loader = torch.utils.data.DataLoader(shard, batch_size=batch_size, num_workers=workers, generator=torch.Generator(),
-                                         pin_memory=device.type == "cuda", worker_init_fn=common.quiet_worker)
+                                         pin_memory=device.type == "cuda", worker_init_fn=common.quiet_worker,
+                                         multiprocessing_context=common.loader_context(workers))
     feats, labels = [], []
     for i, (x, y) in enumerate(loader):
         if stop and i < len(dataset) // world_size / batch_size and stop():  # the same calls in every process

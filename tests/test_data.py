@@ -638,6 +638,33 @@ def test_loader_views_do_not_depend_on_workers():
     assert not torch.equal(serial[0][0][0], serial[2][0][0])  # epochs 0 and 1 differ
 
 
+class Unpicklable(common.ImageSet):
+    def __reduce__(self):
+        raise TypeError("the dataset was pickled for a loader process")
+
+
+@pytest.mark.parametrize("default", ["forkserver", "spawn"])
+def test_loader_processes_are_forked_whatever_the_default_start_method(default):
+    """Python 3.14's default start method on Linux is forkserver, which pickles the dataset to every
+    loader process (a packed dataset's memory map in full, at every kNN). The training loader and
+    extract_features (the kNN's, linear_eval's) fork them: they share the images, nothing is pickled."""
+    import multiprocessing
+    import simclr
+    x, y = common.synthetic_images(16, 8, seed=0)
+    data = Unpicklable(x, labels=y, transform=common.eval_transform(8, MEAN, STD))
+    before = multiprocessing.get_start_method(allow_none=True)
+    multiprocessing.set_start_method(default, force=True)
+    try:
+        loader = common.train_loader(data, 4, 1, 0, 2, seed=0, pin_memory=False)
+        loader.sampler.set_epoch(0)
+        assert len(list(loader)) == 4
+        del loader  # its persistent loader processes end
+        feats, labels = simclr.extract_features(torch.nn.Flatten(), data, 4, 2, torch.device("cpu"), 0, 1)
+    finally:
+        multiprocessing.set_start_method(before, force=True)
+    assert feats.shape == (16, 3 * 8 * 8) and labels.tolist() == y.tolist()
+
+
 # ---- 8. simclr_augmentation ----------------------------------------------------------------
 
 

@@ -41,7 +41,7 @@ def test_pack_reports_bad_files_and_trains(tmp_path):
         assert np.array_equal(np.load(tmp_path / "packed" / f"{name}_images.npy"), expected)
         assert np.load(tmp_path / "packed" / f"{name}_labels.npy").tolist() == [y for _, y in readable]
     data = common.load_data(type("A", (), {"dataset": "packed", "data_dir": tmp_path / "packed", "image_size": None,
-                                           "seed": 0, "workers": 0})())
+                                           "seed": 0})())
     assert isinstance(data.pretrain.images, np.memmap) and data.num_classes == 2 and data.image_size == 16
     out = tmp_path / "run"
     proc = run_script("simclr.py", *TINY[9:], "--dataset", "packed", "--data-dir", tmp_path / "packed",
