@@ -1,5 +1,7 @@
 """2 processes (torchrun, gloo) against 1 process with the same global batch: the gathered
 NT-Xent loss, synchronised BatchNorm and DDP must give the same loss, gradients and weights."""
+import re
+
 import pytest
 import torch
 import torch.nn as nn
@@ -154,8 +156,8 @@ def test_linear_eval_two_processes_matches_one(tmp_path, pretrained):
         "linear_eval.main(linear_eval.get_args_parser().parse_args())\n")
     out = torchrun(wrapper, *args, "--output-dir", tmp_path / "two", cwd=tmp_path).stdout
     assert "2 process(es)" in out
-    assert sorted(line for line in out.splitlines() if line.startswith("extract")) == [
-        "extract rank 0 batch 16"] * 2 + ["extract rank 1 batch 16"] * 2  # the train and test features
+    # found anywhere: the two processes' lines can interleave (torchrun's fresh interpreters)
+    assert sorted(re.findall(r"extract rank (\d+) batch (\d+)", out)) == [("0", "16")] * 2 + [("1", "16")] * 2
     one, two = load(tmp_path / "one" / "last.pt"), load(tmp_path / "two" / "last.pt")
     assert max_diff(one["head"], two["head"]) < 1e-5
     import json
