@@ -208,6 +208,21 @@ def torchrun(script, *args, nproc=2, cwd=REPO, timeout=300, real=False):
     return proc
 
 
+def main_in_this_process(module, argv, monkeypatch):
+    """module.main() with argv parsed, in the test's own process, so that the test can watch the
+    functions it calls (monkeypatched beforehand): no torchrun or SLURM variables, and the signal
+    handlers the run installs are put back after it."""
+    for key in list(os.environ):
+        if key.startswith(("SLURM_", "RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_")):
+            monkeypatch.delenv(key)
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)}
+    try:
+        module.main(module.get_args_parser().parse_args(list(map(str, argv))))
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+
+
 def load(path):
     return torch.load(path, map_location="cpu", weights_only=True)
 

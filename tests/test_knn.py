@@ -2,8 +2,6 @@
 import argparse
 import importlib
 import math
-import os
-import signal
 
 import pytest
 import torch
@@ -164,7 +162,7 @@ def test_the_knn_monitor_scores_the_backbone_that_is_saved(tmp_path, monkeypatch
     """BYOL's kNN scores the online network's backbone and DINO's the teacher's: those of
     backbone.pt, the ones linear_eval.py evaluates. Run in this process, to see the backbone the
     monitor gets after the last step (the weights last.pt then holds)."""
-    from conftest import METHODS, TINY, load
+    from conftest import METHODS, TINY, load, main_in_this_process
     module, seen = importlib.import_module(script[:-3]), []
 
     def recording(backbone, *args, **kwargs):
@@ -172,16 +170,8 @@ def test_the_knn_monitor_scores_the_backbone_that_is_saved(tmp_path, monkeypatch
         return 50.0
 
     monkeypatch.setattr(module, "knn_accuracy", recording)
-    for key in list(os.environ):
-        if key.startswith(("SLURM_", "RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_")):
-            monkeypatch.delenv(key)
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)}
-    try:
-        module.main(module.get_args_parser().parse_args(
-            [*TINY, *METHODS[script], "--epochs", "1", "--knn-every", "1", "--output-dir", str(tmp_path)]))
-    finally:
-        for s, h in handlers.items():
-            signal.signal(s, h)
+    argv = [*TINY, *METHODS[script], "--epochs", "1", "--knn-every", "1", "--output-dir", tmp_path]
+    main_in_this_process(module, argv, monkeypatch)
     model = load(tmp_path / "last.pt")["model"]
     assert len(seen) == 1 and seen[0].keys() == load(tmp_path / "backbone.pt")["backbone"].keys()
     assert all(torch.equal(v, model[prefix + k]) for k, v in seen[0].items())

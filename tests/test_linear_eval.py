@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 import common
 import linear_eval
-from conftest import TINY, load, run_script
+from conftest import TINY, load, main_in_this_process, run_script
 
 
 def constant_images(n, size=8):
@@ -115,8 +115,6 @@ def test_probe_initialisation_saves_every_n_epochs_and_a_warm_up_as_long_as_the_
     """Run in this process: the linear layer starts as MoCo's and DINO's (weights N(0, 0.01), biases 0);
     last.pt is written after every --save-every-th epoch (here the 2nd of 3) and at the end; a warm-up of
     every epoch is warned of (the learning rate never decays)."""
-    import os
-    import signal
     made, saved = [], []
     make_optimizer, save_state = linear_eval.make_optimizer, linear_eval.save_state
 
@@ -131,17 +129,9 @@ def test_probe_initialisation_saves_every_n_epochs_and_a_warm_up_as_long_as_the_
 
     monkeypatch.setattr(linear_eval, "make_optimizer", recording_optimizer)
     monkeypatch.setattr(linear_eval, "save_state", recording_save)
-    for key in list(os.environ):
-        if key.startswith(("SLURM_", "RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_")):
-            monkeypatch.delenv(key)
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)}
-    try:
-        linear_eval.main(linear_eval.get_args_parser().parse_args(
-            [*TINY, "--ckpt", "random", "--mode", "fast", "--epochs", "3", "--save-every", "2", "--warmup-epochs", "3",
-             "--knn-every", "0", "--output-dir", str(tmp_path)]))
-    finally:
-        for s, h in handlers.items():
-            signal.signal(s, h)
+    argv = [*TINY, "--ckpt", "random", "--mode", "fast", "--epochs", "3", "--save-every", "2", "--warmup-epochs", "3",
+            "--knn-every", "0", "--output-dir", tmp_path]
+    main_in_this_process(linear_eval, argv, monkeypatch)
     (weight, bias), = made
     assert weight.shape == (10, 512) and weight.std().item() == pytest.approx(0.01, rel=0.1)
     assert abs(weight.mean().item()) < 1e-3 and torch.equal(bias, torch.zeros(10))

@@ -3,16 +3,14 @@ import argparse
 import csv
 import json
 import math
-import os
 import re
-import signal
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from conftest import METHODS, REPO, TINY, clean_env, load, run_script
+from conftest import METHODS, REPO, TINY, clean_env, load, main_in_this_process, run_script
 
 CORE_FLAGS = ["--dataset", "--data-dir", "--output-dir", "--arch", "--epochs", "--batch-size", "--lr",
               "--weight-decay", "--optimizer", "--warmup-epochs", "--workers", "--precision", "--device", "--seed",
@@ -110,17 +108,9 @@ def test_linear_eval_extracts_features_in_batches_of_batch_size(tmp_path, monkey
         return original(backbone, dataset, batch_size, *args, **kwargs)
 
     monkeypatch.setattr(linear_eval, "extract_features", recording)
-    for key in list(os.environ):
-        if key.startswith(("SLURM_", "RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_")):
-            monkeypatch.delenv(key)
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)}
-    try:
-        linear_eval.main(linear_eval.get_args_parser().parse_args(
-            [*TINY, "--ckpt", "random", "--mode", mode, "--epochs", "1", "--batch-size", "16", "--max-steps", "2",
-             "--precision", "bf16", "--output-dir", str(tmp_path)]))
-    finally:
-        for s, h in handlers.items():
-            signal.signal(s, h)
+    argv = [*TINY, "--ckpt", "random", "--mode", mode, "--epochs", "1", "--batch-size", "16", "--max-steps", "2",
+            "--precision", "bf16", "--output-dir", tmp_path]
+    main_in_this_process(linear_eval, argv, monkeypatch)
     assert sizes == [16] * calls and (tmp_path / "results.json").exists()
     assert dtypes == [torch.bfloat16] * calls
     ckpt = load(tmp_path / "last.pt")
