@@ -132,10 +132,9 @@ def test_linear_eval_stopped_while_computing_features_saves_and_the_next_run_goe
 def test_two_tasks_agree_to_stop_when_one_gets_the_signal(tmp_path, fake_scontrol, sig, code):
     """srun signals every task, but not at the same instant: a signal seen by one process must
     stop all of them at the same step, and the same way (here only rank 1 gets it)."""
-    import random
-    from test_slurm_env import slurm_vars
+    from test_slurm_env import free_job_id, slurm_vars
     bin_dir, log = fake_scontrol
-    job_id = random.randint(1, 19999)
+    job_id = free_job_id()
     procs = [Started("simclr.py", *TINY, "--epochs", "50", "--knn-every", "0", "--output-dir", tmp_path / "run",
                      env=clean_env(PATH=f"{bin_dir}:{os.environ['PATH']}", **slurm_vars(r, 2, job_id)))
              for r in (0, 1)]

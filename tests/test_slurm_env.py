@@ -1,6 +1,7 @@
 """The distributed setup read from torchrun's or SLURM's variables, with fake SLURM environments."""
 import argparse
 import random
+import socket
 
 import pytest
 
@@ -21,6 +22,19 @@ def slurm_vars(procid, ntasks, job_id, step=True):
     if step:
         env["SLURM_STEP_ID"] = "0"  # srun sets it; the batch shell does not
     return env
+
+
+def free_job_id():
+    """A random SLURM job id whose MASTER_PORT (15000 + id % 20000 in an srun step) is free now: a
+    port already in use on this machine failed a test with EADDRINUSE."""
+    while True:
+        job_id = random.randint(1, 19999)
+        with socket.socket() as s:
+            try:
+                s.bind(("", 15000 + job_id))
+                return job_id
+            except OSError:
+                continue
 
 
 def test_single_task_srun_step(monkeypatch):
@@ -142,7 +156,7 @@ def test_a_process_without_a_gpu_of_its_own_is_one_line(monkeypatch, launcher, g
 def test_two_tasks_from_slurm_variables_train_together(tmp_path):
     """Two processes started as srun would start them (only SLURM variables, no torchrun) form a
     gloo group and train like one process with the same global batch."""
-    job_id = random.randint(1, 19999)
+    job_id = free_job_id()
     args = [*TINY, "--epochs", "1", "--max-steps", "2", "--deterministic", "--knn-every", "0"]
     procs = [Started("simclr.py", *args, "--output-dir", tmp_path / "two", env=clean_env(**slurm_vars(r, 2, job_id)))
              for r in (0, 1)]
