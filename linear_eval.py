@@ -843,6 +843,23 @@ def save_state(path, raw_head, optimizer, run, args):
     run.t_row = time.time()  # the next row's img/s counts training time, not this save
 
 
+def exit_stopped(run, is_main, message, out, step0):
+    """After a stop signal and the save: Preemption.exit (requeue on SIGUSR1 under SLURM), unless a
+    requeued job got the time limit's warning before its first step (during the features, or at
+    the start-up): the next job would get the same --time and spend it the same way, requeued without
+    end. Then exit 1 (the job FAILED: an afterok dependency does not start), saying what to change."""
+    job, restarts = os.environ.get("SLURM_JOB_ID"), int(os.environ.get("SLURM_RESTART_COUNT") or 0)
+    if not (job and restarts and run.step == step0 and run.preemption.usr1 and not run.preemption.term):
+        run.preemption.exit(is_main, message, out)
+    if is_main:
+        print(f"error: requeued job {job} (restart {restarts}) got SIGUSR1 before its "
+              f"first step, and the next one would too with the same --time: not requeued; {out / 'last.pt'} is "
+              f"kept (step {run.step}): give the job a longer --time, then submit it again with --output-dir {out}",
+              file=sys.stderr, flush=True)
+    cleanup_distributed()
+    sys.exit(1)
+
+
 def same_tensors(a, b):
     """The same names, and equal tensors under each (a probe checkpoint's backbone against --ckpt's)."""
     return a.keys() == b.keys() and all(torch.equal(a[k].cpu(), b[k].cpu()) for k in a)
@@ -1017,6 +1034,7 @@ def main(args):
         run.step, run.elapsed, (epoch_sums, run.n_epoch) = ckpt["step"], ckpt["elapsed"], ckpt["epoch_loss"]
         run.epoch = ckpt["epoch"]  # kept if no epoch is left to train: rerunning a finished run saves it again
         run.losses[1] = torch.tensor(epoch_sums)
+    step0 = run.step  # this job's first step: see exit_stopped
     if is_main and run.warmup_steps >= run.total_steps:  # a short run with the recipe's warm-up: say so
         print(f"warning: --warmup-epochs {args.warmup_epochs} covers the whole run: the learning rate rises "
               f"toward {run.base_lr:.4g} all run long and never decays; lower --warmup-epochs for a short run",
@@ -1052,7 +1070,7 @@ def main(args):
             break
     save_state(last, raw_head, optimizer, run, args)
     if run.preemption.requested():  # all processes agree on how to end
-        run.preemption.exit(is_main, f"stopped at step {run.step}, saved {last}", out)
+        exit_stopped(run, is_main, f"stopped at step {run.step}, saved {last}", out, step0)
 
     # 8. Evaluate: top-1/top-5 of the probe and kNN on the test split ------------------------
     # A stop asked for while the features are computed (minutes on a large dataset) ends the run as one
@@ -1061,7 +1079,7 @@ def main(args):
     if args.knn_every and train_feats is None and test_feats is not None:
         train_feats, train_labels = features_of(data.train)
     if test_feats is None or args.knn_every and train_feats is None:
-        run.preemption.exit(is_main, f"stopped at step {run.step} before the evaluation, saved {last}", out)
+        exit_stopped(run, is_main, f"stopped at step {run.step} before the evaluation, saved {last}", out, step0)
     with torch.no_grad():
         top = raw_head.eval()(test_feats).topk(min(5, data.num_classes), dim=1).indices == test_labels[:, None]
     results = {"ckpt": args.ckpt, "arch": meta["arch"], "dataset": args.dataset, "mode": args.mode,

@@ -97,12 +97,10 @@ def test_linear_eval_sigusr1(tmp_path, pretrained, fake_scontrol):
     assert not (tmp_path / "le" / "results.json").exists()
 
 
-def test_linear_eval_stopped_while_computing_features_saves_and_the_next_run_goes_on(tmp_path, pretrained):
-    """The features of a large dataset take minutes, more than a time limit's warning: a stop asked
-    for meanwhile ends the run at the next batch of 256. Before training (fast mode: the train
-    features), it saves the untrained probe; before the evaluation, it has saved the trained one.
-    Each time the same command goes on, and the last one writes results.json."""
-    wrapper = tmp_path / "signal_in_features.py"  # SIGUSR1 at batch i of the loader of n images (SIGNAL_AT=n:i)
+def signal_in_features(tmp_path):
+    """linear_eval.py run by a wrapper that sends itself SIGUSR1 at batch i of the loader of n images
+    (environment variable SIGNAL_AT=n:i)."""
+    wrapper = tmp_path / "signal_in_features.py"
     wrapper.write_text(
         "import os, runpy, signal, sys, torch\n"
         "n, at = map(int, os.environ['SIGNAL_AT'].split(':'))\n"
@@ -116,9 +114,22 @@ def test_linear_eval_stopped_while_computing_features_saves_and_the_next_run_goe
         f"sys.path.insert(0, {str(REPO)!r})\n"
         f"sys.argv[0] = {str(REPO / 'linear_eval.py')!r}\n"
         f"runpy.run_path({str(REPO / 'linear_eval.py')!r}, run_name='__main__')\n")
-    out = tmp_path / "le"
-    args = ["--ckpt", pretrained / "last.pt", "--mode", "fast", "--device", "cpu", "--workers", "0", "--batch-size",
+    return wrapper
+
+
+def fast_probe_args(pretrained, out):
+    """A fast probe of 600 training images (18 steps in 2 epochs) and 100 test images."""
+    return ["--ckpt", pretrained / "last.pt", "--mode", "fast", "--device", "cpu", "--workers", "0", "--batch-size",
             "64", "--epochs", "2", "--synthetic-size", "600", "100", "--output-dir", out]
+
+
+def test_linear_eval_stopped_while_computing_features_saves_and_the_next_run_goes_on(tmp_path, pretrained):
+    """The features of a large dataset take minutes, more than a time limit's warning: a stop asked
+    for meanwhile ends the run at the next batch of 256. Before training (fast mode: the train
+    features), it saves the untrained probe; before the evaluation, it has saved the trained one.
+    Each time the same command goes on, and the last one writes results.json."""
+    wrapper, out = signal_in_features(tmp_path), tmp_path / "le"
+    args = fast_probe_args(pretrained, out)
     proc = run_script(wrapper, *args, env=clean_env(SIGNAL_AT="600:2"))  # the train features, before training
     assert "SIGUSR1: stopped at step 0, saved" in proc.stdout and load(out / "last.pt")["step"] == 0
     proc = run_script(wrapper, *args, env=clean_env(SIGNAL_AT="100:0"))  # the test features, after training
@@ -404,13 +415,8 @@ def test_a_signal_after_the_last_step_ends_the_run_as_planned(tmp_path, fake_sco
     assert not log.exists() and load(out / "last.pt")["step"] == 4 and (out / "backbone.pt").exists()
 
 
-@pytest.mark.parametrize("script,step", [("simclr.py", 1), ("linear_eval.py", 0)])
-def test_time_limit_warning_during_the_start_up_saves_and_requeues(tmp_path, fake_scontrol, pretrained, script, step):
-    """SIGUSR1 while the data load (a time limit short for the start-up, or a scancel --signal): the
-    run saves and requeues, instead of dying of the signal's default action with nothing saved and
-    the job not requeued. Pretraining does one step first; linear_eval stops before its first (as
-    after a stop during the features), with an untrained probe."""
-    bin_dir, log = fake_scontrol
+def signal_in_load(tmp_path, script):
+    """`script` run by a wrapper that sends itself SIGUSR1 as the data load starts."""
     wrapper = tmp_path / "signal_in_load.py"
     wrapper.write_text(
         "import os, runpy, signal, sys\n"
@@ -423,13 +429,71 @@ def test_time_limit_warning_during_the_start_up_saves_and_requeues(tmp_path, fak
         "common.load_data = signal_then_load\n"
         f"sys.argv[0] = {str(REPO / script)!r}\n"
         f"runpy.run_path({str(REPO / script)!r}, run_name='__main__')\n")
+    return wrapper
+
+
+def start_up_args(script, pretrained):
     if script == "linear_eval.py":
-        args = ["--ckpt", pretrained / "last.pt", "--device", "cpu", "--workers", "0", "--batch-size", "32",
+        return ["--ckpt", pretrained / "last.pt", "--device", "cpu", "--workers", "0", "--batch-size", "32",
                 "--mode", "linear"]
-    else:
-        args = [*TINY, "--epochs", "2", "--knn-every", "0"]
+    return [*TINY, "--epochs", "2", "--knn-every", "0"]
+
+
+@pytest.mark.parametrize("script,step", [("simclr.py", 1), ("linear_eval.py", 0)])
+def test_time_limit_warning_during_the_start_up_saves_and_requeues(tmp_path, fake_scontrol, pretrained, script, step):
+    """SIGUSR1 while the data load (a time limit short for the start-up, or a scancel --signal): the
+    run saves and requeues, instead of dying of the signal's default action with nothing saved and
+    the job not requeued. Pretraining does one step first; linear_eval stops before its first (as
+    after a stop during the features), with an untrained probe."""
+    bin_dir, log = fake_scontrol
     env = clean_env(PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_ID="4242")
-    proc = run_script(wrapper, *args, "--output-dir", tmp_path / "run", env=env, check=False)
+    proc = run_script(signal_in_load(tmp_path, script), *start_up_args(script, pretrained), "--output-dir",
+                      tmp_path / "run", env=env, check=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert f"SIGUSR1: stopped at step {step}, saved {tmp_path / 'run' / 'last.pt'}" in proc.stdout
     assert log.read_text().split() == ["requeue", "4242"] and load(tmp_path / "run" / "last.pt")["step"] == step
+
+
+@pytest.mark.parametrize("script", ["simclr.py", "linear_eval.py"])
+def test_a_requeued_job_stopped_before_its_first_step_is_not_requeued_again(tmp_path, fake_scontrol, pretrained,
+                                                                             script):
+    """linear_eval stops before its first step. In a requeued job (SLURM_RESTART_COUNT set) that means
+    the job's --time does not cover its start-up: each next job, given the same time, would stop there
+    too, requeued without end. It saves, ends FAILED (exit 1) and says what to change. Pretraining
+    does a step first: each of its jobs makes progress and is requeued."""
+    bin_dir, log = fake_scontrol
+    out = tmp_path / "run"
+    env = clean_env(PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_ID="4242", SLURM_RESTART_COUNT="3")
+    proc = run_script(signal_in_load(tmp_path, script), *start_up_args(script, pretrained), "--output-dir", out,
+                      env=env, check=False)
+    if script == "simclr.py":
+        assert proc.returncode == 0 and "requeued SLURM job 4242" in proc.stdout, proc.stdout + proc.stderr
+        assert log.read_text().split() == ["requeue", "4242"] and load(out / "last.pt")["step"] == 1
+        return
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        f"error: requeued job 4242 (restart 3) got SIGUSR1 before its first step, and the next one would too with "
+        f"the same --time: not requeued; {out / 'last.pt'} is kept (step 0): give the job a longer --time, then "
+        f"submit it again with --output-dir {out}"]
+    assert not log.exists() and load(out / "last.pt")["step"] == 0
+
+
+def test_a_requeued_linear_eval_that_trains_is_requeued_and_one_stopped_in_its_evaluation_alone_is_not(
+        tmp_path, fake_scontrol, pretrained):
+    """The evaluation's features come after the last step: a requeued job that trained, then got
+    the signal during them, made progress and is requeued; the next, stopped there again before any
+    step (all done), would be requeued without end."""
+    bin_dir, log = fake_scontrol
+    wrapper, out = signal_in_features(tmp_path), tmp_path / "le"
+    args = fast_probe_args(pretrained, out)
+    env = dict(PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_ID="4242", SLURM_RESTART_COUNT="1")
+    proc = run_script(wrapper, *args, env=clean_env(SIGNAL_AT="100:0", **env))  # the test features, after training
+    assert "SIGUSR1: stopped at step 18 before the evaluation" in proc.stdout
+    assert "requeued SLURM job 4242" in proc.stdout
+    assert log.read_text().split() == ["requeue", "4242"]
+    env["SLURM_RESTART_COUNT"] = "2"
+    proc = run_script(wrapper, *args, env=clean_env(SIGNAL_AT="100:0", **env), check=False)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "error: requeued job 4242 (restart 2) got SIGUSR1 before its first step" in proc.stderr
+    assert log.read_text().split() == ["requeue", "4242"] and load(out / "last.pt")["step"] == 18
+    assert not (out / "results.json").exists()
