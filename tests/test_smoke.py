@@ -407,3 +407,27 @@ def test_step_rows_are_means_since_the_last_row_and_epoch_rows_their_epochs_mean
         epochs = losses(tmp_path / folder, "epoch")
         assert epochs == pytest.approx({4: sum(every1[s] for s in range(1, 5)) / 4,
                                         8: sum(every1[s] for s in range(5, 9)) / 4}, rel=1e-5)
+
+
+def test_the_readmes_code_for_using_a_trained_backbone_runs(pretrained):
+    """The README's snippet, run as written on a checkpoint of the tiny run: the backbone loads
+    whole, and gives the same features as the run's own model (last.pt) on the same images."""
+    readme = (REPO / "README.md").read_text()
+    code = readme.split("To use a trained backbone in your own code")[1].split("```python\n")[1].split("```")[0]
+    assert '"runs/simclr/backbone.pt"' in code
+    code = code.replace('"runs/simclr/backbone.pt"', repr(str(pretrained / "backbone.pt")))
+    check = (
+        "from PIL import Image\n"
+        "pil_images = [Image.new('RGB', (12, 10), (40 * i, 90, 200 - 30 * i)) for i in range(3)]\n"
+        f"{code}\n"
+        "from simclr import SimCLR\n"
+        f"last = torch.load({str(pretrained / 'last.pt')!r}, weights_only=True)\n"
+        "model = SimCLR(argparse.Namespace(**last['args']), meta['image_size'])\n"
+        "model.load_state_dict(last['model'])\n"
+        "x = torch.stack([transform(img) for img in pil_images])\n"
+        "assert x.shape == (3, 3, 8, 8) and feats.shape == (3, 512), (x.shape, feats.shape)\n"
+        "assert torch.equal(feats, model.backbone.eval()(x))\n"
+        "print('ok')\n")
+    proc = subprocess.run([sys.executable, "-c", check], cwd=REPO, env=clean_env(), capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stdout + proc.stderr
