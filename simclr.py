@@ -103,7 +103,8 @@ def get_args_parser():
     g.add_argument("--log-every", type=common.at_least(1), default=50, help="log and print every N steps")
     g.add_argument("--knn-every", type=common.at_least(0), default=5,
                    help="kNN accuracy every N epochs and after the last (0 = never)")
-    g.add_argument("--max-steps", type=common.at_least(1), default=None, help="stop after N optimisation steps in all")
+    g.add_argument("--max-steps", type=common.at_least(1), default=None,
+                   help="stop after N optimisation steps in all (mid-epoch: without that epoch's kNN)")
     return parser
 
 

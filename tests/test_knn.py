@@ -1,5 +1,6 @@
 """The weighted kNN monitor on hand-made features."""
 import argparse
+import csv
 import importlib
 import math
 
@@ -175,3 +176,15 @@ def test_the_knn_monitor_scores_the_backbone_that_is_saved(tmp_path, monkeypatch
     model = load(tmp_path / "last.pt")["model"]
     assert len(seen) == 1 and seen[0].keys() == load(tmp_path / "backbone.pt")["backbone"].keys()
     assert all(torch.equal(v, model[prefix + k]) for k, v in seen[0].items())
+
+
+def test_the_knn_runs_at_due_epoch_ends_only(tmp_path):
+    """--knn-every 1: after each complete epoch; --max-steps ending the run mid-epoch ends it without
+    that epoch's kNN (as the README and --max-steps's help say), and without its epoch row."""
+    from conftest import TINY, run_script
+    out = tmp_path / "run"
+    run_script("simclr.py", *TINY, "--epochs", "3", "--knn-every", "1", "--max-steps", "6", "--log-every", "2",
+               "--output-dir", out)
+    rows = list(csv.DictReader(open(out / "metrics.csv")))
+    assert [(r["kind"], r["step"], r["knn_top1"] != "") for r in rows] == [
+        ("step", "2", False), ("step", "4", False), ("epoch", "4", True), ("step", "6", False)]
