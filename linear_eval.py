@@ -849,7 +849,7 @@ def exit_stopped(run, is_main, message, out, step0):
     the start-up): the next job would get the same --time and spend it the same way, requeued without
     end. Then exit 1 (the job FAILED: an afterok dependency does not start), saying what to change."""
     job, restarts = os.environ.get("SLURM_JOB_ID"), int(os.environ.get("SLURM_RESTART_COUNT") or 0)
-    if not (job and restarts and run.step == step0 and run.preemption.usr1 and not run.preemption.term):
+    if not (job and restarts and run.step == step0 and not run.preemption.term):  # SIGUSR1 alone: the warning
         run.preemption.exit(is_main, message, out)
     if is_main:
         print(f"error: requeued job {job} (restart {restarts}) got SIGUSR1 before its "

@@ -415,8 +415,8 @@ def test_a_signal_after_the_last_step_ends_the_run_as_planned(tmp_path, fake_sco
     assert not log.exists() and load(out / "last.pt")["step"] == 4 and (out / "backbone.pt").exists()
 
 
-def signal_in_load(tmp_path, script):
-    """`script` run by a wrapper that sends itself SIGUSR1 as the data load starts."""
+def signal_in_load(tmp_path, script, sig="SIGUSR1"):
+    """`script` run by a wrapper that sends itself `sig` as the data load starts."""
     wrapper = tmp_path / "signal_in_load.py"
     wrapper.write_text(
         "import os, runpy, signal, sys\n"
@@ -424,7 +424,7 @@ def signal_in_load(tmp_path, script):
         "import common\n"
         "load = common.load_data\n"
         "def signal_then_load(args):\n"
-        "    os.kill(os.getpid(), signal.SIGUSR1)\n"
+        f"    os.kill(os.getpid(), signal.{sig})\n"
         "    return load(args)\n"
         "common.load_data = signal_then_load\n"
         f"sys.argv[0] = {str(REPO / script)!r}\n"
@@ -476,6 +476,11 @@ def test_a_requeued_job_stopped_before_its_first_step_is_not_requeued_again(tmp_
         f"the same --time: not requeued; {out / 'last.pt'} is kept (step 0): give the job a longer --time, then "
         f"submit it again with --output-dir {out}"]
     assert not log.exists() and load(out / "last.pt")["step"] == 0
+    # scancel in such a job: the usual SIGTERM exit, not this error
+    proc = run_script(signal_in_load(tmp_path, script, "SIGTERM"), *start_up_args(script, pretrained), "--output-dir",
+                      out, env=env, check=False)
+    assert proc.returncode == 143 and "SIGTERM: stopped at step 0" in proc.stdout, proc.stdout + proc.stderr
+    assert not log.exists() and "error" not in proc.stderr
 
 
 def test_a_requeued_linear_eval_that_trains_is_requeued_and_one_stopped_in_its_evaluation_alone_is_not(
