@@ -91,3 +91,17 @@ def test_other_method_sbatch_scripts(submit_dir, method):
     # workers from --cpus-per-task (3: 2 workers and the training process), srun told the CPUs per task
     assert json.loads((submit_dir / "runs" / f"{method}-8" / "args.json").read_text())["workers"] == 2
     assert "srun cpus=3" in proc.stderr
+
+
+@pytest.mark.parametrize("method", ["simclr", "byol", "barlow", "dino", "linear_eval"])
+def test_every_script_asks_slurm_for_the_warning_the_requeue_and_one_log(method):
+    """What the fake srun cannot see: the time-limit warning to the tasks (USR1 without B:, which would
+    signal only the batch shell and kill the job), a job that may be requeued (clusters where
+    JobRequeue=0 refuse scontrol requeue otherwise), a log appended to by the requeued job (not
+    truncated), the whole step stopped when one task fails (not the others left waiting), and
+    python's output unbuffered (the log shows the last step before a kill)."""
+    lines = (REPO / "sbatch" / f"{method}.sh").read_text().splitlines()
+    sbatch = {line.split()[1] for line in lines if line.startswith("#SBATCH ")}
+    assert {"--signal=USR1@120", "--requeue", "--open-mode=append", "--output=logs/%x-%j.out"} <= sbatch
+    assert [line.split()[:4] for line in lines if line.startswith("srun ")] == [
+        ["srun", "--kill-on-bad-exit=1", "python", "-u"]]
