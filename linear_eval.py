@@ -852,10 +852,9 @@ def exit_stopped(run, is_main, message, out, step0):
     if not (job and restarts and run.step == step0 and not run.preemption.term):  # SIGUSR1 alone: the warning
         run.preemption.exit(is_main, message, out)
     if is_main:
-        print(f"error: requeued job {job} (restart {restarts}) got SIGUSR1 before its "
-              f"first step, and the next one would too with the same --time: not requeued; {out / 'last.pt'} is "
-              f"kept (step {run.step}): give the job a longer --time, then submit it again with --output-dir {out}",
-              file=sys.stderr, flush=True)
+        print(f"error: requeued job {job} (restart {restarts}) got SIGUSR1 before its first step, and the next one "
+              f"would too with the same --time: not requeued; {out / 'last.pt'} is kept (step {run.step}): give the "
+              f"job a longer --time, then submit it again with --output-dir {out}", file=sys.stderr, flush=True)
     cleanup_distributed()
     sys.exit(1)
 
