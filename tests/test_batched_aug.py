@@ -1,11 +1,14 @@
 """Batched augmentation (common.BatchedView, common.DeviceLoader) against torchvision: the same
 parameter distributions as the PIL pipeline it is built from, the same output as torchvision's
 functional ops for fixed parameters, and views that do not depend on the number of processes."""
+import types
+
 import numpy as np
 import pytest
 import torch
 import torchvision.transforms as T
 import torchvision.transforms.functional as TF
+from PIL import Image
 
 import common
 
@@ -337,3 +340,71 @@ def test_byol_views_crop_scale_ratio_and_flip(size):
     d = [common.BatchedView.from_transform(t) for t in crops]
     local = (0.5 if size > 64 else 0.0, 0.0)
     assert [(v.blur_p, v.solarize_p) for v in d] == [(blur[0], 0.0), (blur[1], 0.2), local, local]
+
+
+def test_solarisation_inverts_the_pixels_at_the_threshold():
+    """RandomSolarize(128) inverts the pixels >= 128 (PIL's and torchvision's solarize): a pixel of
+    exactly 128 is inverted, 127 is not. 2x2 images kept whole at 2 px, whose bilinear resampling is
+    exact, hold every value 0-255: the view equals torchvision's solarize of the uint8 images."""
+    view = common.BatchedView(2, (1.0, 1.0), (3 / 4, 4 / 3), MEAN, STD, solarize_p=1.0)
+    values = torch.arange(256, dtype=torch.uint8).reshape(64, 2, 2)
+    x = torch.stack([values, values.flip(0), values.roll(5, 0)], -1)
+    out = view(x, np.random.default_rng(0))
+    ref = TF.normalize(TF.solarize(x.permute(0, 3, 1, 2), 128).float() / 255, MEAN, STD)
+    assert torch.allclose(out, ref, atol=1e-5), (out - ref).abs().max()
+
+
+def test_from_transform_reads_each_ops_own_parameters():
+    """from_transform copies every parameter of the recipe, not the values the recipes happen to
+    share (crop ratio, blur sigma range), and refuses a solarisation threshold other than 128,
+    which the batched path does not implement."""
+    t = T.Compose([T.RandomResizedCrop(20, scale=(0.3, 0.6), ratio=(0.5, 2.0)), T.RandomHorizontalFlip(0.3),
+                   T.RandomApply([T.ColorJitter(0.1, 0.2, 0.3, 0.05)], p=0.6), T.RandomGrayscale(0.15),
+                   T.RandomApply([T.GaussianBlur(5, sigma=(0.5, 1.5))], p=0.45), T.RandomSolarize(128, p=0.7),
+                   T.ToTensor(), T.Normalize(MEAN, STD)])
+    v = common.BatchedView.from_transform(t)
+    assert (v.size, v.scale, v.ratio, v.mean, v.std) == (20, (0.3, 0.6), (0.5, 2.0), MEAN, STD)
+    assert (v.flip_p, v.jitter_p, v.gray_p, v.blur_p, v.solarize_p) == (0.3, 0.6, 0.15, 0.45, 0.7)
+    assert [x for r in v.jitter for x in r] == pytest.approx([0.9, 1.1, 0.8, 1.2, 0.7, 1.3, -0.05, 0.05])
+    assert (v.blur_kernel, v.blur_sigma) == (5, (0.5, 1.5))
+    with pytest.raises(ValueError, match="no batched version"):
+        common.BatchedView.from_transform(T.Compose([T.RandomSolarize(100, p=0.2)]))
+
+
+def test_views_made_in_one_pass_share_size_kernel_normalisation_and_hue():
+    """Views of one pass go through the ops of the first: a view that differs in output size, blur
+    kernel, normalisation or whether it shifts the hue needs a pass of its own; probabilities and
+    ranges are per-row parameters and may differ."""
+    base = dict(size=16, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), mean=MEAN, std=STD, jitter=(None,) * 4,
+                blur_kernel=5)
+    view = common.BatchedView(**base)
+    assert view.same_pass(common.BatchedView(**{**base, "scale": (0.5, 1.0)}, flip_p=0.5, gray_p=0.2, blur_p=1.0,
+                                             solarize_p=0.2, jitter_p=0.8, blur_sigma=(1.0, 2.0)))
+    for change in ({"size": 8}, {"blur_kernel": 7}, {"mean": STD}, {"std": MEAN},
+                   {"jitter": ((0.6, 1.4), None, None, (-0.1, 0.1))}):
+        assert not view.same_pass(common.BatchedView(**{**base, **change})), change
+
+
+def test_aug_device_picks_the_batched_or_the_pil_pipeline(tmp_path):
+    """--aug-device auto: images held in memory are augmented batched (DeviceLoader), image files by
+    the PIL transforms in a DataLoader; cpu: the PIL pipeline even for images in memory; cuda on
+    image files: one line naming the fix (checked with a CUDA device object: nothing runs on it)."""
+    images, labels = common.synthetic_images(16, size=8)
+    for i, image in enumerate(images):
+        Image.fromarray(image).save(tmp_path / f"{i}.png")
+    files = common.ImageSet(files=sorted(tmp_path.glob("*.png")), labels=labels)
+    in_memory = common.ImageSet(images=images, labels=labels)
+    views = [common.simclr_augmentation(8, MEAN, STD)] * 2
+    cpu = torch.device("cpu")
+
+    def loader(aug_device, dataset, device=cpu):
+        args = types.SimpleNamespace(aug_device=aug_device, dataset="imagefolder", seed=0, workers=0)
+        return common.pretrain_loader(dataset, views, 8, 1, 0, args, device)
+
+    assert isinstance(loader("auto", in_memory), common.DeviceLoader)
+    for aug_device, dataset in (("auto", files), ("cpu", in_memory), ("cpu", files)):
+        pil = loader(aug_device, dataset)
+        assert isinstance(pil, torch.utils.data.DataLoader), aug_device
+        assert isinstance(pil.dataset.transform, common.Views)
+    with pytest.raises(SystemExit, match="--aug-device cuda needs images held in memory"):
+        loader("cuda", files, torch.device("cuda"))
