@@ -5,6 +5,7 @@ the calls; matplotlib draws for real."""
 import argparse
 import csv
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -361,3 +362,280 @@ def test_plot_metrics_puts_each_knn_after_the_epoch_it_ends(tmp_path):
     (tmp_path / "metrics.csv").write_text("\n".join(rows))  # the last row half-written: a job still running
     steps, knn, extra = plot_metrics.read(tmp_path)
     assert knn == [(1, 20.5), (2, 30.0)] and [r["step"] for r in steps] == ["2", "4"] and extra == ["teacher_entropy"]
+
+
+def tiny_bench_opts(**kw):
+    """bench()'s options at a tiny size, with enough synthetic images for its measurements."""
+    sys.path.insert(0, str(REPO / "tools"))
+    import benchmark
+    opts = argparse.Namespace(image_size=16, batch_size=8, arch="resnet18", device="cpu", workers=0, precision="fp32",
+                              extra=[], data=None, aug_only=True, steps=1, warmup=1, aug_steps=1, aug_rounds=1)
+    vars(opts).update(kw)
+    skip, n = benchmark.pil_counts(opts)
+    opts.images = 8 * (skip + max(n, opts.steps + opts.warmup, -(-opts.aug_steps // opts.aug_rounds) + opts.warmup) + 1)
+    return benchmark, opts
+
+
+def test_benchmark_peak_memory_on_a_cpu_is_in_bytes():
+    """On a CPU peak_mem_bytes is the process's peak resident memory, in bytes (getrusage gives KiB on
+    Linux): at least what this process, torch loaded, holds before the benchmark starts."""
+    benchmark, opts = tiny_bench_opts()
+    with open("/proc/self/statm") as f:  # Linux, as getrusage's KiB
+        resident = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    r = benchmark.bench("simclr", opts)
+    assert resident <= r["peak_mem_bytes"] < 2**40, (resident, r["peak_mem_bytes"])
+
+
+def test_benchmark_prints_every_figure_with_its_ratio_and_writes_the_settings(tmp_path, monkeypatch, capsys):
+    """The printed line: each end-to-end figure with its ratio to the model-only one, the two
+    augmentation figures with theirs, the peak memory in MiB; --json also holds the settings."""
+    sys.path.insert(0, str(REPO / "tools"))
+    import benchmark
+    figures = {"model_only_img_s": 200.0, "end_to_end_cpu_loader_img_s": 50.0, "end_to_end_device_aug_img_s": 150.0,
+               "end_to_end_cpu_loader_ratio": 0.25, "end_to_end_device_aug_ratio": 0.75, "aug_pil_img_s": 40.0,
+               "aug_batched_img_s": 120.0, "aug_batched_over_pil": 3.0, "peak_mem_bytes": 5 * 2**20}
+    monkeypatch.setattr(benchmark, "bench", lambda method, opts: dict(figures))
+    monkeypatch.setattr(sys, "argv", ["benchmark.py", "--method", "byol", "--device", "cpu", "--workers", "3",
+                                      "--image-size", "16", "--batch-size", "8", "--json", str(tmp_path / "b.json")])
+    benchmark.main()
+    line = capsys.readouterr().out.splitlines()[-1]
+    assert line.split() == ["byol", "model", "only", "200.0", "img/s", "|", "end", "to", "end:", "PIL", "loader",
+                            "50.0", "(0.25),", "device", "aug", "150.0", "(0.75)", "|", "augmentation", "alone:",
+                            "PIL", "40.0,", "batched", "120.0", "(x3.0)", "|", "peak", "memory", "5", "MiB"], line
+    written = json.loads((tmp_path / "b.json").read_text())
+    assert written == {"device": f"CPU, {len(os.sched_getaffinity(0))} cores", "arch": "resnet18", "image_size": 16,
+                       "batch_size": 8, "torch": torch.__version__, "workers": 3, "method": "byol", **figures}
+
+
+def test_benchmark_defaults_on_a_cpu(monkeypatch):
+    """Without --steps, --warmup, --aug-steps and --workers a CPU gets 10, 2, 30 and one loader
+    process per core it may use; --steps 0 is refused like --aug-steps 0."""
+    sys.path.insert(0, str(REPO / "tools"))
+    import benchmark
+    seen = {}
+    monkeypatch.setattr(benchmark, "bench", lambda method, opts: seen.update(vars(opts)) or {})
+    monkeypatch.setattr(sys, "argv", ["benchmark.py", "--device", "cpu", "--aug-only"])
+    with pytest.raises(KeyError):  # the fake bench returns no figures to print
+        benchmark.main()
+    assert (seen["steps"], seen["warmup"], seen["aug_steps"]) == (10, 2, 30)
+    assert seen["workers"] == len(os.sched_getaffinity(0))
+    monkeypatch.setattr(sys, "argv", ["benchmark.py", "--device", "cpu", "--steps", "0"])
+    with pytest.raises(SystemExit) as e:
+        benchmark.main()
+    assert e.value.code == 2
+
+
+def test_benchmark_waits_for_the_gpu_before_reading_the_clock(monkeypatch):
+    """CUDA runs asynchronously: a timed span starts and ends with a synchronize, or it measures only
+    the time to queue the work."""
+    sys.path.insert(0, str(REPO / "tools"))
+    import benchmark
+    events = []
+    monkeypatch.setattr(benchmark.torch.cuda, "synchronize", lambda device: events.append("sync"))
+    monkeypatch.setattr(benchmark, "time", argparse.Namespace(perf_counter=lambda: events.append("clock") or
+                                                              float(len(events))))
+    rate = benchmark.timed(lambda: events.append("work"), 30, torch.device("cuda"))
+    assert events == ["sync", "clock", "work", "sync", "clock"] and rate == 30 / 3
+
+
+def test_benchmark_accepts_the_images_its_error_asks_for(monkeypatch, capsys):
+    """--images too few names the least it takes ("give at least N"): N itself is accepted."""
+    sys.path.insert(0, str(REPO / "tools"))
+    import benchmark
+    monkeypatch.setattr(benchmark, "bench", lambda method, opts: {})
+    argv = ["benchmark.py", "--device", "cpu", "--aug-only", "--batch-size", "8", "--workers", "2", "--warmup", "3"]
+    monkeypatch.setattr(sys, "argv", [*argv, "--images", "8"])
+    with pytest.raises(SystemExit):
+        benchmark.main()
+    least = int(capsys.readouterr().err.split("give at least ")[1].split(",")[0])
+    monkeypatch.setattr(sys, "argv", [*argv, "--images", str(least)])
+    with pytest.raises(KeyError):  # past the checks: the fake bench returns no figures to print
+        benchmark.main()
+
+
+def test_benchmark_draws_each_warmup_once_then_the_timed_batches(monkeypatch):
+    """Each measurement draws from a fresh loader its untimed batches (the PIL loader's: the warm-up
+    and what its workers made ahead), then the ones it times, and no more: --images is sized for that.
+    Each model measurement trains its warm-up steps untimed first (the model-only one too)."""
+    benchmark, opts = tiny_bench_opts(aug_only=False, workers=1, warmup=2, steps=1, aug_steps=3, aug_rounds=2)
+    drawn = []
+    make = benchmark.common.pretrain_loader
+
+    class Counted:
+        def __init__(self, *a):
+            self.loader = make(*a)
+            self.sampler = self.loader.sampler
+            drawn.append(0)
+
+        def __iter__(self):
+            for batch in self.loader:
+                drawn[-1] += 1
+                yield batch
+
+    trained, setup = [], benchmark.setup
+
+    def counted(batches):
+        trained.append(0)
+        for batch in batches:
+            trained[-1] += 1
+            yield batch
+
+    def setup_counted(method, opts):
+        *pieces, train = setup(method, opts)
+        return (*pieces, lambda batches: train(counted(batches)))
+
+    monkeypatch.setattr(benchmark.common, "pretrain_loader", Counted)
+    monkeypatch.setattr(benchmark, "setup", setup_counted)
+    benchmark.bench("simclr", opts)
+    skip, n = benchmark.pil_counts(opts)
+    assert (skip, n) == (2 + 2, 4)
+    # model only (one batch), end to end (PIL, device), then the augmentation alone, PIL and batched, twice
+    assert drawn == [1, skip + n, 2 + 1, skip + n, 2 + 2, skip + n, 2 + 2]
+    assert trained == [2, 1, 2, n, 2, 1]  # the warm-up, then the timed steps: model only, PIL loader, device aug
+
+
+def test_wandb_sync_sends_the_last_step_of_a_finished_run(tmp_path):
+    """A run that --max-steps ends mid-epoch has a step row last; once backbone.pt is written (here
+    within the same timestamp as metrics.csv, as on a file system with coarse times) nothing more
+    comes, so that step is sent too rather than held back for a sync that never brings its epoch row."""
+    run = tmp_path / "simclr-1"
+    run.mkdir()
+    (run / "metrics.csv").write_text(DINO_CSV)
+    (run / "backbone.pt").write_bytes(b"weights")
+    mtime = (run / "metrics.csv").stat().st_mtime_ns
+    os.utime(run / "backbone.pt", ns=(mtime, mtime))
+    run_script("tools/wandb_sync.py", run, "--mode", "offline", env=fake_module(tmp_path, "wandb", FAKE_WANDB))
+    assert [step for step, _ in json.loads((tmp_path / "wandb.log").read_text())["log"]] == [2, 4]
+    assert json.loads((run / "wandb_sync.json").read_text()) == {"id": "abc123", "step": 4}
+
+
+def test_wandb_sync_keeps_the_run_id_when_a_sync_sends_nothing(tmp_path):
+    """A first sync while the run has logged one step sends nothing (that step waits for its epoch
+    row) but keeps the wandb run it opened: the next sync adds to that run, not to a new one."""
+    run = tmp_path / "dino-1"
+    run.mkdir()
+    (run / "metrics.csv").write_text(DINO_CSV.split("epoch,0")[0])
+    env = fake_module(tmp_path, "wandb", FAKE_WANDB.replace('return "abc123"', 'return os.urandom(4).hex()'))
+    run_script("tools/wandb_sync.py", run, "--mode", "offline", env=env)
+    (run / "metrics.csv").write_text(DINO_CSV)
+    run_script("tools/wandb_sync.py", run, "--mode", "offline", env=env)
+    first, second = (json.loads(line) for line in (tmp_path / "wandb.log").read_text().splitlines())
+    assert first["log"] == [] and [step for step, _ in second["log"]] == [2]
+    assert second["init"]["id"] == first["init"]["id"] == json.loads((run / "wandb_sync.json").read_text())["id"]
+
+
+def test_wandb_sync_passes_the_name_and_entity_given(tmp_path):
+    run = tmp_path / "dino-1"
+    run.mkdir()
+    (run / "metrics.csv").write_text(DINO_CSV)
+    run_script("tools/wandb_sync.py", run, "--mode", "offline", "--entity", "team", "--name", "dino-c10",
+               env=fake_module(tmp_path, "wandb", FAKE_WANDB))
+    init = json.loads((tmp_path / "wandb.log").read_text())["init"]
+    assert (init["entity"], init["name"], init["project"]) == ("team", "dino-c10", "ssl-single-file")
+
+
+def test_wandb_sync_leaves_an_epoch_row_cut_in_its_last_column(tmp_path):
+    """A row cut short inside its last column has every field; sent, epoch/teacher_entropy would be 4.0
+    instead of the 4.5 that the job is writing, and wandb takes each step once: it waits for its newline."""
+    run = tmp_path / "dino-1"
+    run.mkdir()
+    (run / "metrics.csv").write_text(DINO_CSV.split("\nstep,1")[0][:-1])  # ...,9.0,4.5 cut to ...,9.0,4.
+    run_script("tools/wandb_sync.py", run, "--mode", "offline", env=fake_module(tmp_path, "wandb", FAKE_WANDB))
+    assert json.loads((tmp_path / "wandb.log").read_text())["log"] == []
+    assert json.loads((run / "wandb_sync.json").read_text())["step"] == 0
+
+
+@pytest.mark.parametrize("text, message", [("a,b\n1,2\n", "is not a metrics.csv of these scripts"),
+                                           (DINO_CSV.split("\n")[0] + "\n", "has no rows yet")])
+def test_wandb_sync_refuses_another_csv_and_a_run_without_rows(tmp_path, text, message):
+    """Another CSV, or a run that has logged nothing yet: one line, and no wandb run opened."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.csv").write_text(text)
+    proc = run_script("tools/wandb_sync.py", run, "--mode", "offline", env=fake_module(tmp_path, "wandb", FAKE_WANDB),
+                      check=False)
+    assert proc.returncode == 1 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert not (tmp_path / "wandb.log").exists() and not (run / "wandb_sync.json").exists()
+
+
+def test_plot_metrics_panels_titles_axes_and_legend(tmp_path, monkeypatch):
+    """Two runs, no --out: the image goes to the first run's folder. Loss, learning rate, images/s
+    and the method's own metric against the step, kNN top-1 against the epochs trained, each a visible
+    panel, the spare one blank; the legend names the runs; a value an older row lacks is a gap, not 0."""
+    pytest.importorskip("matplotlib", reason="matplotlib is optional: pip install matplotlib")
+    sys.path.insert(0, str(REPO / "tools"))
+    import matplotlib.figure
+    import plot_metrics
+    simclr_csv = "\n".join(",".join(r.split(",")[:9]) for r in DINO_CSV.split("\n")[:-1]) + "\n"
+    for name, rows in (("simclr", simclr_csv), ("dino", DINO_CSV.replace("8.9,4.25", "8.9,"))):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.csv").write_text(rows)
+    figures = []
+    savefig = matplotlib.figure.Figure.savefig
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda self, *a, **kw: figures.append(self) or
+                        savefig(self, *a, **kw))
+    plot_metrics.main([str(tmp_path / "simclr"), str(tmp_path / "dino")])
+    assert (tmp_path / "simclr" / "metrics.png").exists() and not (tmp_path / "dino" / "metrics.png").exists()
+    axes = figures[0].axes
+    shown = [(ax.get_title(), ax.get_xlabel()) for ax in axes if ax.axison]
+    assert shown == [("loss", "step"), ("learning rate", "step"), ("images / s", "step"),
+                     ("teacher entropy", "step"), ("kNN top-1 (%)", "epoch")] and len(axes) == 6
+    assert [t.get_text() for t in axes[0].get_legend().get_texts()] == ["simclr", "dino"]
+    (entropy,) = axes[3].get_lines()
+    assert np.isnan(entropy.get_ydata()[0]) and list(entropy.get_ydata()[1:]) == [4.0]
+    assert [list(line.get_xdata()) for line in axes[4].get_lines()] == [[1], [1]]
+
+
+def test_plot_metrics_reads_whole_rows_and_only_the_epochs_with_a_knn(tmp_path):
+    """--knn-every 2 leaves the kNN of some epoch rows empty: no point for them; a last line cut inside
+    its last column has every field, but is not whole yet: left out."""
+    sys.path.insert(0, str(REPO / "tools"))
+    import plot_metrics
+    rows = ["kind,epoch,step,loss,lr,img_per_s,peak_mem_mb,knn_top1,time_s,teacher_entropy",
+            "step,0,2,5.0,0.1,10,100,,1.0,7.0", "epoch,0,2,5.0,0.1,10,100,,1.5,7.0",
+            "step,1,4,4.0,0.1,10,100,,2.0,6.0", "epoch,1,4,4.0,0.1,10,100,30.0,2.5,6.0",
+            "step,2,6,3.0,0.1,10,100,,3.0,5"]  # the job is writing 5.5
+    (tmp_path / "metrics.csv").write_text("\n".join(rows))
+    steps, knn, _ = plot_metrics.read(tmp_path)
+    assert knn == [(2, 30.0)] and [r["step"] for r in steps] == ["2", "4"]
+
+
+@pytest.mark.filterwarnings("ignore:No artists with labels")  # matplotlib's, of the legend of no curves
+def test_plot_metrics_of_a_job_that_has_logged_nothing_yet(tmp_path):
+    """A job just started: metrics.csv holds its header only; the plot has empty panels, no error."""
+    pytest.importorskip("matplotlib", reason="matplotlib is optional: pip install matplotlib")
+    sys.path.insert(0, str(REPO / "tools"))
+    import plot_metrics
+    (tmp_path / "metrics.csv").write_text(DINO_CSV.split("\n")[0] + "\n")
+    plot_metrics.main([str(tmp_path)])
+    assert (tmp_path / "metrics.png").stat().st_size > 0
+
+
+def test_benchmark_refuses_after_dashes_every_flag_it_sets_itself(monkeypatch, capsys):
+    """After --, a flag the benchmark gives the method script itself would silently win over the
+    benchmark's own (--workers: the PIL loader's made-ahead batches would be miscounted): refused."""
+    sys.path.insert(0, str(REPO / "tools"))
+    import benchmark
+    monkeypatch.setattr(benchmark, "bench", lambda method, opts: pytest.fail(f"measured despite {opts.extra}"))
+    for flag in ("--arch", "--image-size", "--batch-size", "--device", "--precision", "--workers", "--aug-device",
+                 "--dataset", "--synthetic-size"):
+        monkeypatch.setattr(sys, "argv", ["benchmark.py", "--device", "cpu", "--", f"{flag}=1"])
+        with pytest.raises(SystemExit):
+            benchmark.main()
+        assert f"{flag} after --: give" in capsys.readouterr().err
+
+
+def test_plot_metrics_labels_a_run_given_twice_by_its_folder_name(tmp_path, monkeypatch):
+    """The same folder twice is one run: labelled by its name, not by its whole path."""
+    pytest.importorskip("matplotlib", reason="matplotlib is optional: pip install matplotlib")
+    sys.path.insert(0, str(REPO / "tools"))
+    import matplotlib.axes
+    import plot_metrics
+    (tmp_path / "dino-1").mkdir()
+    (tmp_path / "dino-1" / "metrics.csv").write_text(DINO_CSV)
+    labels = []
+    plot = matplotlib.axes.Axes.plot
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot",
+                        lambda self, *a, **kw: labels.append(kw.get("label")) or plot(self, *a, **kw))
+    plot_metrics.main([str(tmp_path / "dino-1"), str(tmp_path / "dino-1" / "."), "--out", str(tmp_path / "p.png")])
+    assert set(labels) == {"dino-1"}
