@@ -460,7 +460,7 @@ def test_a_requeued_job_stopped_before_its_first_step_is_not_requeued_again(tmp_
     """linear_eval stops before its first step. In a requeued job (SLURM_RESTART_COUNT set) that means
     the job's --time does not cover its start-up: each next job, given the same time, would stop there
     too, requeued without end. It saves, ends FAILED (exit 1) and says what to change. Pretraining
-    does a step first: each of its jobs makes progress and is requeued."""
+    keeps a stop at the start-up for the end of its first step: that job made progress and is requeued."""
     bin_dir, log = fake_scontrol
     out = tmp_path / "run"
     env = clean_env(PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_ID="4242", SLURM_RESTART_COUNT="3")
