@@ -18,6 +18,8 @@ from PIL import Image
 
 from conftest import REPO, clean_env, run_script
 
+sys.path.insert(0, str(REPO / "tools"))  # the tools import as modules: benchmark, plot_metrics
+
 FAKE_WANDB = '''
 import json, os
 class util:
@@ -118,7 +120,6 @@ def test_plot_metrics_gives_each_run_one_colour_in_every_panel(tmp_path, monkeyp
     """A SimCLR run beside a DINO run: the teacher-entropy panel has only DINO's curve, which must keep
     DINO's colour (the legend's), not take the first colour of its panel, SimCLR's."""
     pytest.importorskip("matplotlib", reason="matplotlib is optional: pip install matplotlib")
-    sys.path.insert(0, str(REPO / "tools"))
     import matplotlib.axes
     import plot_metrics
     simclr_csv = "\n".join(",".join(r.split(",")[:9]) for r in DINO_CSV.split("\n")[:-1]) + "\n"
@@ -146,7 +147,6 @@ def test_plot_metrics_draws_every_panel(tmp_path, run_dir):
 def test_plot_metrics_labels_runs_with_the_same_folder_name_apart(tmp_path, monkeypatch):
     """a/simclr and b/simclr (cifar10_figures.sh's layout) are two curves, labelled a/simclr and b/simclr."""
     pytest.importorskip("matplotlib", reason="matplotlib is optional: pip install matplotlib")
-    sys.path.insert(0, str(REPO / "tools"))
     import matplotlib.axes
     import plot_metrics
     for parent, rows in (("a", DINO_CSV), ("b", DINO_CSV.replace("5.1", "6.1"))):
@@ -163,7 +163,6 @@ def test_plot_metrics_labels_runs_with_the_same_folder_name_apart(tmp_path, monk
 def test_plot_metrics_marks_a_run_of_one_logged_step(tmp_path, monkeypatch):
     """A one-epoch run may log a single step row: a line through one point is invisible, a marker is not."""
     pytest.importorskip("matplotlib", reason="matplotlib is optional: pip install matplotlib")
-    sys.path.insert(0, str(REPO / "tools"))
     import matplotlib.axes
     import plot_metrics
     (tmp_path / "run").mkdir()
@@ -255,7 +254,6 @@ def test_benchmark_times_the_pil_loader_after_what_it_made_ahead():
     """Each of the --workers loader processes has 2 batches made ahead, and they finish theirs in
     bursts of --workers: 16 workers timed over 10 batches once measured 350 times the true rate of a
     slowed-down pipeline. The made-ahead batches are skipped and at least 4 bursts are timed."""
-    sys.path.insert(0, str(REPO / "tools"))
     import benchmark
     opts = argparse.Namespace(warmup=2, steps=10, aug_steps=30, aug_rounds=3, workers=16)
     assert benchmark.pil_counts(opts) == (2 + 32, 64)
@@ -269,7 +267,6 @@ def test_benchmark_times_the_pil_loader_after_what_it_made_ahead():
 def test_benchmark_makes_the_images_once_and_times_longer_on_a_gpu(monkeypatch, capsys):
     """--method all measures every method on the same synthetic images, made once (25,000 of them
     took 15 s each time); without --steps, --warmup and --aug-steps a GPU gets 50, 10 and 300."""
-    sys.path.insert(0, str(REPO / "tools"))
     import benchmark
     made = []
     load_data = benchmark.common.load_data
@@ -325,7 +322,6 @@ def test_cifar10_figures_script_end_to_end(tmp_path):
 def test_benchmark_figures_are_images_over_timed_seconds_and_ratios_of_the_named_figures(monkeypatch, spans):
     """A fake clock: every timed span lasts 1 s ("equal"), so each figure is the images it timed; or
     each span is longer than the last ("growing"), so a ratio over the wrong figure shows."""
-    sys.path.insert(0, str(REPO / "tools"))
     import benchmark
     ticks, now = iter(range(1, 10**6)), [0.0]
 
@@ -354,7 +350,6 @@ def test_benchmark_figures_are_images_over_timed_seconds_and_ratios_of_the_named
 def test_plot_metrics_puts_each_knn_after_the_epoch_it_ends(tmp_path):
     """metrics.csv counts epochs from 0; the kNN of epoch 0 is measured after 1 epoch of training.
     plot_metrics reads it as x = 1 (epochs trained), and keeps the steps' rows and extra columns."""
-    sys.path.insert(0, str(REPO / "tools"))
     import plot_metrics
     rows = ["kind,epoch,step,loss,lr,img_per_s,peak_mem_mb,knn_top1,time_s,teacher_entropy",
             "step,0,2,5.0,0.1,10,100,,1.0,7.0", "epoch,0,2,5.0,0.1,10,100,20.5,1.5,7.0",
@@ -366,7 +361,6 @@ def test_plot_metrics_puts_each_knn_after_the_epoch_it_ends(tmp_path):
 
 def tiny_bench_opts(**kw):
     """bench()'s options at a tiny size, with enough synthetic images for its measurements."""
-    sys.path.insert(0, str(REPO / "tools"))
     import benchmark
     opts = argparse.Namespace(image_size=16, batch_size=8, arch="resnet18", device="cpu", workers=0, precision="fp32",
                               extra=[], data=None, aug_only=True, steps=1, warmup=1, aug_steps=1, aug_rounds=1)
@@ -389,7 +383,6 @@ def test_benchmark_peak_memory_on_a_cpu_is_in_bytes():
 def test_benchmark_prints_every_figure_with_its_ratio_and_writes_the_settings(tmp_path, monkeypatch, capsys):
     """The printed line: each end-to-end figure with its ratio to the model-only one, the two
     augmentation figures with theirs, the peak memory in MiB; --json also holds the settings."""
-    sys.path.insert(0, str(REPO / "tools"))
     import benchmark
     figures = {"model_only_img_s": 200.0, "end_to_end_cpu_loader_img_s": 50.0, "end_to_end_device_aug_img_s": 150.0,
                "end_to_end_cpu_loader_ratio": 0.25, "end_to_end_device_aug_ratio": 0.75, "aug_pil_img_s": 40.0,
@@ -410,7 +403,6 @@ def test_benchmark_prints_every_figure_with_its_ratio_and_writes_the_settings(tm
 def test_benchmark_defaults_on_a_cpu(monkeypatch):
     """Without --steps, --warmup, --aug-steps and --workers a CPU gets 10, 2, 30 and one loader
     process per core it may use; --steps 0 is refused like --aug-steps 0."""
-    sys.path.insert(0, str(REPO / "tools"))
     import benchmark
     seen = {}
     monkeypatch.setattr(benchmark, "bench", lambda method, opts: seen.update(vars(opts)) or {})
@@ -428,7 +420,6 @@ def test_benchmark_defaults_on_a_cpu(monkeypatch):
 def test_benchmark_waits_for_the_gpu_before_reading_the_clock(monkeypatch):
     """CUDA runs asynchronously: a timed span starts and ends with a synchronize, or it measures only
     the time to queue the work."""
-    sys.path.insert(0, str(REPO / "tools"))
     import benchmark
     events = []
     monkeypatch.setattr(benchmark.torch.cuda, "synchronize", lambda device: events.append("sync"))
@@ -440,7 +431,6 @@ def test_benchmark_waits_for_the_gpu_before_reading_the_clock(monkeypatch):
 
 def test_benchmark_accepts_the_images_its_error_asks_for(monkeypatch, capsys):
     """--images too few names the least it takes ("give at least N"): N itself is accepted."""
-    sys.path.insert(0, str(REPO / "tools"))
     import benchmark
     monkeypatch.setattr(benchmark, "bench", lambda method, opts: {})
     argv = ["benchmark.py", "--device", "cpu", "--aug-only", "--batch-size", "8", "--workers", "2", "--warmup", "3"]
@@ -563,7 +553,6 @@ def test_plot_metrics_panels_titles_axes_and_legend(tmp_path, monkeypatch):
     and the method's own metric against the step, kNN top-1 against the epochs trained, each a visible
     panel, the spare one blank; the legend names the runs; a value an older row lacks is a gap, not 0."""
     pytest.importorskip("matplotlib", reason="matplotlib is optional: pip install matplotlib")
-    sys.path.insert(0, str(REPO / "tools"))
     import matplotlib.figure
     import plot_metrics
     simclr_csv = "\n".join(",".join(r.split(",")[:9]) for r in DINO_CSV.split("\n")[:-1]) + "\n"
@@ -589,7 +578,6 @@ def test_plot_metrics_panels_titles_axes_and_legend(tmp_path, monkeypatch):
 def test_plot_metrics_reads_whole_rows_and_only_the_epochs_with_a_knn(tmp_path):
     """--knn-every 2 leaves the kNN of some epoch rows empty: no point for them; a last line cut inside
     its last column has every field, but is not whole yet: left out."""
-    sys.path.insert(0, str(REPO / "tools"))
     import plot_metrics
     rows = ["kind,epoch,step,loss,lr,img_per_s,peak_mem_mb,knn_top1,time_s,teacher_entropy",
             "step,0,2,5.0,0.1,10,100,,1.0,7.0", "epoch,0,2,5.0,0.1,10,100,,1.5,7.0",
@@ -604,7 +592,6 @@ def test_plot_metrics_reads_whole_rows_and_only_the_epochs_with_a_knn(tmp_path):
 def test_plot_metrics_of_a_job_that_has_logged_nothing_yet(tmp_path):
     """A job just started: metrics.csv holds its header only; the plot has empty panels, no error."""
     pytest.importorskip("matplotlib", reason="matplotlib is optional: pip install matplotlib")
-    sys.path.insert(0, str(REPO / "tools"))
     import plot_metrics
     (tmp_path / "metrics.csv").write_text(DINO_CSV.split("\n")[0] + "\n")
     plot_metrics.main([str(tmp_path)])
@@ -614,7 +601,6 @@ def test_plot_metrics_of_a_job_that_has_logged_nothing_yet(tmp_path):
 def test_benchmark_refuses_after_dashes_every_flag_it_sets_itself(monkeypatch, capsys):
     """After --, a flag the benchmark gives the method script itself would silently win over the
     benchmark's own (--workers: the PIL loader's made-ahead batches would be miscounted): refused."""
-    sys.path.insert(0, str(REPO / "tools"))
     import benchmark
     monkeypatch.setattr(benchmark, "bench", lambda method, opts: pytest.fail(f"measured despite {opts.extra}"))
     for flag in ("--arch", "--image-size", "--batch-size", "--device", "--precision", "--workers", "--aug-device",
@@ -628,7 +614,6 @@ def test_benchmark_refuses_after_dashes_every_flag_it_sets_itself(monkeypatch, c
 def test_plot_metrics_labels_a_run_given_twice_by_its_folder_name(tmp_path, monkeypatch):
     """The same folder twice is one run: labelled by its name, not by its whole path."""
     pytest.importorskip("matplotlib", reason="matplotlib is optional: pip install matplotlib")
-    sys.path.insert(0, str(REPO / "tools"))
     import matplotlib.axes
     import plot_metrics
     (tmp_path / "dino-1").mkdir()
