@@ -1078,6 +1078,12 @@ if __name__ == "__main__":
         need = re.search(r"Tried to allocate [\d.]+ \w+", str(e))
         common.fail(f"out of GPU memory with --batch-size {args.batch_size}" + (f" ({need[0]})" if need else "")
                     + "; lower --batch-size (it is global: more GPUs also help) or use --precision bf16 or fp16")
+    except RuntimeError as e:  # the same on the CPU, where torch raises a plain RuntimeError (its C++ assertion)
+        need = re.search(r"DefaultCPUAllocator: can't allocate memory: you tried to allocate (\d+) bytes", str(e))
+        if not need:
+            raise
+        common.fail(f"out of host memory with --batch-size {args.batch_size} (tried to allocate "
+                    f"{int(need[1]) / 2**30:.2f} GiB); lower --batch-size, or run where more memory is free")
     finally:  # ended, saved or not: Python's shutdown (a second or two with torch) gives handled signals back
         # their default action, so SLURM's or torchrun's SIGUSR1/SIGTERM then killed a finished run (exit -15,
         # a failed step) instead of its exit 0 or 143; ignored now. Ctrl-C still stops it at once.

@@ -187,6 +187,33 @@ def test_out_of_gpu_memory_is_one_line_and_keeps_the_checkpoint(tmp_path, script
     assert (tmp_path / "run" / "last.pt").read_bytes() == before
 
 
+
+@pytest.mark.parametrize("raised", ["allocation", "other"])
+def test_out_of_host_memory_is_one_line_and_keeps_the_checkpoint(tmp_path, raised):
+    """The same on the CPU, where torch's allocation failure is a plain RuntimeError: here a real one
+    (32 TiB asked for in backward()) becomes one line; any other RuntimeError keeps its traceback."""
+    args = [*TINY, "--epochs", "2", "--knn-every", "0", "--output-dir", tmp_path / "run"]
+    run_script("simclr.py", *args, "--max-steps", "2")
+    before = (tmp_path / "run" / "last.pt").read_bytes()
+    wrapper = tmp_path / "oom.py"
+    fault = "torch.empty(2**45, dtype=torch.uint8)" if raised == "allocation" else "raise RuntimeError('other fault')"
+    wrapper.write_text(
+        "import runpy, sys, torch\n"
+        "def backward(*args, **kwargs):\n"
+        f"    {fault}\n"
+        "torch.Tensor.backward = backward\n"
+        f"sys.path.insert(0, {str(REPO)!r})\n"
+        f"sys.argv[0] = {str(REPO / 'simclr.py')!r}\n"
+        f"runpy.run_path({str(REPO / 'simclr.py')!r}, run_name='__main__')\n")
+    if raised == "allocation":
+        assert fails(wrapper, *args) == ("error: out of host memory with --batch-size 32 (tried to allocate 32768.00 "
+                                         "GiB); lower --batch-size, or run where more memory is free")
+    else:
+        proc = run_script(wrapper, *args, check=False)
+        assert proc.returncode == 1 and "Traceback" in proc.stderr
+        assert proc.stderr.strip().splitlines()[-1] == "RuntimeError: other fault"
+    assert (tmp_path / "run" / "last.pt").read_bytes() == before
+
 def test_corrupt_image_is_skipped_with_its_name(tmp_path):
     from PIL import Image
     for c in ("a", "b"):
