@@ -4,6 +4,8 @@ import argparse
 import importlib
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -213,6 +215,35 @@ def test_out_of_host_memory_is_one_line_and_keeps_the_checkpoint(tmp_path, raise
         assert proc.returncode == 1 and "Traceback" in proc.stderr
         assert proc.stderr.strip().splitlines()[-1] == "RuntimeError: other fault"
     assert (tmp_path / "run" / "last.pt").read_bytes() == before
+
+
+def test_an_error_line_is_one_write_under_python_u(tmp_path):
+    """Under `python -u` (the sbatch scripts) Python wrote an exiting error's text and its newline
+    apart, so the lines of processes stopping at once ran together ("error: A...error: B...", then
+    two newlines: 1 pair in 6 processes stopped together, appending to one file). Each write to this
+    stderr is recorded: the error line must be a single write."""
+    writes, wrapper = tmp_path / "writes.jsonl", tmp_path / "record.py"
+    wrapper.write_text(
+        "import io, json, runpy, sys\n"
+        "class Recorder(io.RawIOBase):  # the raw stderr of python -u, recording each write\n"
+        "    def writable(self):\n"
+        "        return True\n"
+        "    def write(self, b):\n"
+        f"        with open({str(writes)!r}, 'a') as f:\n"
+        "            f.write(json.dumps(bytes(b).decode()) + '\\n')\n"
+        "        return len(b)\n"
+        "sys.stderr = io.TextIOWrapper(Recorder(), write_through=True)  # as python -u sets it up\n"
+        f"sys.path.insert(0, {str(REPO)!r})\n"
+        f"sys.argv[0] = {str(REPO / 'simclr.py')!r}\n"
+        f"runpy.run_path({str(REPO / 'simclr.py')!r}, run_name='__main__')\n")
+    missing = tmp_path / "missing"
+    proc = subprocess.run([sys.executable, "-u", wrapper, *map(str, TINY), "--dataset", "imagefolder", "--data-dir",
+                           missing, "--output-dir", tmp_path / "run"], env=clean_env(), capture_output=True, text=True)
+    assert proc.returncode == 1
+    records = [json.loads(line) for line in writes.read_text().splitlines()]
+    errors = [r for r in records if "error:" in r]
+    assert len(errors) == 1 and errors[0].startswith("error: ") and str(missing) in errors[0], records
+    assert errors[0].endswith("\n") and errors[0].count("\n") == 1, records
 
 def test_corrupt_image_is_skipped_with_its_name(tmp_path):
     from PIL import Image
