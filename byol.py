@@ -1056,8 +1056,9 @@ def main(args):
 
 
 if __name__ == "__main__":
-    # Under `python -u` (the sbatch scripts) each write goes out alone, and Python prints an error line and its
-    # newline apart: the lines of processes stopping at once ran together. Now a line is one write.
+    # Under `python -u` or PYTHONUNBUFFERED=1 each write goes out alone, and Python prints an error line and its
+    # newline apart: torchrun's processes, sharing one stderr, stopped at once on lines run together (srun
+    # forwards whole lines). Now a line is one write.
     sys.stderr.reconfigure(line_buffering=True, write_through=False)
     args = get_args_parser().parse_args()
     try:

@@ -218,10 +218,11 @@ def test_out_of_host_memory_is_one_line_and_keeps_the_checkpoint(tmp_path, raise
 
 
 def test_an_error_line_is_one_write_under_python_u(tmp_path):
-    """Under `python -u` (the sbatch scripts) Python wrote an exiting error's text and its newline
-    apart, so the lines of processes stopping at once ran together ("error: A...error: B...", then
-    two newlines: 1 pair in 6 processes stopped together, appending to one file). Each write to this
-    stderr is recorded: the error line must be a single write."""
+    """Under `python -u` or PYTHONUNBUFFERED=1, Python wrote an exiting error's text and its newline
+    apart, so the lines of processes sharing one stderr (torchrun's) and stopping at once ran together
+    ("error: A...error: B...", then two newlines: 1 pair in 6 processes stopped together, appending to
+    one file; srun forwards whole lines). Each write to this stderr is recorded: the error line must be
+    a single write."""
     writes, wrapper = tmp_path / "writes.jsonl", tmp_path / "record.py"
     wrapper.write_text(
         "import io, json, runpy, sys\n"
