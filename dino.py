@@ -624,7 +624,8 @@ class GatherWithGrad(torch.autograd.Function):
 
 class CPUSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
     """SyncBatchNorm for CPU processes (torch's runs on GPUs only): the statistics of the global
-    batch, from every process's per-channel sums, gathered with gradients."""
+    batch, from every process's count, per-channel means and sums of squared deviations, gathered
+    with gradients."""
 
     def _check_input_dim(self, x):
         pass
