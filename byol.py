@@ -295,11 +295,12 @@ def ema_tau(step, total_steps, base_tau):
 
 class LARS(torch.optim.Optimizer):
     """LARS (You et al. 2017) as in solo-learn, whose CIFAR recipes (eta 0.02, lr 0.3-1.0) are the
-    defaults. For each weight matrix, with the trust ratio r = eta * ||w|| / (||g|| + wd * ||w||),
-    the update g + wd * w goes to SGD momentum with the layer learning rate min(r, lr) (clip=True:
-    solo-learn's clip_lr, the default) or r * lr (clip=False: Lightning Bolts' LARS; the official
-    Barlow Twins and BYOL code, with eta 0.001, divide by ||g + wd * w|| instead). Parameters with
-    one dimension (biases, norm weights) get neither weight decay nor the trust ratio."""
+    scripts' defaults. For each weight matrix, with the trust ratio
+    r = eta * ||w|| / (||g|| + wd * ||w||), the update g + wd * w goes to SGD momentum with the layer
+    learning rate min(r, lr) (clip=True: solo-learn's clip_lr, --lars-clip's default) or r * lr
+    (clip=False: Lightning Bolts' LARS; the official Barlow Twins and BYOL code, with eta 0.001,
+    divide by ||g + wd * w|| instead). Parameters with one dimension (biases, norm weights) get
+    neither weight decay nor the trust ratio."""
 
     def __init__(self, params, lr, momentum=0.9, weight_decay=0.0, eta=0.001, clip=False):
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, clip=clip))
