@@ -125,7 +125,8 @@ class UnreadableImages(RuntimeError):
 
 def to_rgb(img):
     """A PIL image in RGB. 16-bit images (PNGs of scanners and microscopes) are scaled to 8 bits
-    first, as torchvision's decode_png does: convert("RGB") would clip them to 255, all white."""
+    first (>> 8, as torchvision's to_dtype(uint8, scale=True) does to decode_png's uint16 output):
+    convert("RGB") would clip them to 255, all white."""
     if img.mode.startswith("I"):  # I;16, I;16B, I (how some Pillow versions open 16-bit PNGs)
         img = Image.fromarray((np.clip(np.asarray(img), 0, 65535) >> 8).astype(np.uint8))
     elif img.mode == "F":
