@@ -867,7 +867,8 @@ def same_tensors(a, b):
 
 
 def load_backbone(args):
-    """The backbone to evaluate, its metadata, and the pretraining arguments (dataset defaults)."""
+    """The weights of the backbone to evaluate (None: --ckpt random), its metadata, and the
+    pretraining arguments (dataset defaults)."""
     if args.ckpt == "random":
         args.arch = args.arch or "resnet18"
         if args.patch_size is not None and args.arch not in VIT_SIZES:  # before the image size is checked against it

@@ -834,8 +834,8 @@ def test_large_seed_gives_views():
 
 
 def test_16_bit_images_are_scaled_not_clipped(tmp_path):
-    """convert("RGB") clips a 16-bit PNG to 255 (all white); it is scaled to 8 bits, as
-    torchvision's decode_png does. A floating-point image is skipped with a warning, by name."""
+    """convert("RGB") clips a 16-bit PNG to 255 (all white); it is scaled to 8 bits, as torchvision's
+    to_dtype(uint8, scale=True) does. A floating-point image is skipped with a warning, by name."""
     (tmp_path / "a").mkdir()
     ramp = (np.arange(256, dtype=np.uint16)[None, :].repeat(8, 0) * 257).astype(np.uint16)  # 0 .. 65535
     Image.fromarray(ramp).save(tmp_path / "a" / "ramp16.png")
