@@ -1061,7 +1061,8 @@ if __name__ == "__main__":
     # Under `python -u` or PYTHONUNBUFFERED=1 each write goes out alone, and Python prints an error line and its
     # newline apart: torchrun's processes, sharing one stderr, stopped at once on lines run together (srun
     # forwards whole lines). Now a line is one write.
-    sys.stderr.reconfigure(line_buffering=True, write_through=False)
+    if hasattr(sys.stderr, "reconfigure"):  # not in a notebook's %run, whose stderr is no file
+        sys.stderr.reconfigure(line_buffering=True, write_through=False)
     args = get_args_parser().parse_args()
     try:
         main(args)

@@ -189,7 +189,6 @@ def test_out_of_gpu_memory_is_one_line_and_keeps_the_checkpoint(tmp_path, script
     assert (tmp_path / "run" / "last.pt").read_bytes() == before
 
 
-
 @pytest.mark.parametrize("raised", ["allocation", "other"])
 def test_out_of_host_memory_is_one_line_and_keeps_the_checkpoint(tmp_path, raised):
     """The same on the CPU, where torch's allocation failure is a plain RuntimeError: here a real one
@@ -245,6 +244,28 @@ def test_an_error_line_is_one_write_under_python_u(tmp_path):
     errors = [r for r in records if "error:" in r]
     assert len(errors) == 1 and errors[0].startswith("error: ") and str(missing) in errors[0], records
     assert errors[0].endswith("\n") and errors[0].count("\n") == 1, records
+
+
+@pytest.mark.parametrize("script", ["simclr.py", "linear_eval.py"])
+def test_a_script_runs_where_stderr_is_not_a_file(tmp_path, script):
+    """A notebook's `%run simclr.py ...` runs the `__main__` block with a stderr that is no file
+    (no reconfigure); a bad flag value still ends with its one line there."""
+    wrapper = tmp_path / "notebook.py"
+    wrapper.write_text(
+        "import io, runpy, sys\n"
+        "sys.stderr = captured = io.StringIO()\n"
+        f"sys.path.insert(0, {str(REPO)!r})\n"
+        f"sys.argv[0] = {str(REPO / script)!r}\n"
+        "try:\n"
+        f"    runpy.run_path({str(REPO / script)!r}, run_name='__main__')\n"
+        "finally:\n"
+        "    sys.__stderr__.write(captured.getvalue())\n")
+    proc = subprocess.run([sys.executable, wrapper, "--batch-size", "1"], env=clean_env(), capture_output=True,
+                          text=True)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.endswith("error: argument --batch-size: must be at least 2, not 1"), proc.stderr
+
 
 def test_corrupt_image_is_skipped_with_its_name(tmp_path):
     from PIL import Image
