@@ -6,6 +6,7 @@ import argparse
 import csv
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -22,10 +23,6 @@ sys.path.insert(0, str(REPO / "tools"))  # the tools import as modules: benchmar
 
 FAKE_WANDB = '''
 import json, os
-class util:
-    @staticmethod
-    def generate_id():
-        return "abc123"
 class Run:
     def __init__(self, kw):
         self.calls = {"init": kw, "log": []}
@@ -56,7 +53,7 @@ def test_wandb_sync_replays_the_run_then_only_new_rows(tmp_path, run_dir):
     run_script("tools/wandb_sync.py", run_dir, "--mode", "offline", "--project", "p", env=env)
     first = json.loads((tmp_path / "wandb.log").read_text().splitlines()[0])
     init = first["init"]
-    assert init["id"] == "abc123" and init["resume"] == "allow" and init["mode"] == "offline"
+    assert re.fullmatch("[0-9a-f]{8}", init["id"]) and init["resume"] == "allow" and init["mode"] == "offline"
     assert init["project"] == "p" and init["name"] == "run"
     assert init["config"] == json.loads((run_dir / "args.json").read_text())
     rows = list(csv.DictReader(open(run_dir / "metrics.csv")))
@@ -75,10 +72,10 @@ def test_wandb_sync_replays_the_run_then_only_new_rows(tmp_path, run_dir):
         f.write("step,2,10,3.5,0.01,40.0,900,,12.0\nstep,2,12,3.4,0.01,40.0,900,,13.0\n")
     run_script("tools/wandb_sync.py", run_dir, "--mode", "offline", env=env)
     second = json.loads((tmp_path / "wandb.log").read_text().splitlines()[1])
-    assert second["init"]["id"] == "abc123" and second["log"] == [[10, {"epoch": 2, "loss": 3.5, "lr": 0.01,
+    assert second["init"]["id"] == init["id"] and second["log"] == [[10, {"epoch": 2, "loss": 3.5, "lr": 0.01,
                                                                        "img_per_s": 40.0, "peak_mem_mb": 900.0,
                                                                        "time_s": 12.0}]]
-    assert json.loads((run_dir / "wandb_sync.json").read_text()) == {"id": "abc123", "step": 10}
+    assert json.loads((run_dir / "wandb_sync.json").read_text()) == {"id": init["id"], "step": 10}
     with open(run_dir / "metrics.csv", "a") as f:
         f.write("epoch,2,12,3.45,0.01,40.0,900,31.5,14.0\n")
     run_script("tools/wandb_sync.py", run_dir, "--mode", "offline", env=env)
@@ -495,8 +492,9 @@ def test_wandb_sync_sends_the_last_step_of_a_finished_run(tmp_path):
     mtime = (run / "metrics.csv").stat().st_mtime_ns
     os.utime(run / "backbone.pt", ns=(mtime, mtime))
     run_script("tools/wandb_sync.py", run, "--mode", "offline", env=fake_module(tmp_path, "wandb", FAKE_WANDB))
-    assert [step for step, _ in json.loads((tmp_path / "wandb.log").read_text())["log"]] == [2, 4]
-    assert json.loads((run / "wandb_sync.json").read_text()) == {"id": "abc123", "step": 4}
+    sent = json.loads((tmp_path / "wandb.log").read_text())
+    assert [step for step, _ in sent["log"]] == [2, 4]
+    assert json.loads((run / "wandb_sync.json").read_text()) == {"id": sent["init"]["id"], "step": 4}
 
 
 def test_wandb_sync_keeps_the_run_id_when_a_sync_sends_nothing(tmp_path):
@@ -505,7 +503,7 @@ def test_wandb_sync_keeps_the_run_id_when_a_sync_sends_nothing(tmp_path):
     run = tmp_path / "dino-1"
     run.mkdir()
     (run / "metrics.csv").write_text(DINO_CSV.split("epoch,0")[0])
-    env = fake_module(tmp_path, "wandb", FAKE_WANDB.replace('return "abc123"', 'return os.urandom(4).hex()'))
+    env = fake_module(tmp_path, "wandb", FAKE_WANDB)
     run_script("tools/wandb_sync.py", run, "--mode", "offline", env=env)
     (run / "metrics.csv").write_text(DINO_CSV)
     run_script("tools/wandb_sync.py", run, "--mode", "offline", env=env)

@@ -17,6 +17,7 @@ import argparse
 import csv
 import io
 import json
+import secrets
 import sys
 from pathlib import Path
 
@@ -81,7 +82,8 @@ def main(argv=None):
     if not rows:
         fail(f"{Path(args.run) / 'metrics.csv'} has no rows yet: sync it once the run has logged a step")
     state_file = Path(args.run) / "wandb_sync.json"
-    state = read_json(state_file) if state_file.is_file() else {"id": wandb.util.generate_id(), "step": 0}
+    # A new run's id: 8 characters, as wandb's own (whose generator moved between wandb releases)
+    state = read_json(state_file) if state_file.is_file() else {"id": secrets.token_hex(4), "step": 0}
     if not (isinstance(state, dict) and isinstance(state.get("id"), str) and isinstance(state.get("step"), int)):
         fail(f"{state_file} does not hold this tool's {{\"id\": ..., \"step\": ...}}; repair or delete it (deleting "
              "it sends the whole run again, as a new wandb run)")
