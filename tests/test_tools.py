@@ -231,10 +231,14 @@ def test_benchmark_writes_every_figure(tmp_path):
     assert r["aug_batched_over_pil"] == pytest.approx(r["aug_batched_img_s"] / r["aug_pil_img_s"])
     assert (r["method"], r["arch"], r["image_size"], r["batch_size"]) == ("simclr", "resnet18", 16, 8)
     assert "simclr" in proc.stdout and "model only" in proc.stdout
+    header = proc.stdout.splitlines()[0]  # the settings used: --aug-only's has no model steps
+    assert "resnet18, 1 timed steps; 2 timed batches of each augmentation in 3 turns" in header, header
     proc = run_script("tools/benchmark.py", "--method", "dino", "--aug-only", *tiny, "--json", out, "--",
                       "--local-crops", "2")
     r = json.loads(out.read_text())
     assert r["aug_pil_img_s"] > 0 and r["aug_batched_img_s"] > 0 and "model_only_img_s" not in r
+    header = proc.stdout.splitlines()[0]
+    assert "2 timed batches of each augmentation" in header and "steps" not in header, header
     proc = run_script("tools/benchmark.py", "--aug-rounds", "0", check=False)
     assert proc.returncode == 2 and "--aug-rounds must be at least 1" in proc.stderr
     for bad, message in ((["--images", "16"], "--images 16 is too few"),

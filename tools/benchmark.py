@@ -164,12 +164,13 @@ def bench(method, opts):
 
 def main():
     parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
-    parser.add_argument("--method", default="simclr", choices=[*CLASSES, "all"], help="method script to measure")
-    parser.add_argument("--arch", default="resnet18", help="backbone")
-    parser.add_argument("--image-size", type=int, default=32, help="image size in pixels")
-    parser.add_argument("--batch-size", type=int, default=256, help="batch size")
+    parser.add_argument("--method", default="simclr", choices=[*CLASSES, "all"],
+                        help="method script to measure (default: simclr)")
+    parser.add_argument("--arch", default="resnet18", help="backbone (default: resnet18)")
+    parser.add_argument("--image-size", type=int, default=32, help="image size in pixels (default: 32)")
+    parser.add_argument("--batch-size", type=int, default=256, help="batch size (default: 256)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"],
-                        help="where to measure")
+                        help="where to measure (default: cuda if a GPU is visible, else cpu)")
     parser.add_argument("--precision", default="auto", help="auto, fp32, bf16 or fp16")
     parser.add_argument("--workers", type=int, default=None, help="PIL loader processes (default: all cores)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per measurement (default: 10 on a CPU, "
@@ -217,8 +218,12 @@ def main():
         except OSError as e:
             parser.error(f"--json {opts.json}: cannot write a file there ({e.strerror or e}); give a file name")
     name = torch.cuda.get_device_name() if opts.device == "cuda" else f"CPU, {cpus} cores"
-    print(f"{name}; torch {torch.__version__}; {opts.arch}, {opts.image_size} px, batch {opts.batch_size}, "
-          f"{opts.steps} timed steps, PIL loader with {opts.workers} workers", flush=True)
+    turns = f"{opts.aug_rounds} turn{'s' * (opts.aug_rounds > 1)}"
+    timed = f"{opts.aug_steps} timed batches of each augmentation in {turns}"
+    if not opts.aug_only:  # --aug-only runs no model step
+        timed = f"{opts.arch}, {opts.steps} timed steps; {timed}"
+    print(f"{name}; torch {torch.__version__}; {opts.image_size} px, batch {opts.batch_size}, {timed}, "
+          f"PIL loader with {opts.workers} workers", flush=True)
     results = {}
     for method in (list(CLASSES) if opts.method == "all" else [opts.method]):
         r = results[method] = bench(method, opts)
