@@ -677,7 +677,7 @@ class CSVLogger:
 
 
 def peak_memory_mb(device):
-    """Peak GPU memory allocated by tensors, or the process's peak resident memory on CPU."""
+    """Peak GPU memory allocated by tensors, or the process's peak resident memory on CPU, in MiB."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -700,7 +700,8 @@ def log_row(run, args, kind, knn=None):
         common.fail(f"the loss is {loss} at step {run.step}: stopped, {kept}; lower --lr, use --precision fp32, "
                     "or check the data")
     steps, since = (run.n_row, run.t_row) if kind == "step" else (run.step - run.epoch_step0, run.t_epoch)
-    img_s, mem = args.batch_size * steps / (now - since), peak_memory_mb(run.device)
+    # No step since: the end of an epoch whose steps ran in the job before (postponed), with no img/s to give
+    img_s, mem = (args.batch_size * steps / (now - since) if steps else None), peak_memory_mb(run.device)
     elapsed = run.elapsed + now - run.t_start
     if kind == "step":
         run.losses[0], run.n_row, run.t_row = 0.0, 0, now
@@ -708,10 +709,10 @@ def log_row(run, args, kind, knn=None):
         extra = dict(zip(run.logger.fields[len(FIELDS):], means[1:]))  # the method's own metrics
         print(f"epoch {run.epoch}{' done' if kind == 'epoch' else ''} step {run.step}/{run.total_steps} "
               f"loss {loss:.4f}" + "".join(f" {k} {v:.4f}" for k, v in extra.items())
-              + f" lr {run.lr:.4g} {img_s:.0f} img/s mem {mem:.0f} MB"
+              + f" lr {run.lr:.4g}" + (f" {img_s:.0f} img/s" if steps else "") + f" mem {mem:.0f} MiB"
               + (f" knn {knn:.2f}%" if knn is not None else "") + f" time {elapsed:.0f}s", flush=True)
         run.logger.log(kind=kind, epoch=run.epoch, step=run.step, loss=f"{loss:.6f}", lr=f"{run.lr:.6g}",
-                       img_per_s=f"{img_s:.1f}", peak_mem_mb=f"{mem:.0f}", time_s=f"{elapsed:.1f}",
+                       img_per_s=f"{img_s:.1f}" if steps else "", peak_mem_mb=f"{mem:.0f}", time_s=f"{elapsed:.1f}",
                        knn_top1="" if knn is None else f"{knn:.2f}", **{k: f"{v:.6f}" for k, v in extra.items()})
 
 
@@ -980,6 +981,8 @@ def main(args):
             scaler.load_state_dict(ckpt["scaler"])
         set_rng_states(ckpt["rng"])
         run.step, run.elapsed, (epoch_sums, run.n_epoch) = ckpt["step"], ckpt["elapsed"], ckpt["epoch_loss"]
+        # the learning rate of the last step, for an epoch row postponed to this run (below)
+        run.lr = cosine_schedule(max(run.step - 1, 0), run.total_steps, run.warmup_steps, run.base_lr)
         run.epoch = ckpt["epoch"]  # kept if no epoch is left to train: rerunning a finished run saves it again
         run.losses[1] = torch.tensor(epoch_sums)
     # A stop asked for at an epoch's last step or during its kNN leaves no time for the kNN: that epoch's

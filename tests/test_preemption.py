@@ -301,10 +301,10 @@ def test_a_second_ctrl_c_stops_at_once_in_one_line(tmp_path):
 
 def test_a_signal_at_an_epochs_last_step_postpones_its_knn_to_the_resumed_run(tmp_path, script="simclr.py"):
     """No kNN once a stop is asked for (the time limit is near). The resumed run does that epoch's
-    end first, so its row and kNN are those of a run that never stopped: here after epoch 0's last
-    step (step 4) and after the run's very last (step 8, the final kNN); at step 4 also when the first
-    resumed run writes that row, then dies before its next save. The four method scripts
-    share these lines of their loop; DINO passed this test too (50 s, so it is not run each time)."""
+    end first, so its row (loss, learning rate, kNN; no img/s) is that of a run that never stopped:
+    here after epoch 0's last step (step 4) and after the run's very last (step 8, the final kNN); at
+    step 4 also when the first resumed run writes that row, then dies before its next save. The four
+    method scripts share these lines of their loop; DINO passed this test too (50 s, so it is not run each time)."""
     import csv
     args = [*TINY, *METHODS[script], "--epochs", "2", "--knn-every", "1", "--deterministic"]
     run_script(script, *args, "--output-dir", tmp_path / "straight")
@@ -322,10 +322,11 @@ def test_a_signal_at_an_epochs_last_step_postpones_its_knn_to_the_resumed_run(tm
         f"sys.argv[0] = {str(REPO / script)!r}\n"
         f"runpy.run_path({str(REPO / script)!r}, run_name='__main__')\n")
 
-    def epoch_rows(out):
+    def epoch_rows(out, column=None):
         with open(out / "metrics.csv") as f:
-            return [(r["epoch"], r["step"], r["loss"], r["knn_top1"]) for r in csv.DictReader(f)
-                    if r["kind"] == "epoch"]
+            rows = [r for r in csv.DictReader(f) if r["kind"] == "epoch"]
+        return [r[column] for r in rows] if column else [(r["epoch"], r["step"], r["loss"], r["lr"], r["knn_top1"])
+                                                         for r in rows]
 
     crash = tmp_path / "killed_in_save.py"  # the run is killed (SIGKILL) in its first write of last.pt
     crash.write_text(
@@ -352,7 +353,9 @@ def test_a_signal_at_an_epochs_last_step_postpones_its_knn_to_the_resumed_run(tm
             assert epoch_rows(out) == expected[:1] and load(out / "last.pt")["step"] == 4
         proc = run_script(script, *args, "--output-dir", out)
         assert f"resumed from {out / 'last.pt'} at step {stop_at}" in proc.stdout
-        assert epoch_rows(out) == expected
+        assert epoch_rows(out) == expected  # the learning rate too: that of the epoch's last step, not 0
+        # No img/s in the row of a resumed run's postponed epoch end: none of that epoch's steps ran in it
+        assert [bool(v) for v in epoch_rows(out, "img_per_s")] == [stop_at == 8, stop_at == 4]
 
 
 @pytest.mark.parametrize("sig,end,code", [("SIGTERM", "done", 0), ("SIGUSR1", "done", 0), ("SIGUSR1", "stopped", 143)])

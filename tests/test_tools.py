@@ -570,7 +570,7 @@ def test_plot_metrics_panels_titles_axes_and_legend(tmp_path, monkeypatch):
     axes = figures[0].axes
     shown = [(ax.get_title(), ax.get_xlabel()) for ax in axes if ax.axison]
     assert shown == [("loss", "step"), ("learning rate", "step"), ("images / s", "step"),
-                     ("teacher entropy", "step"), ("kNN top-1 (%)", "epoch")] and len(axes) == 6
+                     ("teacher entropy", "step"), ("kNN top-1 (%)", "epochs trained")] and len(axes) == 6
     assert [t.get_text() for t in axes[0].get_legend().get_texts()] == ["simclr", "dino"]
     (entropy,) = axes[3].get_lines()
     assert np.isnan(entropy.get_ydata()[0]) and list(entropy.get_ydata()[1:]) == [4.0]

@@ -72,7 +72,7 @@ def main(argv=None):
             ax.set(title=title, xlabel="step")
         if knn:
             knn_ax.plot(*zip(*knn), marker="o", label=name, color=color)
-    knn_ax.set(title="kNN top-1 (%)", xlabel="epoch")
+    knn_ax.set(title="kNN top-1 (%)", xlabel="epochs trained")  # metrics.csv's epoch + 1
     for ax in axes.flat[len(panels) + 1:]:
         ax.axis("off")
     axes[0, 0].legend()
