@@ -299,6 +299,31 @@ def test_a_second_ctrl_c_stops_at_once_in_one_line(tmp_path):
     assert (out / "last.pt").read_bytes() == before
 
 
+
+@pytest.mark.parametrize("saved", [True, False])
+def test_ctrl_c_before_training_says_whether_anything_was_saved(tmp_path, saved):
+    """Ctrl-C before the signal handlers are in place (here while the data loads) is a plain
+    KeyboardInterrupt: one line, saying what a rerun does: resume from last.pt, or start again."""
+    out = tmp_path / "run"
+    if saved:
+        run_script("simclr.py", *TINY, "--epochs", "2", "--knn-every", "0", "--output-dir", out, "--max-steps", "2")
+    wrapper = tmp_path / "interrupted.py"
+    wrapper.write_text(
+        "import runpy, sys\n"
+        f"sys.path.insert(0, {str(REPO)!r})\n"
+        "import common\n"
+        "def load_data(*args, **kwargs):\n"
+        "    raise KeyboardInterrupt\n"
+        "common.load_data = load_data\n"
+        f"sys.argv[0] = {str(REPO / 'simclr.py')!r}\n"
+        f"runpy.run_path({str(REPO / 'simclr.py')!r}, run_name='__main__')\n")
+    proc = run_script(wrapper, *TINY, "--epochs", "2", "--knn-every", "0", "--output-dir", out, check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"error: interrupted: what was trained since the last checkpoint in {out} is lost; run the same command to "
+        "resume from it" if saved else
+        "error: interrupted before the first checkpoint: nothing was saved; the same command starts again")
+
 def test_a_signal_at_an_epochs_last_step_postpones_its_knn_to_the_resumed_run(tmp_path, script="simclr.py"):
     """No kNN once a stop is asked for (the time limit is near). The resumed run does that epoch's
     end first, so its row (loss, learning rate, kNN; no img/s) is that of a run that never stopped:
