@@ -223,6 +223,18 @@ def note_changed_flags(path, saved, args):
         print(f"note: {path} continues with other values of {', '.join(changed)}", flush=True)
 
 
+
+def check_not_past_end(path, step, steps_per_epoch, args):
+    """Resuming: fail if the checkpoint has trained past the end that --epochs and --max-steps now
+    give (a run extended, then its first command again): it would be saved again, and args.json
+    written, as trained with values it went past."""
+    if step > args.epochs * steps_per_epoch:
+        fail(f"{path} has trained {step} steps ({step / steps_per_epoch:.4g} epochs): past --epochs {args.epochs}; "
+             f"give --epochs {-(-step // steps_per_epoch)} or more to go on from it, or another --output-dir")
+    if args.max_steps and step > args.max_steps:
+        fail(f"{path} has trained {step} steps: past --max-steps {args.max_steps}; give --max-steps {step} or "
+             "more, or leave it out, or another --output-dir")
+
 def check_same_model(path, saved, model):
     """Resuming: fail unless the checkpoint's model entries have the names and shapes of `model`'s.
     With the same flags they differ only for a checkpoint of another version of the script, which

@@ -1114,6 +1114,7 @@ def main(args):
     raw_model = DINO(args, data.image_size).to(device)
     if ckpt:
         check_resumable(ckpt, resume_from, args, raw_model, len(data.pretrain))
+        common.check_not_past_end(resume_from, ckpt["step"], steps_per_epoch, args)
     patch = raw_model.backbone_meta.get("patch_size", 1)
     if args.local_crops and args.local_crop_size % patch:
         common.fail(f"--local-crop-size {args.local_crop_size} is not a multiple of the ViT patch size {patch}; "

@@ -1012,13 +1012,16 @@ def main(args):
                                     world_size, preemption.requested) or (None, None)
 
     train_feats = train_labels = loader = None
-    if args.mode == "fast":  # None if a stop is asked for meanwhile: the run then saves and stops, untrained
-        train_feats, train_labels = features_of(data.train)
+    if args.mode == "fast":
         steps_per_epoch = len(data.train) // args.batch_size
     else:
         probe_t = common.probe_transform(data.image_size, data.mean, data.std)
         loader = common.pretrain_loader(data.train, [probe_t], local_batch, world_size, rank, args, device)
         steps_per_epoch = len(loader)
+    if ckpt:  # before the features, which take minutes on a large dataset
+        common.check_not_past_end(resume_from, ckpt["step"], steps_per_epoch, args)
+    if args.mode == "fast":  # None if a stop is asked for meanwhile: the run then saves and stops, untrained
+        train_feats, train_labels = features_of(data.train)
 
     # 6. Run state, resumed from the probe checkpoint ----------------------------------------
     run = argparse.Namespace(  # what changes during the run, shared by the loop and the logger

@@ -954,6 +954,7 @@ def main(args):
     raw_model = SimCLR(args, data.image_size).to(device)
     if ckpt:
         check_resumable(ckpt, resume_from, args, raw_model, len(data.pretrain))
+        common.check_not_past_end(resume_from, ckpt["step"], steps_per_epoch, args)
     if world_size > 1:
         raw_model = convert_sync_batchnorm(raw_model, device)
     memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format

@@ -107,6 +107,28 @@ def test_finished_run_started_again_does_nothing_more(tmp_path, max_steps):
     assert before["epoch"] == after["epoch"] == (0 if max_steps else 1) and before["step"] == after["step"]
 
 
+
+@pytest.mark.parametrize("script,flag,value,message", [
+    ("simclr.py", "--epochs", 1, "has trained 6 steps (1.5 epochs): past --epochs 1; give --epochs 2 or more to go "
+     "on from it, or another --output-dir"),
+    ("simclr.py", "--max-steps", 4, "has trained 6 steps: past --max-steps 4; give --max-steps 6 or more, or leave "
+     "it out, or another --output-dir"),
+    ("linear_eval.py", "--epochs", 1, "has trained 8 steps (2 epochs): past --epochs 1; give --epochs 2 or more to "
+     "go on from it, or another --output-dir")])
+def test_a_run_started_again_with_an_end_it_went_past_is_refused(tmp_path, pretrained, script, flag, value, message):
+    """A run extended, then its first command again: it would be saved again, and args.json (and a
+    probe's results.json) written, as trained with the smaller --epochs or --max-steps. One line;
+    nothing is written."""
+    args = [*ARGS, "--max-steps", 6] if script == "simclr.py" else [
+        "--ckpt", pretrained / "last.pt", "--mode", "fast", "--epochs", 2, "--batch-size", 32, "--device", "cpu",
+        "--workers", 0]
+    run_script(script, *args, "--output-dir", tmp_path)
+    before = {name: (tmp_path / name).read_bytes() for name in ("last.pt", "args.json", "metrics.csv")}
+    proc = run_script(script, *args, flag, value, "--output-dir", tmp_path, check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == f"error: {tmp_path / 'last.pt'} {message}"
+    assert before == {name: (tmp_path / name).read_bytes() for name in before}
+
 @pytest.mark.parametrize("mode", ["fast", "linear"])
 def test_linear_eval_resume_is_exact(tmp_path, pretrained, mode):
     args = ["--ckpt", pretrained / "last.pt", "--mode", mode, "--epochs", "3", "--batch-size", "32",
