@@ -217,11 +217,13 @@ def note_changed_flags(path, saved, args):
     old and new values, since args.json and the next checkpoint hold only the new ones."""
     def plain(v):
         return list(v) if isinstance(v, tuple) else v  # (0.05, 0.4) default or [0.05, 0.4] from the command line
-    changed = [f"--{key.replace('_', '-')} {plain(new)} (was {plain(saved[key])})" for key, new in vars(args).items()
+
+    def shown(v):
+        return "not given" if v is None else plain(v)  # --max-steps left out, say
+    changed = [f"--{key.replace('_', '-')} {shown(new)} (was {shown(saved[key])})" for key, new in vars(args).items()
                if key in saved and key not in ("output_dir", "resume") and plain(saved[key]) != plain(new)]
     if changed:
         print(f"note: {path} continues with other values of {', '.join(changed)}", flush=True)
-
 
 
 def check_not_past_end(path, step, steps_per_epoch, args):
@@ -234,6 +236,7 @@ def check_not_past_end(path, step, steps_per_epoch, args):
     if args.max_steps and step > args.max_steps:
         fail(f"{path} has trained {step} steps: past --max-steps {args.max_steps}; give --max-steps {step} or "
              "more, or leave it out, or another --output-dir")
+
 
 def check_same_model(path, saved, model):
     """Resuming: fail unless the checkpoint's model entries have the names and shapes of `model`'s.

@@ -1088,18 +1088,23 @@ def main(args):
         exit_stopped(run, is_main, f"stopped at step {run.step} before the evaluation, saved {last}", out, step0)
     with torch.no_grad():
         top = raw_head.eval()(test_feats).topk(min(5, data.num_classes), dim=1).indices == test_labels[:, None]
+    # Percentages to 4 decimals (float32 noise beyond); top-5 of 5 classes or fewer is 100% whatever the probe
     results = {"ckpt": args.ckpt, "arch": meta["arch"], "dataset": args.dataset, "mode": args.mode,
-               "epochs": args.epochs, "steps": run.step, "top1": top[:, 0].float().mean().item() * 100,
-               "top5": top.any(1).float().mean().item() * 100, "knn_top1": None}
+               "epochs": args.epochs, "steps": run.step, "total_steps": run.total_steps,
+               "top1": round(top[:, 0].float().mean().item() * 100, 4),
+               "top5": round(top.any(1).float().mean().item() * 100, 4) if data.num_classes > 5 else None,
+               "knn_top1": None}
     if args.knn_every:
         scores = knn_predict(F.normalize(train_feats, dim=1), train_labels, F.normalize(test_feats, dim=1),
                              data.num_classes)
-        results["knn_top1"] = (scores.argmax(1) == test_labels).float().mean().item() * 100
+        results["knn_top1"] = round((scores.argmax(1) == test_labels).float().mean().item() * 100, 4)
     if is_main:
         (out / "results.json").write_text(json.dumps(results, indent=2))
+        top5 = f", top-5 {results['top5']:.2f}%" if results["top5"] is not None else ""
         knn = f", kNN top-1 {results['knn_top1']:.2f}%" if results["knn_top1"] is not None else ""
-        print(f"{args.ckpt}: linear top-1 {results['top1']:.2f}%, top-5 {results['top5']:.2f}%{knn} "
-              f"({args.dataset} test, {args.mode} mode); written to {out / 'results.json'}", flush=True)
+        part = f", {run.step} of {run.total_steps} steps (--max-steps)" if run.step < run.total_steps else ""
+        print(f"{args.ckpt}: linear top-1 {results['top1']:.2f}%{top5}{knn} ({args.dataset} test, {args.mode} "
+              f"mode{part}); written to {out / 'results.json'}", flush=True)
     cleanup_distributed()
 
 

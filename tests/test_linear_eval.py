@@ -73,15 +73,17 @@ def test_a_fast_run_reports_what_its_probe_scores_with_the_documented_schedule(t
     results.json says is recomputed from its last.pt: top-1/top-5 of the probe in eval mode on the
     test features, the kNN on normalised features; the logged lr is --lr x batch/256, warmed up over
     the first epoch's steps then cosine; the probe's BatchNorm has trained (MAE's probe)."""
-    run_script("linear_eval.py", *TINY, "--ckpt", "random", "--mode", "fast", "--epochs", "3", "--warmup-epochs", "1",
-               "--max-steps", "6", "--lr", "0.8", "--log-every", "1", "--output-dir", tmp_path)
+    proc = run_script("linear_eval.py", *TINY, "--ckpt", "random", "--mode", "fast", "--epochs", "3",
+                      "--warmup-epochs", "1", "--max-steps", "6", "--lr", "0.8", "--log-every", "1",
+                      "--output-dir", tmp_path)
+    assert "(synthetic test, fast mode, 6 of 12 steps (--max-steps)); written to" in proc.stdout  # not finished
     rows = [r for r in csv.DictReader(open(tmp_path / "metrics.csv")) if r["kind"] == "step"]
     base = 0.8 * 32 / 256
     expected = [base * (s + 1) / 4 for s in range(4)] + [base * 0.5 * (1 + math.cos(math.pi * s / 8)) for s in (0, 1)]
     assert [float(r["lr"]) for r in rows] == pytest.approx(expected, rel=1e-5)
 
     ckpt, results = load(tmp_path / "last.pt"), json.loads((tmp_path / "results.json").read_text())
-    assert ckpt["head"]["0.num_batches_tracked"] == 6 == results["steps"]
+    assert ckpt["head"]["0.num_batches_tracked"] == 6 == results["steps"] and results["total_steps"] == 12
     assert not torch.allclose(ckpt["head"]["0.running_var"], torch.ones(512))
     meta = ckpt["backbone_meta"]
     backbone, _ = linear_eval.build_backbone(meta["arch"], meta["image_size"])
@@ -102,6 +104,20 @@ def test_a_fast_run_reports_what_its_probe_scores_with_the_documented_schedule(t
     votes = torch.zeros(len(test), data.num_classes).index_add_(1, train_y, (sims / 0.1).exp())
     assert results["knn_top1"] == pytest.approx((votes.argmax(1) == test_y).float().mean().item() * 100)
 
+
+def test_top_5_is_not_reported_with_5_classes_or_fewer(tmp_path):
+    """Top-5 of 5 classes or fewer is 100% whatever the probe: results.json holds null, and the
+    line leaves it out."""
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "three.npz", train_images=rng.integers(0, 255, (64, 8, 8, 3), np.uint8),
+             train_labels=np.arange(64) % 3, test_images=rng.integers(0, 255, (30, 8, 8, 3), np.uint8),
+             test_labels=np.arange(30) % 3)
+    proc = run_script("linear_eval.py", "--ckpt", "random", "--dataset", "npz", "--data-dir", tmp_path / "three.npz",
+                      "--mode", "fast", "--epochs", "1", "--batch-size", "16", "--device", "cpu", "--workers", "0",
+                      "--output-dir", tmp_path / "probe")
+    results = json.loads((tmp_path / "probe" / "results.json").read_text())
+    assert results["top5"] is None and 0 <= results["top1"] <= 100 and results["steps"] == results["total_steps"] == 4
+    assert "linear top-1" in proc.stdout and "top-5" not in proc.stdout and "--max-steps" not in proc.stdout
 
 def test_the_documented_protocol_is_the_default():
     """The module docstring's protocol: SGD, lr 0.1 x batch/256, no weight decay, 100 epochs, batch 256,

@@ -91,6 +91,10 @@ def test_values_given_again_as_typed_are_no_change(capsys):
     common.note_changed_flags("a/last.pt", saved, args)
     assert capsys.readouterr().out == ("note: a/last.pt continues with other values of --global-crops-scale "
                                        "[0.3, 1.0] (was [0.4, 1.0]), --lr 0.2 (was 0.1)\n")
+    saved["max_steps"], args.max_steps, args.lr = 10, None, 0.1  # a flag left out: not "None", which none types
+    common.note_changed_flags("a/last.pt", saved, args)
+    assert capsys.readouterr().out == ("note: a/last.pt continues with other values of --global-crops-scale "
+                                       "[0.3, 1.0] (was [0.4, 1.0]), --max-steps not given (was 10)\n")
 
 
 @pytest.mark.parametrize("max_steps", [2, None])
