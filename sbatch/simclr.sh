@@ -7,8 +7,9 @@
 # without "B:", because the tasks are started by srun); simclr.py then saves last.pt, requeues
 # this job (it keeps its job id) and exits. The requeued job runs this script again, finds
 # runs/simclr-<job id>/last.pt and resumes. scancel sends SIGTERM: it saves and stops for good.
-# A job that ended (scancel, failed, out of time) resumes in a new job given its folder:
-#     OUTPUT_DIR=runs/simclr-<job id> sbatch sbatch/simclr.sh
+# A job that ended (scancel, failed, out of time) resumes in a new job given its folder and the
+# same arguments as before (they are not read back from the folder):
+#     OUTPUT_DIR=runs/simclr-<job id> sbatch sbatch/simclr.sh <same arguments>
 # Keep --time well above the 120 s of warning (10 minutes at least).
 #
 # Change for your cluster: the lines marked CHANGE (partition, account, the environment line), and
