@@ -919,7 +919,8 @@ class Preemption:
                     print(f"requeued SLURM job {job}", flush=True)
                 except (OSError, subprocess.SubprocessError) as e:  # exit 1: the job ends FAILED, not COMPLETED
                     print(f"error: could not requeue job {job} ({e}); to resume, submit it again with --output-dir "
-                          f"{folder} (sbatch/*.sh: OUTPUT_DIR={folder} sbatch ...)", file=sys.stderr)
+                          f"{folder} and the same arguments (sbatch/*.sh: OUTPUT_DIR={folder} sbatch ...)",
+                          file=sys.stderr)
                     failed = True
         cleanup_distributed()
         sys.exit((130 if self.name == "Ctrl-C" else 143) if self.term else int(failed))
@@ -1093,6 +1094,8 @@ def main(args):
     if is_main and args.resume and last.exists() and Path(args.resume).resolve() != last.resolve():
         print(f"note: --resume {args.resume} is not used: {last} exists and the run continues from it", flush=True)
     ckpt = load_checkpoint(resume_from) if resume_from else None
+    if ckpt:  # before the data: a folder resumed without its --dataset would download or load another
+        common.check_same_flags(resume_from, ckpt.get("args", {}), args, ("dataset",))
 
     # 3. Data --------------------------------------------------------------------------------
     if is_main:

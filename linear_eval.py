@@ -709,7 +709,8 @@ class Preemption:
                     print(f"requeued SLURM job {job}", flush=True)
                 except (OSError, subprocess.SubprocessError) as e:  # exit 1: the job ends FAILED, not COMPLETED
                     print(f"error: could not requeue job {job} ({e}); to resume, submit it again with --output-dir "
-                          f"{folder} (sbatch/*.sh: OUTPUT_DIR={folder} sbatch ...)", file=sys.stderr)
+                          f"{folder} and the same arguments (sbatch/*.sh: OUTPUT_DIR={folder} sbatch ...)",
+                          file=sys.stderr)
                     failed = True
         cleanup_distributed()
         sys.exit((130 if self.name == "Ctrl-C" else 143) if self.term else int(failed))

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, TINY, Started, clean_env, free_port, load, run_script
+from conftest import REPO, TINY, Started, clean_env, free_port, load, main_in_this_process, run_script
 
 
 def fails(script, *args, cwd=None):
@@ -366,6 +366,23 @@ def test_resume_with_another_dataset(tmp_path, pretrained):
                 pretrained / "last.pt", "--output-dir", tmp_path / "run")
     assert "--dataset synthetic, not npz" in msg
     assert not (tmp_path / "run" / "last.pt").exists()
+
+
+def test_a_folder_resumed_without_its_dataset_is_refused_before_any_data(tmp_path, pretrained, monkeypatch):
+    """`OUTPUT_DIR=runs/simclr-1 sbatch sbatch/simclr.sh` without the job's --dataset: the default,
+    CIFAR-10, was downloaded (or its download failed, offline) before the checkpoint was checked."""
+    import common
+    import simclr
+
+    def load_nothing(args):
+        raise AssertionError(f"data loaded: {args.dataset}")
+    monkeypatch.setattr(common, "download_data", load_nothing)
+    monkeypatch.setattr(common, "load_data", load_nothing)
+    with pytest.raises(SystemExit) as e:
+        main_in_this_process(simclr, ["--device", "cpu", "--resume", pretrained / "last.pt", "--output-dir",
+                                      tmp_path / "run"], monkeypatch)
+    assert str(e.value) == (f"error: {pretrained / 'last.pt'} was trained with --dataset synthetic, not cifar10: use "
+                            "the same value to resume, or another --output-dir")
 
 
 def test_checkpoint_path_that_is_a_folder_or_a_csv(tmp_path, pretrained):

@@ -73,7 +73,7 @@ def test_a_failed_requeue_exits_1(tmp_path):
     assert code == 1, output
     assert "error: could not requeue job 4242" in output
     # the job's id names its folder (runs/simclr-<job id> in the sbatch scripts): a new job needs this one's
-    assert f"to resume, submit it again with --output-dir {tmp_path / 'run'}" in output
+    assert f"to resume, submit it again with --output-dir {tmp_path / 'run'} and the same arguments" in output
     assert load(tmp_path / "run" / "last.pt")["step"] >= 2
 
 
