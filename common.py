@@ -103,7 +103,7 @@ def add_data_args(parser, size_default="the images' own size"):
     g.add_argument("--image-size", type=at_least(1), default=None,
                    help=f"crop size in pixels (default: {size_default}; up to 224 for imagefolder)")
     g.add_argument("--val-fraction", type=fraction, default=0.1,
-                   help="imagefolder without train/ and val/: fraction held out for evaluation")
+                   help="imagefolder without train/ and val/ (or test/): fraction held out for evaluation")
     g.add_argument("--synthetic-size", type=at_least(0), nargs=2, default=[2000, 500], metavar=("TRAIN", "TEST"),
                    help="number of synthetic train and test images")
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
@@ -1035,7 +1035,8 @@ if __name__ == "__main__":
     parser.add_argument("--data-dir", required=True, help="the image folder")
     parser.add_argument("--out", required=True, help="output folder, then given to --dataset packed --data-dir")
     parser.add_argument("--image-size", type=at_least(1), required=True, help="side of the packed images in pixels")
-    parser.add_argument("--val-fraction", type=fraction, default=0.1, help="held out when there is no val/ folder")
+    parser.add_argument("--val-fraction", type=fraction, default=0.1,
+                        help="held out when there is no train/ and val/ (or test/)")
     a = parser.parse_args()
     try:
         skipped = pack_image_folder(a.data_dir, a.out, a.image_size, a.val_fraction)
