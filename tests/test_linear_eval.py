@@ -119,6 +119,7 @@ def test_top_5_is_not_reported_with_5_classes_or_fewer(tmp_path):
     assert results["top5"] is None and 0 <= results["top1"] <= 100 and results["steps"] == results["total_steps"] == 4
     assert "linear top-1" in proc.stdout and "top-5" not in proc.stdout and "--max-steps" not in proc.stdout
 
+
 def test_the_documented_protocol_is_the_default():
     """The module docstring's protocol: SGD, lr 0.1 x batch/256, no weight decay, 100 epochs, batch 256,
     on augmented images (--mode linear)."""

@@ -299,7 +299,6 @@ def test_a_second_ctrl_c_stops_at_once_in_one_line(tmp_path):
     assert (out / "last.pt").read_bytes() == before
 
 
-
 @pytest.mark.parametrize("saved", [True, False])
 def test_ctrl_c_before_training_says_whether_anything_was_saved(tmp_path, saved):
     """Ctrl-C before the signal handlers are in place (here while the data loads) is a plain
@@ -323,6 +322,7 @@ def test_ctrl_c_before_training_says_whether_anything_was_saved(tmp_path, saved)
         f"error: interrupted: what was trained since the last checkpoint in {out} is lost; run the same command to "
         "resume from it" if saved else
         "error: interrupted before the first checkpoint: nothing was saved; the same command starts again")
+
 
 def test_a_signal_at_an_epochs_last_step_postpones_its_knn_to_the_resumed_run(tmp_path, script="simclr.py"):
     """No kNN once a stop is asked for (the time limit is near). The resumed run does that epoch's

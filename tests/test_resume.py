@@ -111,7 +111,6 @@ def test_finished_run_started_again_does_nothing_more(tmp_path, max_steps):
     assert before["epoch"] == after["epoch"] == (0 if max_steps else 1) and before["step"] == after["step"]
 
 
-
 @pytest.mark.parametrize("script,flag,value,message", [
     ("simclr.py", "--epochs", 1, "has trained 6 steps (1.5 epochs): past --epochs 1; give --epochs 2 or more to go "
      "on from it, or another --output-dir"),
@@ -132,6 +131,7 @@ def test_a_run_started_again_with_an_end_it_went_past_is_refused(tmp_path, pretr
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == f"error: {tmp_path / 'last.pt'} {message}"
     assert before == {name: (tmp_path / name).read_bytes() for name in before}
+
 
 @pytest.mark.parametrize("mode", ["fast", "linear"])
 def test_linear_eval_resume_is_exact(tmp_path, pretrained, mode):
