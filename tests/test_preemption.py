@@ -2,6 +2,7 @@
 exit 143, no requeue. A fake `scontrol` on PATH records what the script asks of SLURM."""
 import csv
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -381,6 +382,8 @@ def test_a_signal_at_an_epochs_last_step_postpones_its_knn_to_the_resumed_run(tm
         assert epoch_rows(out) == expected  # the learning rate too: that of the epoch's last step, not 0
         # No img/s in the row of a resumed run's postponed epoch end: none of that epoch's steps ran in it
         assert [bool(v) for v in epoch_rows(out, "img_per_s")] == [stop_at == 8, stop_at == 4]
+        line = next(x for x in proc.stdout.splitlines() if x.startswith("epoch 1 done"))  # the console's too
+        assert re.search(r" lr \S+( \d+ img/s)? mem \d+ MiB knn ", line) and ("img/s" in line) == (stop_at == 4), line
 
 
 @pytest.mark.parametrize("sig,end,code", [("SIGTERM", "done", 0), ("SIGUSR1", "done", 0), ("SIGUSR1", "stopped", 143)])
