@@ -1068,11 +1068,14 @@ if __name__ == "__main__":
         main(args)
     except common.UnreadableImages as e:  # maybe raised in a loader process: one line, no traceback
         common.fail(str(e).strip().splitlines()[-1].split("UnreadableImages: ")[-1])
-    except KeyboardInterrupt:  # Ctrl-C before training starts, or a second one: no traceback
+    except KeyboardInterrupt:  # Ctrl-C before training starts, or a second one: one line, exit 130 as the first
         if args.output_dir and (Path(args.output_dir) / "last.pt").exists():
-            common.fail(f"interrupted: what was trained since the last checkpoint in {args.output_dir} is lost; run "
-                        "the same command to resume from it")
-        common.fail("interrupted before the first checkpoint: nothing was saved; the same command starts again")
+            print(f"error: interrupted: what was trained since the last checkpoint in {args.output_dir} is lost; run "
+                  "the same command to resume from it", file=sys.stderr)
+        else:
+            print("error: interrupted before the first checkpoint: nothing was saved; the same command starts again",
+                  file=sys.stderr)
+        sys.exit(130)
     except torch.cuda.OutOfMemoryError as e:  # a batch too large for the GPU: what to change, not a traceback
         need = re.search(r"Tried to allocate [\d.]+ \w+", str(e))
         common.fail(f"out of GPU memory with --batch-size {args.batch_size}" + (f" ({need[0]})" if need else "")
