@@ -955,7 +955,7 @@ def main(args):
     args.image_size = data.image_size
     if ckpt:  # a probe resumes only the same evaluation; its optimizer's state carries weight decay, eta, clip
         common.check_same_flags(resume_from, ckpt["args"], args, (
-            "ckpt", *(("arch",) if args.ckpt == "random" else ()), "patch_size", "dataset", "val_fraction",
+            *(("arch",) if args.ckpt == "random" else ()), "patch_size", "dataset", "val_fraction",
             "synthetic_size", "image_size", "mode", "batch_size", "seed", "optimizer", "weight_decay",
             *(("lars_eta", "lars_clip") if args.optimizer == "lars" else ())))
     if meta.get("patch_size") and data.image_size % meta["patch_size"]:
@@ -979,11 +979,14 @@ def main(args):
             backbone.load_state_dict(state)
         except RuntimeError as e:
             common.fail(f"{args.ckpt}: the stored backbone does not fit a {meta['arch']} ({str(e).splitlines()[0]})")
-    # A probe resumes only on the backbone it was trained on: --ckpt may have been overwritten since
-    # (pretraining went on in the same folder), and the old probe would then be scored on the new one.
+    # A probe resumes only on the backbone it was trained on, compared by weights, not by --ckpt's path: a run's
+    # backbone.pt and last.pt share a folder and hold the same backbone, while a --ckpt written again since
+    # (pretraining went on in that folder) holds another, on which the old probe must not be scored.
     if ckpt and not same_tensors(ckpt["backbone"], backbone.state_dict()):
-        common.fail(f"{resume_from} is a probe of another backbone than the one {args.ckpt} holds now (it was "
-                    f"written again since?): delete {out} to probe the new one, or give another --output-dir")
+        since = "it was written again since?" if ckpt["args"].get("ckpt") == args.ckpt else (
+            f"the probe is of --ckpt {ckpt['args'].get('ckpt')}")
+        common.fail(f"{resume_from} is a probe of another backbone than the one {args.ckpt} holds now ({since}): "
+                    f"delete {out} to probe the new one, or give another --output-dir")
     if ckpt and ckpt.get("num_images", len(data.train)) != len(data.train):  # another --data-dir, same flags
         common.fail(f"{resume_from} is a probe trained on {ckpt['num_images']} images, these data hold "
                     f"{len(data.train)}: use the same images to resume, or another --output-dir")

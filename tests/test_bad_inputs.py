@@ -608,6 +608,29 @@ def test_linear_eval_does_not_resume_a_probe_of_another_backbone_or_other_images
         "images to resume, or another --output-dir")
 
 
+def test_a_probe_resumes_on_the_same_backbone_from_another_file_and_names_the_file_of_another(tmp_path, pretrained):
+    """A run's backbone.pt and last.pt hold the same backbone and share the probe's default folder: a
+    probe of one goes on with the other (it compared --ckpt's path and refused). Another backbone is
+    refused, naming the file the probe was trained on."""
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("backbone.pt", "last.pt"):
+        (run / name).write_bytes((pretrained / name).read_bytes())
+    args = ["--mode", "fast", "--epochs", "2", "--batch-size", "32", "--device", "cpu", "--workers", "0"]
+    run_script("linear_eval.py", "--ckpt", run / "backbone.pt", *args, "--max-steps", "1")
+    out = run_script("linear_eval.py", "--ckpt", run / "last.pt", *args).stdout
+    probe = run / "linear_eval_fast"
+    assert f"resumed from {probe / 'last.pt'} at step 1" in out, out
+    assert json.loads((probe / "results.json").read_text())["ckpt"] == str(run / "last.pt")
+    other = load(run / "last.pt")
+    other["backbone"]["conv1.weight"] += 0.01
+    torch.save(other, tmp_path / "other.pt")
+    assert fails("linear_eval.py", "--ckpt", tmp_path / "other.pt", *args, "--output-dir", probe) == (
+        f"error: {probe / 'last.pt'} is a probe of another backbone than the one {tmp_path / 'other.pt'} holds now "
+        f"(the probe is of --ckpt {run / 'last.pt'}): delete {probe} to probe the new one, or give another "
+        "--output-dir")
+
+
 def test_barlow_bias_learning_rate_follows_the_command_line_on_resume(tmp_path):
     """--lr-biases is kept in the optimizer as a fraction of --lr; a resumed run with another --lr
     still gives the biases the --lr-biases asked for (torch's load_state_dict restored the old fraction)."""
