@@ -59,6 +59,10 @@ import torchvision
 
 import common
 
+# Written into every checkpoint, and checked on resume; a copy of this file for another method
+# renames it, so that the copy refuses this method's runs and saves to runs/<its name>.
+METHOD = "barlow"
+
 
 # ---- Arguments -----------------------------------------------------------------------------
 
@@ -95,7 +99,8 @@ def get_args_parser():
     g.add_argument("--warmup-epochs", type=common.at_least(0), default=10,
                    help="linear warm-up epochs before the cosine decay")
     g = parser.add_argument_group("run")
-    g.add_argument("--output-dir", default="runs/barlow", help="checkpoints and logs; resumed from if it holds last.pt")
+    g.add_argument("--output-dir", default=f"runs/{METHOD}",
+                   help="checkpoints and logs; resumed from if it holds last.pt")
     g.add_argument("--resume", default=None, help="checkpoint to start from when --output-dir has no last.pt")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to train")
     g.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
@@ -901,7 +906,7 @@ def save_state(path, raw_model, optimizer, scaler, run, args):
         check_last_writer(path, run.write_id)
         run.write_id = os.urandom(8).hex()  # this write's id, checked before the next one
         save_checkpoint({
-            "method": "barlow", "args": vars(args), "step": run.step, "epoch": run.epoch,
+            "method": METHOD, "args": vars(args), "step": run.step, "epoch": run.epoch,
             "model": state, "optimizer": optimizer.state_dict(),
             "scaler": scaler.state_dict(), "rng": rng_states(), "elapsed": run.elapsed + time.time() - run.t_start,
             "epoch_loss": [run.losses[1].tolist(), run.n_epoch],
@@ -911,9 +916,9 @@ def save_state(path, raw_model, optimizer, scaler, run, args):
 
 
 def check_resumable(ckpt, path, args, model, num_images):
-    if ckpt.get("method") != "barlow":
-        common.fail(f"{path} was written by {ckpt.get('method')}.py, not barlow.py: resume from a barlow.py "
-                    "checkpoint, or use another --output-dir")
+    if ckpt.get("method") != METHOD:
+        common.fail(f"{path} was written by {ckpt.get('method')}.py, not {METHOD}.py: resume from a "
+                    f"{METHOD}.py checkpoint, or use another --output-dir")
     if "model" not in ckpt:
         common.fail(f"{path} holds only a backbone; resume from a last.pt, or evaluate it with linear_eval.py")
     # Checked: the data, structure and seed (the data order) of the run, and what the optimizer's saved
@@ -1067,7 +1072,7 @@ def main(args):
     if stopped and not complete:
         run.preemption.exit(is_main, f"stopped at step {run.step}, saved {last}", out)
     if is_main:
-        save_checkpoint({"method": "barlow", "args": vars(args), "backbone": raw_model.backbone.state_dict(),
+        save_checkpoint({"method": METHOD, "args": vars(args), "backbone": raw_model.backbone.state_dict(),
                          "backbone_meta": run.backbone_meta}, out / "backbone.pt")
         late = " (the stop signal came after the last step: not requeued)" if stopped else ""
         print(f"done at step {run.step}: {last} and {out / 'backbone.pt'}{late}", flush=True)

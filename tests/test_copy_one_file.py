@@ -4,7 +4,7 @@ import shutil
 
 import pytest
 
-from conftest import METHODS, REPO, TINY, run_script
+from conftest import METHODS, REPO, TINY, load, run_script
 
 
 def test_simclr_and_linear_eval_run_alone(tmp_path):
@@ -31,3 +31,23 @@ def test_a_script_without_common_py_beside_it_fails(tmp_path):
     shutil.copy(REPO / "simclr.py", tmp_path / "simclr.py")
     proc = run_script("simclr.py", "--help", cwd=tmp_path, check=False)
     assert proc.returncode == 1 and "No module named 'common'" in proc.stderr
+
+
+def test_a_copy_for_a_new_method_renames_one_line_and_keeps_to_its_own_runs(tmp_path):
+    """A researcher copies barlow.py to start another method and renames METHOD, one line: the copy
+    saves to runs/<its name>, and refuses to go on with a Barlow Twins run (rather than train that
+    model further with another loss, in the same metrics.csv)."""
+    for name in ("barlow.py", "common.py"):
+        shutil.copy(REPO / name, tmp_path / name)
+    text = (REPO / "barlow.py").read_text()
+    assert text.count('\nMETHOD = "barlow"\n') == 1
+    (tmp_path / "vicreg.py").write_text(text.replace('\nMETHOD = "barlow"\n', '\nMETHOD = "vicreg"\n'))
+    args = [*TINY, *METHODS["barlow.py"], "--epochs", "1", "--max-steps", "1", "--knn-every", "0"]
+    run_script("barlow.py", *args, cwd=tmp_path)
+    run_script("vicreg.py", *args, cwd=tmp_path)
+    assert load(tmp_path / "runs" / "vicreg" / "last.pt")["method"] == "vicreg"
+    proc = run_script("vicreg.py", *args, "--max-steps", "2", "--output-dir", "runs/barlow", cwd=tmp_path, check=False)
+    assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1] == (
+        "error: runs/barlow/last.pt was written by barlow.py, not vicreg.py: resume from a vicreg.py checkpoint, "
+        "or use another --output-dir")
+    assert load(tmp_path / "runs" / "barlow" / "last.pt")["step"] == 1
