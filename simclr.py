@@ -439,6 +439,11 @@ def cleanup_distributed():
     while another process still uses it, can abort the process at exit."""
     if dist.is_initialized():
         dist.barrier()
+        if torch.__version__ < "2.8":
+            # torch < 2.8 closes a group holding the GIL and waits for its threads, which may still need the GIL to
+            # free the tensors of the last collectives (the kNN's features): the job then hangs (torch 2.3, gloo, 2
+            # busy cores: 13 of 74 closes after an all_gather). Half a second without the GIL lets them finish first.
+            time.sleep(0.5)
         dist.destroy_process_group()
 
 
