@@ -868,9 +868,10 @@ def log_row(run, args, kind, knn=None):
         run.losses[0], run.n_row, run.t_row = 0.0, 0, now
     if run.is_main:
         extra = dict(zip(run.logger.fields[len(FIELDS):], means[1:]))  # the method's own metrics
+        speed = "" if not steps else f" {img_s:.0f} img/s" if img_s >= 10 else f" {img_s:.2f} img/s"  # not "0"
         print(f"epoch {run.epoch}{' done' if kind == 'epoch' else ''} step {run.step}/{run.total_steps} "
               f"loss {loss:.4f}" + "".join(f" {k} {v:.4f}" for k, v in extra.items())
-              + f" lr {run.lr:.4g}" + (f" {img_s:.0f} img/s" if steps else "") + f" mem {mem:.0f} MiB"
+              + f" lr {run.lr:.4g}" + speed + f" mem {mem:.0f} MiB"
               + (f" knn {knn:.2f}%" if knn is not None else "") + f" time {elapsed:.0f}s", flush=True)
         run.logger.log(kind=kind, epoch=run.epoch, step=run.step, loss=f"{loss:.6f}", lr=f"{run.lr:.6g}",
                        img_per_s=f"{img_s:.1f}" if steps else "", peak_mem_mb=f"{mem:.0f}", time_s=f"{elapsed:.1f}",
@@ -1267,10 +1268,14 @@ if __name__ == "__main__":
                     + "; lower --batch-size (it is global: more GPUs also help) or use --precision bf16 or fp16")
     except RuntimeError as e:  # the same on the CPU, where torch raises a plain RuntimeError (its C++ assertion)
         need = re.search(r"DefaultCPUAllocator: can't allocate memory: you tried to allocate (\d+) bytes", str(e))
-        if not need:
-            raise
-        common.fail(f"out of host memory with --batch-size {args.batch_size} (tried to allocate "
-                    f"{int(need[1]) / 2**30:.2f} GiB); lower --batch-size, or run where more memory is free")
+        if need:
+            common.fail(f"out of host memory with --batch-size {args.batch_size} (tried to allocate "
+                        f"{int(need[1]) / 2**30:.2f} GiB); lower --batch-size, or run where more memory is free")
+        if getattr(args, "compile", False) and isinstance(e, torch._dynamo.exc.BackendCompilerFailed):
+            cause = getattr(e, "inner_exception", None) or e  # its cause in one line, not 100-200 lines of compiler
+            common.fail(f"--compile failed: {type(cause).__name__}: {str(cause).strip().splitlines()[0]}; drop "
+                        "--compile, or make the compiler it needs available (g++ on a CPU, gcc for Triton on a GPU)")
+        raise
     finally:  # ended, saved or not: Python's shutdown (a second or two with torch) gives handled signals back
         # their default action, so SLURM's or torchrun's SIGUSR1/SIGTERM then killed a finished run (exit -15,
         # a failed step) instead of its exit 0 or 143; ignored now. Ctrl-C still stops it at once.

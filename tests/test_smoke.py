@@ -360,6 +360,40 @@ def test_compile_trains_and_saves_the_plain_module(tmp_path):
     assert load(tmp_path / "last.pt")["step"] == 3
 
 
+def test_compile_without_a_compiler_fails_in_one_line(tmp_path):
+    """torch.compile on a CPU needs a C++ compiler: without one, its error (100-200 lines of traceback
+    from inside the compiler, on torch 2.3 and 2.14) is one line naming the cause and what to do."""
+    env = clean_env(CXX=str(tmp_path / "no-such-g++"), TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "cache"))
+    # A fresh interpreter: the compiler's settings read CXX when torch imports them, before a fork of the tests'
+    cmd = [sys.executable, REPO / "simclr.py", *TINY, "--epochs", "1", "--max-steps", "1", "--knn-every", "0",
+           "--compile", "--output-dir", tmp_path / "run"]
+    proc = subprocess.run(list(map(str, cmd)), env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith(
+        "error: --compile failed: InvalidCxxCompiler: No working C++ compiler found"), proc.stderr
+    assert proc.stderr.strip().endswith("drop --compile, or make the compiler it needs available (g++ on a CPU, gcc "
+                                        "for Triton on a GPU)")
+
+
+def test_a_step_slower_than_a_tenth_of_a_second_per_image_is_not_printed_as_0_img_s(tmp_path, capsys, monkeypatch):
+    """fp16 on a CPU, or a large ViT there, trains below 1 image/s: the console printed "0 img/s"."""
+    import simclr
+    logger = simclr.CSVLogger(tmp_path / "metrics.csv", simclr.FIELDS)
+    run = argparse.Namespace(world_size=1, n_row=2, n_epoch=2, losses=torch.tensor([[3.0], [3.0]]), step=2, epoch=0,
+                             total_steps=10, t_row=100.0, t_start=100.0, elapsed=0.0, lr=0.1, is_main=True,
+                             device=torch.device("cpu"), logger=logger)
+    args = argparse.Namespace(batch_size=16, output_dir=str(tmp_path))
+    monkeypatch.setattr(simclr.time, "time", lambda: 164.0)  # 2 steps of 16 images in 64 s
+    simclr.log_row(run, args, "step")
+    assert " 0.50 img/s " in capsys.readouterr().out
+    run.n_row, run.losses[0] = 2, 3.0
+    monkeypatch.setattr(simclr.time, "time", lambda: 165.0)  # then in 1 s: 32 img/s, whole
+    simclr.log_row(run, args, "step")
+    assert " 32 img/s " in capsys.readouterr().out
+    with open(tmp_path / "metrics.csv") as f:
+        assert [r["img_per_s"] for r in csv.DictReader(f)] == ["0.5", "32.0"]
+
+
 def test_dino_head_and_teacher_flags(tmp_path):
     """--no-norm-last-layer learns the norms of the prototypes (g moves away from 1; with the
     default they are fixed); the teacher and centre flags reach the run and its checkpoint."""
