@@ -1103,11 +1103,11 @@ if __name__ == "__main__":
         if need:
             common.fail(f"out of host memory with --batch-size {args.batch_size} (tried to allocate "
                         f"{int(need[1]) / 2**30:.2f} GiB); lower --batch-size, or run where more memory is free")
-        if getattr(args, "compile", False) and isinstance(e, torch._dynamo.exc.BackendCompilerFailed):
-            cause = getattr(e, "inner_exception", None) or e  # its cause in one line, not 100-200 lines of compiler
-            common.fail(f"--compile failed: {type(cause).__name__}: {str(cause).strip().splitlines()[0]}; drop "
-                        "--compile, or make the compiler it needs available (g++ on a CPU, gcc for Triton on a GPU)")
-        raise
+        no_compiler = re.search(r".*\bC(\+\+)? compiler\b.*", str(e))  # not found: inductor's (CPU) or Triton's (GPU)
+        if getattr(args, "compile", False) and isinstance(e, torch._dynamo.exc.BackendCompilerFailed) and no_compiler:
+            common.fail(f"--compile needs a compiler ({no_compiler[0].strip()}); drop --compile, or make one "
+                        "available (g++ on a CPU, gcc for Triton on a GPU; CXX or CC names it)")
+        raise  # any other failure of the compiler keeps its traceback, for a report to PyTorch
     finally:  # ended, saved or not: Python's shutdown (a second or two with torch) gives handled signals back
         # their default action, so SLURM's or torchrun's SIGUSR1/SIGTERM then killed a finished run (exit -15,
         # a failed step) instead of its exit 0 or 143; ignored now. Ctrl-C still stops it at once.

@@ -989,10 +989,12 @@ def main(args):
     # backbone.pt and last.pt share a folder and hold the same backbone, while a --ckpt written again since
     # (pretraining went on in that folder) holds another, on which the old probe must not be scored.
     if ckpt and not same_tensors(ckpt["backbone"], backbone.state_dict()):
-        since = "it was written again since?" if ckpt["args"].get("ckpt") == args.ckpt else (
-            f"the probe is of --ckpt {ckpt['args'].get('ckpt')}")
-        common.fail(f"{resume_from} is a probe of another backbone than the one {args.ckpt} holds now ({since}): "
-                    f"delete {out} to probe the new one, or give another --output-dir")
+        was = ckpt["args"].get("ckpt") or "random"
+        again = "random" not in (was, args.ckpt) and Path(was).resolve() == Path(args.ckpt).resolve()  # however spelled
+        since = "it was written again since?" if again else f"the probe is of --ckpt {was}"
+        than = "--ckpt random" if args.ckpt == "random" else f"the one {args.ckpt} holds now"
+        common.fail(f"{resume_from} is a probe of another backbone than {than} ({since}): delete {out} to probe the "
+                    "new one, or give another --output-dir")
     if ckpt and ckpt.get("num_images", len(data.train)) != len(data.train):  # another --data-dir, same flags
         common.fail(f"{resume_from} is a probe trained on {ckpt['num_images']} images, these data hold "
                     f"{len(data.train)}: use the same images to resume, or another --output-dir")
@@ -1146,11 +1148,11 @@ if __name__ == "__main__":
         if need:
             common.fail(f"out of host memory with --batch-size {args.batch_size} (tried to allocate "
                         f"{int(need[1]) / 2**30:.2f} GiB); lower --batch-size, or run where more memory is free")
-        if getattr(args, "compile", False) and isinstance(e, torch._dynamo.exc.BackendCompilerFailed):
-            cause = getattr(e, "inner_exception", None) or e  # its cause in one line, not 100-200 lines of compiler
-            common.fail(f"--compile failed: {type(cause).__name__}: {str(cause).strip().splitlines()[0]}; drop "
-                        "--compile, or make the compiler it needs available (g++ on a CPU, gcc for Triton on a GPU)")
-        raise
+        no_compiler = re.search(r".*\bC(\+\+)? compiler\b.*", str(e))  # not found: inductor's (CPU) or Triton's (GPU)
+        if getattr(args, "compile", False) and isinstance(e, torch._dynamo.exc.BackendCompilerFailed) and no_compiler:
+            common.fail(f"--compile needs a compiler ({no_compiler[0].strip()}); drop --compile, or make one "
+                        "available (g++ on a CPU, gcc for Triton on a GPU; CXX or CC names it)")
+        raise  # any other failure of the compiler keeps its traceback, for a report to PyTorch
     finally:  # ended, saved or not: Python's shutdown (a second or two with torch) gives handled signals back
         # their default action, so SLURM's or torchrun's SIGUSR1/SIGTERM then killed a finished run (exit -15,
         # a failed step) instead of its exit 0 or 143; ignored now. Ctrl-C still stops it at once.

@@ -594,6 +594,9 @@ def test_linear_eval_does_not_resume_a_probe_of_another_backbone_or_other_images
     assert fails("linear_eval.py", *args) == (
         f"error: {probe} is a probe of another backbone than the one {ckpt} holds now (it was written again "
         f"since?): delete {probe.parent} to probe the new one, or give another --output-dir")
+    spelled = f"{ckpt.parent}/./{ckpt.name}"  # the same file, named otherwise (pathlib would drop the "./")
+    assert fails("linear_eval.py", "--ckpt", spelled, *args[2:], "--output-dir", probe.parent).startswith(
+        f"error: {probe} is a probe of another backbone than the one {spelled} holds now (it was written again since?)")
     assert probe.read_bytes() == before
     rng = np.random.default_rng(0)
     for name, n in (("a.npz", 64), ("b.npz", 96)):

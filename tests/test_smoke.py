@@ -369,10 +369,29 @@ def test_compile_without_a_compiler_fails_in_one_line(tmp_path):
            "--compile", "--output-dir", tmp_path / "run"]
     proc = subprocess.run(list(map(str, cmd)), env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
-    assert proc.stderr.strip().splitlines()[-1].startswith(
-        "error: --compile failed: InvalidCxxCompiler: No working C++ compiler found"), proc.stderr
-    assert proc.stderr.strip().endswith("drop --compile, or make the compiler it needs available (g++ on a CPU, gcc "
-                                        "for Triton on a GPU)")
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "error: --compile needs a compiler (InvalidCxxCompiler: No working C++ compiler found in "
+        f"torch._inductor.config.cpp.cxx: (None, '{tmp_path / 'no-such-g++'}')); drop --compile, or make one available "
+        "(g++ on a CPU, gcc for Triton on a GPU; CXX or CC names it)"), proc.stderr
+
+
+def test_any_other_compile_failure_keeps_its_traceback(tmp_path):
+    """Only a missing compiler becomes one line: a failure inside the compiler (a lowering, a bug) keeps
+    torch's traceback and its message, which a report to PyTorch needs."""
+    wrapper = tmp_path / "bad_backend.py"
+    wrapper.write_text(
+        "import runpy, sys, torch\n"
+        f"sys.path.insert(0, {str(REPO)!r})\n"
+        "def bad_backend(gm, inputs):\n"
+        "    raise NotImplementedError('could not lower aten.something\\nmore detail')\n"
+        "real = torch.compile\n"
+        "torch.compile = lambda model, **kwargs: real(model, backend=bad_backend)\n"
+        f"sys.argv[0] = {str(REPO / 'simclr.py')!r}\n"
+        f"runpy.run_path({str(REPO / 'simclr.py')!r}, run_name='__main__')\n")
+    proc = run_script(wrapper, *TINY, "--epochs", "1", "--max-steps", "1", "--knn-every", "0", "--compile",
+                      "--output-dir", tmp_path / "run", check=False)
+    assert proc.returncode == 1 and "Traceback" in proc.stderr and "error: --compile" not in proc.stderr
+    assert "could not lower aten.something\nmore detail" in proc.stderr, proc.stderr
 
 
 def test_a_step_slower_than_a_tenth_of_a_second_per_image_is_not_printed_as_0_img_s(tmp_path, capsys, monkeypatch):
