@@ -46,6 +46,9 @@ from PIL import Image
 
 DATASETS = ("cifar10", "cifar100", "stl10", "imagefolder", "npz", "packed", "synthetic")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+# What PIL raises for a file it cannot read: damaged or not an image, or past its decompression-bomb limit
+# (MAX_IMAGE_PIXELS, about 179 megapixels: a whole satellite scene, which is to be cut into tiles first).
+UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 # Per-channel mean and std of the training images; datasets not listed compute theirs.
 NORMALISATION = {
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
@@ -101,7 +104,8 @@ def add_data_args(parser, size_default="the images' own size"):
     g.add_argument("--data-dir", default="./data",
                    help="dataset folder (download target for cifar/stl10, image folder, or .npz file)")
     g.add_argument("--image-size", type=at_least(1), default=None,
-                   help=f"crop size in pixels (default: {size_default}; up to 224 for imagefolder)")
+                   help=f"crop size in pixels (default: {size_default}; imagefolder: the median shorter side, "
+                        "up to 224)")
     g.add_argument("--val-fraction", type=fraction, default=0.1,
                    help="imagefolder without train/ and val/ (or test/): fraction held out for evaluation")
     g.add_argument("--synthetic-size", type=at_least(0), nargs=2, default=[2000, 500], metavar=("TRAIN", "TEST"),
@@ -123,12 +127,23 @@ class UnreadableImages(RuntimeError):
     __main__ turn it into one error line, also when a loader process raised it."""
 
 
-def to_rgb(img):
+_warned_dark = []  # the 16-bit file warned about in this process (once)
+
+
+def to_rgb(img, path=None):
     """A PIL image in RGB. 16-bit images (PNGs of scanners and microscopes) are scaled to 8 bits
     first (>> 8, as torchvision's to_dtype(uint8, scale=True) does to decode_png's uint16 output):
-    convert("RGB") would clip them to 255, all white."""
+    convert("RGB") would clip them to 255, all white. 12-bit data stored in 16 bits (many cameras)
+    becomes 0-15, nearly black: the first such file is named. The alpha channel is dropped and EXIF
+    orientation ignored, as by torchvision's ImageFolder loader."""
     if img.mode.startswith("I"):  # I;16, I;16B, I (how some Pillow versions open 16-bit PNGs)
-        img = Image.fromarray((np.clip(np.asarray(img), 0, 65535) >> 8).astype(np.uint8))
+        values = np.clip(np.asarray(img), 0, 65535)
+        if 0 < values.max() < 4096 and not _warned_dark:
+            _warned_dark.append(path)
+            print(f"warning: {path or 'a 16-bit image'} uses 12 bits or fewer (maximum {values.max()}), and 16-bit "
+                  "images are read as value // 256: it is nearly black; rescale such images to the full 16-bit "
+                  "range (or save them with 8 bits) before training", file=sys.stderr, flush=True)
+        img = Image.fromarray((values >> 8).astype(np.uint8))
     elif img.mode == "F":
         raise ValueError("a floating-point image: no 8-bit scale to read it with; save it with 8 or 16 bits")
     return img.convert("RGB")
@@ -141,8 +156,8 @@ class ImageSet(torch.utils.data.Dataset):
     numbers are then drawn from a generator seeded with (seed, epoch, index).
     """
 
-    def __init__(self, images=None, files=None, labels=None, transform=None, seed=0):
-        self.images, self.files, self.labels = images, files, labels
+    def __init__(self, images=None, files=None, labels=None, transform=None, seed=0, classes=None):
+        self.images, self.files, self.labels, self.classes = images, files, labels, classes  # classes: names
         self.transform, self.seed = transform, seed
         self._warned = set()
 
@@ -165,8 +180,8 @@ class ImageSet(torch.utils.data.Dataset):
             path = self.files[(i + j) % len(self.files)]
             try:
                 with Image.open(path) as img:
-                    return to_rgb(img), (i + j) % len(self.files)
-            except (OSError, ValueError, SyntaxError) as e:
+                    return to_rgb(img, path), (i + j) % len(self.files)
+            except UNREADABLE as e:
                 if path not in self._warned:
                     self._warned.add(path)
                     print(f"warning: skipping unreadable image {path} ({e}); delete or replace it "
@@ -308,13 +323,29 @@ def load_data(args):
         image_size = args.image_size
     elif pretrain.images is not None:
         image_size = pretrain.images.shape[1]
-    else:  # an image folder: its first image's size, up to 224 (so a folder of 32 px images trains at 32)
-        try:
-            image_size = min(224, *pretrain.load(0)[0].size)
-        except UnreadableImages as e:
-            fail(str(e))
+    else:
+        image_size = _typical_side(pretrain)
     mean, std = NORMALISATION.get(name) or _mean_std(pretrain.images)
     return Data(pretrain, train, test, num_classes, image_size, mean, std)
+
+
+def _typical_side(images):
+    """An image folder's crop size: the median shorter side of up to 100 of its images, spread over the
+    folder (headers only), up to 224. A folder of 32 px images trains at 32, and a stray thumbnail does
+    not set the size of a folder of large images (as the first file's size did)."""
+    sides = []
+    for path in images.files[::max(1, len(images.files) // 100)][:100]:
+        try:
+            with Image.open(path) as img:
+                sides.append(min(img.size))
+        except UNREADABLE:
+            pass
+    if not sides:  # none of them readable: the loader's own check names the folder's files
+        try:
+            sides.append(min(images.load(0)[0].size))
+        except UnreadableImages as e:
+            fail(str(e))
+    return min(224, sorted(sides)[len(sides) // 2])
 
 
 def _torchvision_set(cls, root, **kw):
@@ -382,8 +413,19 @@ def _npz(path):
 
 
 def _list_images(folder):
-    return sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
-                  and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+    """The image files under `folder`, sorted, hidden files and folders left out. Symbolic links to
+    folders are followed, as torchvision's ImageFolder does (a folder reached twice is read once: a
+    link to a folder above it does not loop)."""
+    found, seen = [], set()
+    for top, dirs, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(top)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        found += [Path(top, f) for f in files if not f.startswith(".") and Path(f).suffix.lower() in IMAGE_EXTENSIONS]
+    return sorted(p for p in found if p.is_file())  # not a broken link
 
 
 def _scan(root):
@@ -421,11 +463,18 @@ def _image_folder(root, val_fraction):
              f"move the others into {root / 'train'} (DIR/train/<class>/ and DIR/{split}/<class>/)")
     if held_out:
         test_files, test_labels, test_classes = _scan(held_out)
-        unknown = set(test_classes or []) - set(classes)
-        if test_labels is None or unknown or not test_files:
-            fail(f"{held_out} must hold the same class sub-folders as {base} (unknown: {sorted(unknown)})")
+        unknown = sorted(set(test_classes or []) - set(classes))
+        if not test_files:
+            fail(f"{held_out} holds no images ({', '.join(IMAGE_EXTENSIONS)}): put its images in the class "
+                 f"sub-folders of {base}'s, or remove it to hold out --val-fraction of {base}")
+        if test_labels is None:
+            fail(f"{held_out} holds images of its own, not class sub-folders: sort them into sub-folders named as "
+                 f"{base}'s ({', '.join(classes[:5])}{', ...' if len(classes) > 5 else ''})")
+        if unknown:
+            fail(f"{held_out} has class folders that {base} has no images in: {', '.join(unknown)}; give each class "
+                 f"training images (an empty folder is no class), or move those out of {held_out}")
         test_labels = np.array([classes.index(test_classes[t]) for t in test_labels])
-        train = ImageSet(files=files, labels=labels)
+        train = ImageSet(files=files, labels=labels, classes=classes)
         return train, train, ImageSet(files=test_files, labels=test_labels), len(classes)
     # No held-out folder: a deterministic split, the same in every script and every run.
     order = np.random.default_rng(0).permutation(len(files))
@@ -433,7 +482,7 @@ def _image_folder(root, val_fraction):
     if not 0 < n_val < len(files):
         fail(f"--val-fraction {val_fraction} leaves no train or no val image out of {len(files)} in {root}")
     tr, va = order[n_val:], order[:n_val]
-    train = ImageSet(files=[files[i] for i in tr], labels=labels[tr])
+    train = ImageSet(files=[files[i] for i in tr], labels=labels[tr], classes=classes)
     return train, train, ImageSet(files=[files[i] for i in va], labels=labels[va]), len(classes)
 
 
@@ -449,8 +498,8 @@ def pack_image_folder(root, out, image_size, val_fraction=0.1):
     out.mkdir(parents=True, exist_ok=True)
     for name in ("train_images.npy", "train_labels.npy", "test_images.npy", "test_labels.npy", "classes.json"):
         (out / name).unlink(missing_ok=True)  # no file of an earlier pack is mixed with this one
-    if num_classes:
-        (out / "classes.json").write_text(json.dumps({"num_classes": num_classes}))
+    if num_classes:  # the names, in label order: label k is the k-th sub-folder, sorted
+        (out / "classes.json").write_text(json.dumps({"num_classes": num_classes, "classes": train.classes}))
     resize = T.Compose([T.Resize(image_size), T.CenterCrop(image_size)])
     bad = []
     for name, split in (("test", test), ("train", pretrain)):
@@ -462,9 +511,9 @@ def pack_image_folder(root, out, image_size, val_fraction=0.1):
         for i, path in enumerate(split.files):
             try:
                 with Image.open(path) as img:
-                    images[len(keep)] = np.asarray(resize(to_rgb(img)))
+                    images[len(keep)] = np.asarray(resize(to_rgb(img, path)))
                 keep.append(i)
-            except (OSError, ValueError, SyntaxError) as e:
+            except UNREADABLE as e:
                 bad.append(path)
                 print(f"warning: unreadable image {path} ({e}): left out", file=sys.stderr, flush=True)
         if keep and split.labels is not None:
@@ -1034,7 +1083,8 @@ if __name__ == "__main__":
     parser.add_argument("command", choices=["pack"], help="what to do")
     parser.add_argument("--data-dir", required=True, help="the image folder")
     parser.add_argument("--out", required=True, help="output folder, then given to --dataset packed --data-dir")
-    parser.add_argument("--image-size", type=at_least(1), required=True, help="side of the packed images in pixels")
+    parser.add_argument("--image-size", type=at_least(1), required=True,
+                        help="side of the packed images in pixels (shorter side resized, centre square kept)")
     parser.add_argument("--val-fraction", type=fraction, default=0.1,
                         help="held out when there is no train/ and val/ (or test/)")
     a = parser.parse_args()

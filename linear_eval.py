@@ -1064,8 +1064,9 @@ def main(args):
         run.logger = CSVLogger(out / "metrics.csv", FIELDS, resume_step=run.step if resume_from is last else None)
         (out / "args.json").write_text(json.dumps(vars(args), indent=2))
         print(f"{f'resumed from {resume_from} at step {run.step}' if ckpt else 'new probe'} of {args.ckpt} "
-              f"({meta['arch']}) on {args.dataset}: {len(data.train)} train / {len(data.test)} test images, "
-              f"{args.mode} mode, {world_size} process(es) on {device.type}, {steps_per_epoch} steps/epoch", flush=True)
+              f"({meta['arch']}) on {args.dataset}: {len(data.train)} train / {len(data.test)} test images at "
+              f"{args.image_size} px, {args.mode} mode, {world_size} process(es) on {device.type}, "
+              f"{steps_per_epoch} steps/epoch", flush=True)
 
     # 7. Train the linear layer --------------------------------------------------------------
     run.t_start = run.t_row = time.time()

@@ -1015,7 +1015,7 @@ def main(args):
                                postponed=postponed)
         (out / "args.json").write_text(json.dumps(vars(args), indent=2))
         print(f"{f'resumed from {resume_from} at step {run.step}' if ckpt else 'new run'}: "
-              f"{len(data.pretrain)} images{'' if data.train else ' (unlabeled: no kNN)'}, "
+              f"{len(data.pretrain)} images at {args.image_size} px{'' if data.train else ' (unlabeled: no kNN)'}, "
               f"{world_size} process(es) on {device.type}, {args.precision}, "
               f"{steps_per_epoch} steps/epoch", flush=True)
 

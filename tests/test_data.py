@@ -335,6 +335,64 @@ def test_imagefolder_default_image_size(tmp_path, size, expected):
     assert common.load_data(make_args("imagefolder", tmp_path, image_size=6)).image_size == 6
 
 
+def test_imagefolder_default_image_size_is_the_median_not_the_first_file(tmp_path):
+    """One thumbnail that sorts first ("a_thumb.png" beside large images) set the whole run's crop
+    size to 8 px; the median shorter side of the folder's images sets it now."""
+    save_image(tmp_path / "a_thumb.png", size=(8, 8))
+    for i in range(4):
+        save_image(tmp_path / f"img{i}.png", size=(60, 48))
+    (tmp_path / "broken.png").write_bytes(b"")  # an unreadable file in the sample counts for nothing
+    assert common.load_data(make_args("imagefolder", tmp_path)).image_size == 48
+
+
+def test_imagefolder_symlinked_folders_are_followed_as_by_imagefolder(tmp_path):
+    """A link to a folder of tiles inside a class folder was left out without a word (Path.rglob does not
+    follow it), while a linked class folder was read: both are read, as torchvision's ImageFolder does,
+    and a link back up does not loop."""
+    tiles = class_folder(tmp_path / "elsewhere", {"tiles": ["t0.png", "t1.png"]})
+    class_folder(tmp_path / "data", {"a": ["0.png"], "b": ["0.png"]})
+    (tmp_path / "data" / "a" / "more").symlink_to(tmp_path / "elsewhere" / "tiles")
+    (tmp_path / "data" / "a" / "loop").symlink_to(tmp_path / "data" / "a")
+    (tmp_path / "data" / "c").symlink_to(tmp_path / "elsewhere" / "tiles")
+    (tmp_path / "data" / "b" / "gone.png").symlink_to(tmp_path / "nothing.png")  # a broken link: no image
+    data = common.load_data(make_args("imagefolder", tmp_path / "data", val_fraction=0.25))
+    files = sorted(data.train.files + data.test.files)
+    assert len(files) == 6 and data.num_classes == 3
+    assert sum(p.parent.name == "more" for p in files) == 2 and {p.name for p in files} >= {t.name for t in tiles}
+
+
+@pytest.mark.parametrize("val", ["empty", "flat", "empty_class"])
+def test_imagefolder_held_out_folder_that_does_not_fit_says_how(tmp_path, val):
+    """Each way val/ can fail to match train/ has its own line (all three said "must hold the same class
+    sub-folders ... (unknown: [])", also for a class whose train/ folder was there but empty)."""
+    class_folder(tmp_path / "train", {"a": ["0.png"], "b": ["0.png"]})
+    (tmp_path / "train" / "empty").mkdir()
+    (tmp_path / "val").mkdir()
+    if val == "flat":
+        save_image(tmp_path / "val" / "0.png")
+    if val == "empty_class":
+        class_folder(tmp_path / "val", {"a": ["0.png"], "empty": ["0.png"]})
+    with pytest.raises(SystemExit) as e:
+        common.load_data(make_args("imagefolder", tmp_path))
+    msg = str(e.value)
+    assert msg.startswith(f"error: {tmp_path / 'val'} ") and "unknown: []" not in msg
+    assert {"empty": "holds no images", "flat": "not class sub-folders: sort them into sub-folders named as",
+            "empty_class": "has class folders that"}[val] in msg
+    assert val != "empty_class" or msg.split(":")[2].strip().startswith("empty;")
+
+
+def test_an_image_past_pils_size_limit_is_skipped_like_an_unreadable_one(tmp_path, monkeypatch, capsys):
+    """Past PIL's decompression-bomb limit (179 megapixels: a whole satellite scene), Image.open raises
+    DecompressionBombError, which is no OSError: it ended packing and training with a traceback."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 2 x 1000 pixels: past twice the limit
+    save_image(tmp_path / "a.png", (255, 0, 0))
+    save_image(tmp_path / "b_scene.png", size=(100, 40))
+    img, i = common.ImageSet(files=[tmp_path / "b_scene.png", tmp_path / "a.png"]).load(0)
+    assert i == 1 and "b_scene.png" in capsys.readouterr().err
+    assert common._list_images(tmp_path) == [tmp_path / "a.png", tmp_path / "b_scene.png"]
+    assert common.pack_image_folder(tmp_path, tmp_path / "packed", 8) == [tmp_path / "b_scene.png"]
+
+
 def test_corrupt_image_is_skipped_with_one_warning(tmp_path, capsys):
     save_image(tmp_path / "a.png", (255, 0, 0))
     (tmp_path / "bad.jpg").write_bytes(b"not an image")
@@ -846,6 +904,21 @@ def test_16_bit_images_are_scaled_not_clipped(tmp_path):
     assert np.array_equal(np.asarray(img)[0, :, 0], np.arange(256))
     img, i = common.ImageSet(files=files).load(1)  # the float image is skipped: the next one comes
     assert i == 0
+
+
+def test_12_bit_data_in_16_bit_images_is_named_once(tmp_path, monkeypatch, capsys):
+    """12-bit camera data saved as 16-bit PNGs is read as 0-15 (nearly black): the first such file is
+    named, once per process; full-range 16-bit images say nothing."""
+    monkeypatch.setattr(common, "_warned_dark", [])
+    for name, top in (("full.png", 65535), ("dim0.png", 4095), ("dim1.png", 3000)):
+        Image.fromarray(np.linspace(0, top, 64, dtype=np.uint16).reshape(8, 8)).save(tmp_path / name)
+    s = common.ImageSet(files=[tmp_path / "full.png", tmp_path / "dim0.png", tmp_path / "dim1.png"])
+    s.load(0)
+    assert capsys.readouterr().err == ""
+    img, _ = s.load(1)
+    s.load(2)
+    err = capsys.readouterr().err
+    assert np.asarray(img).max() == 15 and err.count("warning:") == 1 and "dim0.png uses 12 bits" in err
 
 
 def test_32_bit_integer_images_of_16_bit_values_are_scaled(tmp_path):

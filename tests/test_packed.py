@@ -30,7 +30,8 @@ def test_pack_reports_bad_files_and_trains(tmp_path):
     assert train.dtype == np.uint8 and train.shape[1:] == (16, 16, 3) and len(train) + len(test) == 40
     labels = np.load(tmp_path / "packed" / "train_labels.npy")
     assert len(labels) == len(train) and set(labels) == {0, 1}
-    assert json.loads((tmp_path / "packed" / "classes.json").read_text()) == {"num_classes": 2}
+    classes = json.loads((tmp_path / "packed" / "classes.json").read_text())
+    assert classes == {"num_classes": 2, "classes": ["cats", "dogs"]}
     # The same images as the folder's (its split), in its order, resized and centre-cropped, with their labels.
     import torchvision.transforms as T
     pretrain, _, held_out, _ = common._image_folder(tmp_path / "imgs", 0.25)
@@ -57,7 +58,7 @@ def test_pack_an_unlabeled_folder(tmp_path):
     proc = run_script("byol.py", "--dataset", "packed", "--data-dir", tmp_path / "packed", "--batch-size", "4",
                       "--epochs", "1", "--device", "cpu", "--workers", "0", "--proj-hidden-dim", "32",
                       "--pred-hidden-dim", "32", "--output-dir", tmp_path / "run")
-    assert "20 images (unlabeled: no kNN)" in proc.stdout and "knn" not in proc.stdout
+    assert "20 images at 8 px (unlabeled: no kNN)" in proc.stdout and "knn" not in proc.stdout
 
 
 def test_packed_without_arrays_is_one_clear_line(tmp_path):
