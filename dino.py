@@ -37,6 +37,7 @@ about 685 lines) are the same in every script: read them once, in any of them.
 import argparse
 import csv
 import datetime
+import functools
 import itertools
 import json
 import math
@@ -920,8 +921,11 @@ class Preemption:
 
     def exit(self, is_main, message, folder):
         """After saving: on SIGUSR1 under SLURM, requeue the job (it keeps its id, so it resumes from
-        `folder`, the --output-dir)."""
+        `folder`, the --output-dir). In a job array, only this element: `scontrol requeue` of the array's
+        id, which is also its last element's job id, requeues every element, cancelled and ended ones too."""
         job, failed = os.environ.get("SLURM_JOB_ID"), False
+        if "SLURM_ARRAY_TASK_ID" in os.environ:  # an array's element: its own id may also name the whole array
+            job = f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
         if is_main:
             print(f"{self.name if self.term else 'SIGUSR1'}: {message}", flush=True)
             if self.usr1 and not self.term and job:
@@ -935,6 +939,22 @@ class Preemption:
                     failed = True
         cleanup_distributed()
         sys.exit((130 if self.name == "Ctrl-C" else 143) if self.term else int(failed))
+
+
+def gives_back_signal_handlers(main):
+    """main() called from a notebook or another program: when it ends, however it ends, the caller's
+    handlers of Ctrl-C, SIGTERM and SIGUSR1 are put back (the run's Preemption would swallow the next
+    Ctrl-C, and keep SIGTERM from stopping the program)."""
+    @functools.wraps(main)
+    def run_main(args):
+        saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
+        try:
+            return main(args)
+        finally:
+            for sig, handler in saved.items():
+                if handler is not None:  # None: set outside Python, nothing to put back
+                    signal.signal(sig, handler)
+    return run_main
 
 
 # ---- kNN monitor ---------------------------------------------------------------------------
@@ -1081,6 +1101,7 @@ def check_resumable(ckpt, path, args, model, num_images):
     common.check_same_model(path, ckpt["model"], model)  # names and shapes: a checkpoint of another version
 
 
+@gives_back_signal_handlers
 def main(args):
     # 1. Processes, device, precision, seeds ------------------------------------------------
     rank, local_rank, world_size, device = setup_distributed(args)
@@ -1090,7 +1111,8 @@ def main(args):
     preemption = Preemption(world_size, device)
     if args.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True, warn_only=True)  # warn where CUDA has no such kernel
+    # Set either way: an earlier main() in the same process (a notebook) may have turned it on.
+    torch.use_deterministic_algorithms(args.deterministic, warn_only=True)  # warn where CUDA has no such kernel
     torch.backends.cudnn.benchmark = not args.deterministic
     amp_dtype = autocast_dtype(args, device)
     torch.manual_seed(args.seed)
@@ -1278,7 +1300,9 @@ if __name__ == "__main__":
         raise  # any other failure of the compiler keeps its traceback, for a report to PyTorch
     finally:  # ended, saved or not: Python's shutdown (a second or two with torch) gives handled signals back
         # their default action, so SLURM's or torchrun's SIGUSR1/SIGTERM then killed a finished run (exit -15,
-        # a failed step) instead of its exit 0 or 143; ignored now. Ctrl-C still stops it at once.
+        # a failed step) instead of its exit 0 or 143; ignored now. Ctrl-C still stops it at once. Not in an
+        # interactive session (python -i, a notebook's %run), which goes on: main() gave its handlers back.
         for sig, action in ((signal.SIGUSR1, signal.SIG_IGN), (signal.SIGTERM, signal.SIG_IGN),
                             (signal.SIGINT, signal.SIG_DFL)):
-            signal.signal(sig, action)
+            if not (sys.flags.interactive or hasattr(sys, "ps1") or "IPython" in sys.modules):
+                signal.signal(sig, action)

@@ -6,6 +6,7 @@ import re
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 
 import pytest
@@ -47,6 +48,58 @@ def test_sigusr1_saves_requeues_and_exits_0(tmp_path, fake_scontrol, script):
     proc = run_script(script, *TINY, *METHODS[script], "--epochs", "50", "--knn-every", "0",
                       "--output-dir", tmp_path / "run", "--max-steps", ckpt["step"] + 2)
     assert f"at step {ckpt['step']}" in proc.stdout and load(tmp_path / "run" / "last.pt")["step"] == ckpt["step"] + 2
+
+
+@pytest.mark.parametrize("script", ["simclr.py", "linear_eval.py"])
+def test_an_array_element_requeues_itself_not_the_array(tmp_path, fake_scontrol, script):
+    """In a job array the last element's job id is the array's id, and `scontrol requeue <that id>`
+    requeued every element: cancelled and finished ones came back and trained on (a real SLURM 22.05).
+    The element is requeued by its array name, ARRAYID_TASKID."""
+    bin_dir, log = fake_scontrol
+    env = clean_env(PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_ID="14", SLURM_ARRAY_JOB_ID="14",
+                    SLURM_ARRAY_TASK_ID="2")
+    if script == "simclr.py":
+        code, output = start_and_signal(tmp_path / "run", signal.SIGUSR1, env)
+    else:
+        run_script("simclr.py", *TINY, "--epochs", "1", "--knn-every", "0", "--output-dir", tmp_path / "pre")
+        proc = Started("linear_eval.py", "--ckpt", tmp_path / "pre" / "last.pt", "--device", "cpu", "--epochs", "50",
+                       "--batch-size", "32", "--workers", "0", "--output-dir", tmp_path / "probe", env=env)
+        proc.wait_for("epoch 0 step")
+        proc.send_signal(signal.SIGUSR1)
+        code, output = proc.wait(timeout=180), proc.output
+    assert code == 0 and "requeued SLURM job 14_2" in output, output
+    assert log.read_text().split() == ["requeue", "14_2"]
+
+
+def test_main_called_from_a_notebook_gives_back_its_handlers_and_determinism(tmp_path):
+    """main() called in a session that goes on (a notebook): its Preemption swallowed the session's next
+    Ctrl-C and kept SIGTERM from stopping it, after a run and after an error line alike; --deterministic
+    stayed on for the next run (which then trained so, and torch.empty filled every tensor with NaN).
+    A notebook's %run of a script (sys.ps1 set) ignored SIGTERM and SIGUSR1 for the rest of the session."""
+    flags = [*map(str, TINY), "--epochs", "1", "--knn-every", "0", "--max-steps", "2"]
+    wrapper = tmp_path / "notebook.py"
+    wrapper.write_text(textwrap.dedent(f"""
+        import runpy, signal, sys, torch
+        sys.path.insert(0, {str(REPO)!r})
+        import simclr
+        def mine(*_): pass
+        signal.signal(signal.SIGTERM, mine)
+        def handlers(): return [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)]
+        def main(*extra): simclr.main(simclr.get_args_parser().parse_args({flags!r} + list(extra)))
+        before = handlers()
+        main("--deterministic", "--output-dir", {str(tmp_path / "a")!r})
+        print("after a run", handlers() == before, torch.are_deterministic_algorithms_enabled())
+        try:
+            main("--dataset", "imagefolder", "--data-dir", {str(tmp_path / "none")!r}, "--output-dir", "b")
+        except SystemExit as e:
+            print("after an error", handlers() == before, torch.are_deterministic_algorithms_enabled(), e)
+        sys.argv, sys.ps1 = [{str(REPO / "simclr.py")!r}, *{flags!r}, "--output-dir", {str(tmp_path / "c")!r}], ">>> "
+        runpy.run_path({str(REPO / "simclr.py")!r}, run_name="__main__")
+        print("after %run", handlers() == before)
+        """))
+    out = run_script(wrapper).stdout
+    assert "after a run True True" in out and "after an error True False error: --data-dir" in out, out
+    assert "after %run True" in out, out
 
 
 @pytest.mark.parametrize("first", [None, signal.SIGUSR1])
