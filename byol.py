@@ -70,7 +70,7 @@ def get_args_parser():
     # --dataset --data-dir --image-size --val-fraction --synthetic-size --workers --aug-device
     common.add_data_args(parser)
     g = parser.add_argument_group("model")
-    g.add_argument("--arch", default="resnet18", choices=ARCHS, help="backbone")
+    g.add_argument("--arch", default="resnet18", choices=ARCHS, help="backbone")  # ARCHS: see Backbone, below
     g.add_argument("--patch-size", type=common.at_least(1), default=None,
                    help="ViT patch size (default: 4 up to 32 px, 8 up to 64 px, else 16)")
     g.add_argument("--proj-hidden-dim", type=common.at_least(1), default=4096, help="hidden width of the projector")
@@ -927,6 +927,9 @@ def save_state(path, raw_model, optimizer, scaler, run, args):
             "epoch_loss": [run.losses[1].tolist(), run.n_epoch],
             "backbone": raw_model.online.backbone.state_dict(), "backbone_meta": run.backbone_meta,
             "num_images": run.num_images, "write_id": run.write_id}, path)
+        # The flags of the last.pt just written: another run started in the same folder (which stops at its
+        # first save, above) wrote its own at its start.
+        (Path(path).parent / "args.json").write_text(json.dumps(vars(args), indent=2))
     run.t_row = time.time()  # the next row's img/s counts training time, not this save
 
 
@@ -1035,6 +1038,8 @@ def main(args):
         print(f"warning: --warmup-epochs {args.warmup_epochs} covers the whole run: the learning rate rises "
               f"toward {run.base_lr:.4g} all run long and never decays; lower --warmup-epochs for a short run",
               file=sys.stderr, flush=True)
+    if ckpt and run.step >= run.end_step and not postponed:  # a finished run started again: nothing to train
+        common.keep_trained_flags(resume_from, ckpt["args"], args, is_main)
     if is_main:
         if ckpt:
             common.note_changed_flags(resume_from, ckpt["args"], args)

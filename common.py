@@ -227,18 +227,40 @@ def check_same_flags(path, saved, args, keys):
             fail(f"{path} was trained with {what}: use the same value to resume, or another --output-dir")
 
 
+def _plain(v):
+    return list(v) if isinstance(v, tuple) else v  # (0.05, 0.4) default or [0.05, 0.4] from the command line
+
+
+def _shown(v):
+    return "not given" if v is None else _plain(v)  # --max-steps left out, say
+
+
+def _changed(saved, args, same_anyway=("output_dir", "resume")):
+    return [key for key, new in vars(args).items()
+            if key in saved and key not in same_anyway and _plain(saved[key]) != _plain(new)]
+
+
 def note_changed_flags(path, saved, args):
     """Resuming with flags that may change (--lr, --epochs, a temperature, ...): one line naming the
     old and new values, since args.json and the next checkpoint hold only the new ones."""
-    def plain(v):
-        return list(v) if isinstance(v, tuple) else v  # (0.05, 0.4) default or [0.05, 0.4] from the command line
-
-    def shown(v):
-        return "not given" if v is None else plain(v)  # --max-steps left out, say
-    changed = [f"--{key.replace('_', '-')} {shown(new)} (was {shown(saved[key])})" for key, new in vars(args).items()
-               if key in saved and key not in ("output_dir", "resume") and plain(saved[key]) != plain(new)]
+    changed = [f"--{key.replace('_', '-')} {_shown(getattr(args, key))} (was {_shown(saved[key])})"
+               for key in _changed(saved, args)]
     if changed:
         print(f"note: {path} continues with other values of {', '.join(changed)}", flush=True)
+
+
+def keep_trained_flags(path, saved, args, is_main):
+    """Resuming a run that has no step left to train (a finished run started again, by a sweep's script
+    given another element's index, say): no step is trained with the flags that differ from the
+    checkpoint's, so the run keeps its own, instead of being saved again as trained with the new ones.
+    The paths (--data-dir, --output-dir, --resume) may differ: the same data or run, moved."""
+    changed = _changed(saved, args, ("output_dir", "resume", "data_dir"))
+    if changed and is_main:
+        kept = ", ".join(f"--{key.replace('_', '-')} {_shown(saved[key])} ({_shown(getattr(args, key))} given)"
+                         for key in changed)
+        print(f"note: {path} has no step left to train: it keeps the values it was trained with, {kept}", flush=True)
+    for key in changed:
+        setattr(args, key, saved[key])
 
 
 def check_not_past_end(path, step, steps_per_epoch, args):

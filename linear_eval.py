@@ -870,6 +870,9 @@ def save_state(path, raw_head, optimizer, run, args):
             "epoch_loss": [run.losses[1].tolist(), run.n_epoch],
             "backbone": run.backbone.state_dict(), "backbone_meta": run.backbone_meta,
             "num_images": run.num_images, "write_id": run.write_id}, path)
+        # The flags of the last.pt just written: another run started in the same folder (which stops at its
+        # first save, above) wrote its own at its start.
+        (Path(path).parent / "args.json").write_text(json.dumps(vars(args), indent=2))
     run.t_row = time.time()  # the next row's img/s counts training time, not this save
 
 

@@ -28,6 +28,6 @@ cd "${SLURM_SUBMIT_DIR:-.}"
     "(cd there, then sbatch sbatch/linear_eval.sh)" >&2; exit 1; }
 # CHANGE: module load pytorch-gpu/py3/2.3.0    (or: source ~/venvs/ssl/bin/activate)
 export SRUN_CPUS_PER_TASK="${SLURM_CPUS_PER_TASK:-1}"  # srun 22.05 to 23.02 do not inherit --cpus-per-task
-echo "job ${SLURM_JOB_ID} (restart ${SLURM_RESTART_COUNT:-0}) on ${SLURM_JOB_NODELIST}"
+echo "job ${SLURM_JOB_ID}${SLURM_ARRAY_TASK_ID:+ (array element ${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID})} (restart ${SLURM_RESTART_COUNT:-0}) on ${SLURM_JOB_NODELIST}"
 srun --kill-on-bad-exit=1 python -u linear_eval.py ${OUTPUT_DIR:+--output-dir "$OUTPUT_DIR"} \
     --workers $(( ${SLURM_CPUS_PER_TASK:-2} > 1 ? ${SLURM_CPUS_PER_TASK:-2} - 1 : 0 )) "$@"

@@ -3,6 +3,7 @@ another number of processes, a full file system (at start or while saving). The 
 finished step is lost (beyond the last checkpoint), and a resumed run ends where an uninterrupted
 one would."""
 import csv
+import json
 import os
 import random
 import signal
@@ -248,6 +249,33 @@ def test_a_second_run_on_the_same_output_dir_stops_without_saving(tmp_path):
     assert (ckpt["write_id"], ckpt["step"]) == ("the other run", 99)
 
 
+@pytest.mark.parametrize("script", ["simclr.py", "linear_eval.py"])
+def test_args_json_written_by_another_run_start_is_written_again_at_each_save(tmp_path, pretrained, script):
+    """A second run started in the folder (another element of a sweep given the same OUTPUT_DIR) writes
+    its args.json at its start, then stops at its first save; the run that goes on left args.json
+    holding the other's values, while its last.pt and backbone.pt held its own (a real SLURM sweep)."""
+    out = tmp_path / "run"
+    wrapper = tmp_path / "other_start.py"
+    wrapper.write_text(
+        "import csv, runpy, sys\n"
+        "writerow = csv.DictWriter.writerow\n"
+        "def row(self, r):\n"
+        "    if str(r['step']) == '2':  # the other run starts\n"
+        f"        open({str(out / 'args.json')!r}, 'w').write('{{\"lr\": 0.5}}')\n"
+        "    return writerow(self, r)\n"
+        "csv.DictWriter.writerow = row\n"
+        f"sys.path.insert(0, {str(REPO)!r})\n"
+        f"sys.argv[0] = {str(REPO / script)!r}\n"
+        f"runpy.run_path({str(REPO / script)!r}, run_name='__main__')\n")
+    if script == "linear_eval.py":
+        args = ["--ckpt", pretrained / "last.pt", "--device", "cpu", "--workers", "0", "--batch-size", "32",
+                "--log-every", "1", "--epochs", "2"]
+    else:
+        args = [*TINY, "--epochs", "2", "--knn-every", "0"]
+    run_script(wrapper, *args, "--output-dir", out)
+    assert json.loads((out / "args.json").read_text()) == load(out / "last.pt")["args"]
+
+
 def test_a_second_command_started_while_the_first_runs(tmp_path):
     """The same command started twice on one output dir, the second once the first has saved: the run
     that finds last.pt written by the other stops at its next save; the other finishes, its last.pt whole.
@@ -260,7 +288,7 @@ def test_a_second_command_started_while_the_first_runs(tmp_path):
     while not (out / "last.pt").exists() and procs[0].returncode is None and time.time() < deadline:
         time.sleep(0.05)
     procs[0].send_signal(signal.SIGSTOP)
-    procs.append(Started("simclr.py", *args))
+    procs.append(Started("simclr.py", *args, "--lr", "0.5"))  # another sweep's value, in the same folder
     try:
         procs[1].wait_for("resumed from")
     finally:
@@ -269,6 +297,8 @@ def test_a_second_command_started_while_the_first_runs(tmp_path):
     assert sorted(rc for rc, _ in results) == [0, 1], results
     assert "two runs share --output-dir" in next(err for rc, err in results if rc == 1)
     assert load(out / "last.pt")["step"] == 16
+    # args.json, which the second run wrote at its start, holds the flags of the run that finished
+    assert json.loads((out / "args.json").read_text()) == load(out / "last.pt")["args"]
 
 
 @pytest.mark.parametrize("script,flags,writes", [

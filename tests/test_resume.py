@@ -1,5 +1,6 @@
 """Stopping and starting again gives bitwise the same run as not stopping (CPU, --deterministic)."""
 import csv
+import json
 
 import pytest
 import torch
@@ -109,6 +110,29 @@ def test_finished_run_started_again_does_nothing_more(tmp_path, max_steps):
     after = load(tmp_path / "last.pt")
     assert all(torch.equal(before["model"][k], after["model"][k]) for k in before["model"])
     assert before["epoch"] == after["epoch"] == (0 if max_steps else 1) and before["step"] == after["step"]
+
+
+@pytest.mark.parametrize("script", ["simclr.py", "dino.py"])
+def test_finished_run_started_again_with_other_flags_keeps_its_own(tmp_path, script):
+    """A sweep's script given another element's index resumed a finished run with its --lr and
+    temperature: nothing was trained with them, yet last.pt, backbone.pt and args.json were saved again
+    as trained so (a real SLURM sweep). The run keeps its flags and says so; a moved --data-dir is no
+    change of the run."""
+    temperature = "--temperature" if script == "simclr.py" else "--teacher-temp"
+    run_script(script, *ARGS, *METHODS[script], "--output-dir", tmp_path)
+    trained = load(tmp_path / "last.pt")["args"]
+    proc = run_script(script, *ARGS, *METHODS[script], "--lr", "2.0", temperature, "0.5", "--knn-every", "1",
+                      "--output-dir", tmp_path)
+    name = temperature[2:].replace("-", "_")
+    note = next(line for line in proc.stdout.splitlines() if line.startswith("note:"))
+    assert note.startswith(f"note: {tmp_path / 'last.pt'} has no step left to train: it keeps the values it was "
+                           "trained with, --"), note
+    assert {f"--lr {trained['lr']} (2.0 given)", f"{temperature} {trained[name]} (0.5 given)",
+            "--knn-every 0 (1 given)"} == set(note.split("trained with, ")[1].split(", ")), note
+    assert "continues with other values" not in proc.stdout and "done at step 8" in proc.stdout
+    for saved in (load(tmp_path / "last.pt")["args"], load(tmp_path / "backbone.pt")["args"],
+                  json.loads((tmp_path / "args.json").read_text())):
+        assert json.loads(json.dumps(saved)) == json.loads(json.dumps(trained))  # DINO's crop scales: tuples
 
 
 @pytest.mark.parametrize("script,flag,value,message", [

@@ -53,6 +53,18 @@ def test_simclr_sbatch_script(submit_dir):
     assert load(out / "last.pt")["step"] == 2
 
 
+def test_an_array_element_names_itself_in_its_log(submit_dir):
+    """A sweep's element: its log's first line gives its array name (J_i, as squeue shows it) beside its
+    job id, which names its folder; a plain job's line is as before (set -u: no unset variable read)."""
+    tiny = ["--device", "cpu", "--dataset", "synthetic", "--synthetic-size", "64", "32", "--image-size", "8",
+            "--batch-size", "32", "--epochs", "1", "--knn-every", "0", "--max-steps", "1"]
+    for env, first in ((dict(SLURM_ARRAY_JOB_ID="14", SLURM_ARRAY_TASK_ID="0"), "job 15 (array element 14_0) "),
+                       ({}, "job 15 (restart 0) ")):
+        proc = subprocess.run(["bash", "sbatch/simclr.sh", *tiny, "--output-dir", f"runs/{len(env)}"], cwd=submit_dir,
+                              env={**sbatch_env(submit_dir, 15), **env}, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0 and proc.stdout.startswith(first), proc.stdout + proc.stderr
+
+
 @pytest.mark.parametrize("method", ["simclr", "byol", "barlow", "dino", "linear_eval"])
 def test_sbatch_script_submitted_from_elsewhere_says_where_to_submit(submit_dir, method):
     """sbatch from another folder: python would not find the script (and SLURM writes the log to
