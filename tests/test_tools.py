@@ -526,6 +526,25 @@ def test_wandb_sync_passes_the_name_and_entity_given(tmp_path):
     assert (init["entity"], init["name"], init["project"]) == ("team", "dino-c10", "ssl-single-file")
 
 
+def test_tools_warn_of_rows_of_two_runs_and_name_a_probe_by_its_run(tmp_path, capsys):
+    """Two runs started in one folder (a sweep given one OUTPUT_DIR) both log rows until one stops at
+    its next save: metrics.csv holds two rows for a step, which both tools used without a word. A
+    probe's folder (every probe's default is linear_eval or linear_eval_fast) is named with its run's."""
+    import plot_metrics
+    run = tmp_path / "simclr-7" / "linear_eval_fast"
+    run.mkdir(parents=True)
+    lines = DINO_CSV.splitlines()
+    (run / "metrics.csv").write_text("\n".join([*lines, lines[1]]) + "\n")  # step 2 again, from the other run
+    plot_metrics.read(run)
+    assert "holds 1 steps logged twice: two runs wrote to this folder at once" in capsys.readouterr().err
+    proc = run_script("tools/wandb_sync.py", run, "--mode", "offline", env=fake_module(tmp_path, "wandb", FAKE_WANDB))
+    assert "holds two rows for step 2 (1 such rows): two runs wrote to this folder at once" in proc.stderr
+    assert json.loads((tmp_path / "wandb.log").read_text())["init"]["name"] == "simclr-7/linear_eval_fast"
+    (run / "metrics.csv").write_text(DINO_CSV)
+    plot_metrics.read(run)
+    assert capsys.readouterr().err == ""
+
+
 def test_wandb_sync_leaves_an_epoch_row_cut_in_its_last_column(tmp_path):
     """A row cut short inside its last column has every field; sent, epoch/teacher_entropy would be 4.0
     instead of the 4.5 that the job is writing, and wandb takes each step once: it waits for its newline."""

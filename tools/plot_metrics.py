@@ -10,6 +10,7 @@ node without a display, and on the metrics.csv of a job still running.
 import argparse
 import csv
 import io
+import sys
 from pathlib import Path
 
 
@@ -33,6 +34,10 @@ def read(folder):
         fail(f"{path} is not a metrics.csv of these scripts (its columns: {header[:len(COLUMNS)]})")
     rows = [r for r in rows if None not in r.values() and r["step"].isdigit()]
     steps = [r for r in rows if r["kind"] == "step"]
+    twice = len(steps) - len({r["step"] for r in steps})
+    if twice:  # one step logged twice: two runs wrote to this folder at once (one stopped at its next save)
+        print(f"warning: {path} holds {twice} steps logged twice: two runs wrote to this folder at once, and "
+              "their rows are mixed in the plot; last.pt is the run that went on", file=sys.stderr)
     knn = [(int(r["epoch"]) + 1, float(r["knn_top1"])) for r in rows if r["kind"] == "epoch" and r["knn_top1"]]
     return steps, knn, header[len(COLUMNS):]
 

@@ -39,7 +39,23 @@ def read_run(folder):
     rows = list(csv.DictReader(io.StringIO(text[: text.rfind("\n") + 1])))
     if rows and not set(COLUMNS) <= set(rows[0]):
         fail(f"{folder / 'metrics.csv'} is not a metrics.csv of these scripts (columns {sorted(rows[0])})")
-    return config, [r for r in rows if None not in r.values() and r["step"].isdigit()]
+    rows = [r for r in rows if None not in r.values() and r["step"].isdigit()]
+    warn_if_two_runs(folder / "metrics.csv", rows)
+    return config, rows
+
+
+def warn_if_two_runs(path, rows):
+    """Two rows of one kind at one step: two runs wrote to the folder at once (one of them stopped at
+    its next save). Their rows are mixed, and nothing tells which are whose."""
+    seen, twice = set(), []
+    for r in rows:
+        key = (r["kind"], r["step"])
+        if key in seen:
+            twice.append(r["step"])
+        seen.add(key)
+    if twice:
+        print(f"warning: {path} holds two rows for step {twice[0]} ({len(twice)} such rows): two runs wrote to "
+              "this folder at once, and their rows are mixed; last.pt is the run that went on", file=sys.stderr)
 
 
 def read_json(path):
@@ -71,7 +87,8 @@ def main(argv=None):
     parser.add_argument("run", help="the run's output folder (holds metrics.csv and args.json)")
     parser.add_argument("--project", default="ssl-single-file", help="wandb project")
     parser.add_argument("--entity", default=None, help="wandb entity (user or team)")
-    parser.add_argument("--name", default=None, help="run name (default: the folder name)")
+    parser.add_argument("--name", default=None,
+                        help="run name (default: the folder name; a probe's: RUN/linear_eval, say)")
     parser.add_argument("--mode", default="online", choices=["online", "offline"], help="wandb mode")
     args = parser.parse_args(argv)
     config, rows = read_run(args.run)
@@ -92,7 +109,9 @@ def main(argv=None):
     finished = backbone.is_file() and backbone.stat().st_mtime >= metrics.stat().st_mtime
     if todo and rows[-1]["kind"] == "step" and not finished:  # its epoch row (kNN) may still come: next time
         todo = [(step, values) for step, values in todo if step != int(rows[-1]["step"])]
-    run = wandb.init(project=args.project, entity=args.entity, name=args.name or Path(args.run).resolve().name,
+    folder = Path(args.run).resolve()  # a probe's folder is named after its mode: with its run's name too
+    name = f"{folder.parent.name}/{folder.name}" if folder.name.startswith("linear_eval") else folder.name
+    run = wandb.init(project=args.project, entity=args.entity, name=args.name or name,
                      id=state["id"], resume="allow", config=config, mode=args.mode)
     for step, values in todo:
         run.log(values, step=step)
