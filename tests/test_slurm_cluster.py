@@ -7,6 +7,7 @@ import csv
 import fcntl
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -104,6 +105,29 @@ def test_time_limit_signal_saves_requeues_and_resumes(cluster, submit_dir):
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", text
     assert "SIGUSR1: stopped at step" in text and f"requeued SLURM job {job}" in text and "resumed from" in text
     assert steps_logged(submit_dir / "runs" / f"simclr-{job}" / "metrics.csv") == list(range(1, 101))
+
+
+def test_a_time_limit_signal_in_a_job_array_requeues_that_element_only(cluster, submit_dir):
+    """A sweep, as a job array of 2: element 0 is cancelled, then element 1, whose job id is the array's,
+    gets the time-limit signal. It requeues itself alone; `scontrol requeue <its job id>` requeued the
+    whole array, and the cancelled element came back and trained on."""
+    array = cluster.submit(*CPU, "--array=0-1", "--ntasks-per-node=1", "sbatch/simclr.sh", *TINY, "--epochs", "50",
+                           "--knn-every", "0", cwd=submit_dir)
+    first, last = f"{array}_0", f"{array}_1"
+    for element in (first, last):
+        cluster.wait(element, states=("RUNNING",), timeout=60)
+    log = submit_dir / "logs" / f"simclr-{cluster.job(last)['JobId']}.out"
+    wait_for_text(log, "epoch 0 step 2/", cluster, last)
+    cluster.run("scancel", first)
+    assert cluster.wait(first, timeout=60)["JobState"] == "CANCELLED"
+    cluster.run("scancel", "--signal=USR1", last)
+    wait_for_text(log, "requeued SLURM job", cluster, last)
+    time.sleep(2)
+    assert cluster.job(first)["JobState"] == "CANCELLED" and cluster.job(last)["Restarts"] == "1", log.read_text()
+    assert f"requeued SLURM job {last}\n" in log.read_text()
+    assert f"job {cluster.job(last)['JobId']} (array element {last})" in log.read_text()
+    cluster.run("scancel", last)
+    cluster.wait(last, timeout=120)
 
 
 def wait_for_text(path, text, cluster, job, timeout=120):
