@@ -47,7 +47,7 @@ from PIL import Image
 DATASETS = ("cifar10", "cifar100", "stl10", "imagefolder", "npz", "packed", "synthetic")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 # What PIL raises for a file it cannot read: damaged or not an image, or past its decompression-bomb limit
-# (MAX_IMAGE_PIXELS, about 179 megapixels: a whole satellite scene, which is to be cut into tiles first).
+# (twice Image.MAX_IMAGE_PIXELS, about 179 megapixels: a whole satellite scene, to be cut into tiles first).
 UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 # Per-channel mean and std of the training images; datasets not listed compute theirs.
 NORMALISATION = {
@@ -253,8 +253,9 @@ def keep_trained_flags(path, saved, args, is_main):
     """Resuming a run that has no step left to train (a finished run started again, by a sweep's script
     given another element's index, say): no step is trained with the flags that differ from the
     checkpoint's, so the run keeps its own, instead of being saved again as trained with the new ones.
-    The paths (--data-dir, --output-dir, --resume) may differ: the same data or run, moved."""
-    changed = _changed(saved, args, ("output_dir", "resume", "data_dir"))
+    The paths (--data-dir, --output-dir, --resume) may differ: the same data or run, moved; so may
+    --workers, which a postponed epoch end's kNN still uses on this machine."""
+    changed = _changed(saved, args, ("output_dir", "resume", "data_dir", "workers"))
     if changed and is_main:
         kept = ", ".join(f"--{key.replace('_', '-')} {_shown(saved[key])} ({_shown(getattr(args, key))} given)"
                          for key in changed)
@@ -356,7 +357,8 @@ def _typical_side(images):
     folder (headers only), up to 224. A folder of 32 px images trains at 32, and a stray thumbnail does
     not set the size of a folder of large images (as the first file's size did)."""
     sides = []
-    for path in images.files[::max(1, len(images.files) // 100)][:100]:
+    for i in sorted(set(np.linspace(0, len(images.files) - 1, 100).round().astype(int))):
+        path = images.files[i]
         try:
             with Image.open(path) as img:
                 sides.append(min(img.size))
@@ -436,16 +438,19 @@ def _npz(path):
 
 def _list_images(folder):
     """The image files under `folder`, sorted, hidden files and folders left out. Symbolic links to
-    folders are followed, as torchvision's ImageFolder does (a folder reached twice is read once: a
-    link to a folder above it does not loop)."""
-    found, seen = [], set()
+    folders are followed, as torchvision's ImageFolder does, but a folder reached twice is read once,
+    and a link to `folder` or a folder above it (which would loop, or bring in other classes) not."""
+    found, seen, root = [], set(), os.path.realpath(folder)
     for top, dirs, files in os.walk(folder, followlinks=True):
         real = os.path.realpath(top)
-        if real in seen:
+        # A link to the folder or above it (a class folder's "up -> ..") would bring in other classes' images
+        if real in seen or seen and (root + os.sep).startswith(real + os.sep):
             dirs[:] = []
             continue
         seen.add(real)
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        # Sorted, real folders before links: a folder reached twice is read where the same tree always puts it
+        dirs[:] = sorted((d for d in dirs if not d.startswith(".")),
+                         key=lambda d: (os.path.islink(os.path.join(top, d)), d))
         found += [Path(top, f) for f in files if not f.startswith(".") and Path(f).suffix.lower() in IMAGE_EXTENSIONS]
     return sorted(p for p in found if p.is_file())  # not a broken link
 

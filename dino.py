@@ -761,13 +761,27 @@ def load_checkpoint(path):
     return ckpt
 
 
+def write_args(args, folder):
+    """args.json: the run's flags, as its checkpoint holds them. Written as save_checkpoint writes: to
+    a temporary file renamed over it, a failed write one line (the old file kept)."""
+    path, tmp = Path(folder) / "args.json", Path(folder) / f"args.json.{os.urandom(4).hex()}.tmp"
+    try:
+        tmp.write_text(json.dumps(vars(args), indent=2))
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        common.fail(f"could not write {path} ({e.strerror or e}: a full disk or quota?); free some space, then run "
+                    "the same command again")
+
+
 def check_writable(folder):
     """Fail at start, before any training, if checkpoints cannot be written to `folder`."""
     if Path(folder).exists() and not Path(folder).is_dir():
         common.fail(f"--output-dir {folder} is a file, not a folder; give a folder")
     try:
         Path(folder).mkdir(parents=True, exist_ok=True)
-        for stale in [*Path(folder).glob("last.pt.*.tmp"), *Path(folder).glob("backbone.pt.*.tmp")]:
+        for stale in [*Path(folder).glob("last.pt.*.tmp"), *Path(folder).glob("backbone.pt.*.tmp"),
+                      *Path(folder).glob("args.json.*.tmp")]:
             stale.unlink(missing_ok=True)  # left by a save killed while writing (see save_checkpoint)
         with open(Path(folder) / ".write_test", "wb") as f:
             f.write(b"0" * 65536)
@@ -1080,7 +1094,7 @@ def save_state(path, raw_model, criterion, optimizer, scaler, run, args):
             "num_images": run.num_images, "write_id": run.write_id}, path)
         # The flags of the last.pt just written: another run started in the same folder (which stops at its
         # first save, above) wrote its own at its start.
-        (Path(path).parent / "args.json").write_text(json.dumps(vars(args), indent=2))
+        write_args(args, Path(path).parent)
     run.t_row = time.time()  # the next row's img/s counts training time, not this save
 
 
@@ -1133,6 +1147,8 @@ def main(args):
     ckpt = load_checkpoint(resume_from) if resume_from else None
     if ckpt:  # before the data: a folder resumed without its --dataset would download or load another
         common.check_same_flags(resume_from, ckpt.get("args", {}), args, ("dataset",))
+        if args.image_size is None:  # the checkpoint's, not the data's default (its rule may have changed)
+            args.image_size = ckpt.get("args", {}).get("image_size")
 
     # 3. Data --------------------------------------------------------------------------------
     if is_main:
@@ -1205,7 +1221,7 @@ def main(args):
         print(f"warning: --warmup-epochs {args.warmup_epochs} covers the whole run: the learning rate rises "
               f"toward {run.base_lr:.4g} all run long and never decays; lower --warmup-epochs for a short run",
               file=sys.stderr, flush=True)
-    if ckpt and run.step >= run.end_step and not postponed:  # a finished run started again: nothing to train
+    if ckpt and run.step >= run.end_step:  # a finished run started again (its postponed epoch end left at most)
         common.keep_trained_flags(resume_from, ckpt["args"], args, is_main)
     if is_main:
         fields = [*FIELDS, "teacher_entropy"]  # the last column: the losses' second entry
@@ -1214,7 +1230,7 @@ def main(args):
         # the rows of the run resumed, if its own: another run's (left by a lost last.pt) go
         run.logger = CSVLogger(out / "metrics.csv", fields, resume_step=run.step if resume_from is last else None,
                                postponed=postponed)
-        (out / "args.json").write_text(json.dumps(vars(args), indent=2))
+        write_args(args, out)
         print(f"{f'resumed from {resume_from} at step {run.step}' if ckpt else 'new run'}: "
               f"{len(data.pretrain)} images at {args.image_size} px{'' if data.train else ' (unlabeled: no kNN)'}, "
               f"{world_size} process(es) on {device.type}, {args.precision}, "
@@ -1278,8 +1294,11 @@ if __name__ == "__main__":
     if hasattr(sys.stderr, "reconfigure"):  # not in a notebook's %run, whose stderr is no file
         sys.stderr.reconfigure(line_buffering=True, write_through=False)
     args = get_args_parser().parse_args()
+    interactive = sys.flags.interactive or hasattr(sys, "ps1") or "IPython" in sys.modules  # it goes on after
     try:
-        main(args)
+        # As a script, the run's signal handlers stay on until the finally below ignores the signals (a
+        # SIGTERM in between would kill it); in a session, main() gives the session's back.
+        (main if interactive else main.__wrapped__)(args)
     except common.UnreadableImages as e:  # maybe raised in a loader process: one line, no traceback
         common.fail(str(e).strip().splitlines()[-1].split("UnreadableImages: ")[-1])
     except KeyboardInterrupt:  # Ctrl-C before training starts, or a second one: one line, exit 130 as the first
@@ -1310,5 +1329,5 @@ if __name__ == "__main__":
         # interactive session (python -i, a notebook's %run), which goes on: main() gave its handlers back.
         for sig, action in ((signal.SIGUSR1, signal.SIG_IGN), (signal.SIGTERM, signal.SIG_IGN),
                             (signal.SIGINT, signal.SIG_DFL)):
-            if not (sys.flags.interactive or hasattr(sys, "ps1") or "IPython" in sys.modules):
+            if not interactive:
                 signal.signal(sig, action)

@@ -355,10 +355,17 @@ def test_imagefolder_symlinked_folders_are_followed_as_by_imagefolder(tmp_path):
     (tmp_path / "data" / "a" / "loop").symlink_to(tmp_path / "data" / "a")
     (tmp_path / "data" / "c").symlink_to(tmp_path / "elsewhere" / "tiles")
     (tmp_path / "data" / "b" / "gone.png").symlink_to(tmp_path / "nothing.png")  # a broken link: no image
+    (tmp_path / "data" / "b" / "up").symlink_to(tmp_path / "data")  # above: a's and c's images are not b's
     data = common.load_data(make_args("imagefolder", tmp_path / "data", val_fraction=0.25))
     files = sorted(data.train.files + data.test.files)
     assert len(files) == 6 and data.num_classes == 3
     assert sum(p.parent.name == "more" for p in files) == 2 and {p.name for p in files} >= {t.name for t in tiles}
+    # One folder reached by two paths: read at the same one whatever order the file system lists them in
+    class_folder(tmp_path / "two", {"sub1": ["x.png"], "sub15": ["y.png"]})
+    (tmp_path / "two" / "sub2").symlink_to(tmp_path / "two" / "sub1")
+    (tmp_path / "two" / "a_link").symlink_to(tmp_path / "two" / "sub1")
+    assert [p.relative_to(tmp_path / "two").as_posix() for p in common._list_images(tmp_path / "two")] == [
+        "sub1/x.png", "sub15/y.png"]
 
 
 @pytest.mark.parametrize("val", ["empty", "flat", "empty_class"])

@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from PIL import Image
 
 from conftest import DINO_VIT, METHODS, TINY, load, run_script
 
@@ -133,6 +134,44 @@ def test_finished_run_started_again_with_other_flags_keeps_its_own(tmp_path, scr
     for saved in (load(tmp_path / "last.pt")["args"], load(tmp_path / "backbone.pt")["args"],
                   json.loads((tmp_path / "args.json").read_text())):
         assert json.loads(json.dumps(saved)) == json.loads(json.dumps(trained))  # DINO's crop scales: tuples
+
+
+def test_finished_run_with_its_epoch_end_postponed_keeps_its_flags_too(tmp_path):
+    """A run stopped during its last epoch's kNN has no step left to train, only that epoch's end: started
+    again by another sweep element's script, it was saved as trained with that element's --lr."""
+    run_script("simclr.py", *ARGS, "--output-dir", tmp_path)
+    ckpt = load(tmp_path / "last.pt")
+    torch.save({**ckpt, "epoch_loss": [[16.0], 4]}, tmp_path / "last.pt")  # as saved before the last epoch's end
+    proc = run_script("simclr.py", *ARGS, "--lr", "2.0", "--output-dir", tmp_path)
+    assert "has no step left to train: it keeps the values it was trained with, --lr 0.4 (2.0 given)" in proc.stdout
+    assert "epoch 1 done step 8/8 loss 4.0000" in proc.stdout, proc.stdout  # the postponed row: 16 / 4 steps
+    assert load(tmp_path / "last.pt")["args"]["lr"] == load(tmp_path / "backbone.pt")["args"]["lr"] == 0.4
+
+
+def test_resumed_run_keeps_the_image_size_of_its_checkpoint(tmp_path):
+    """The default --image-size of an image folder became the median of its images (it was the first
+    file's): a run begun before, at the first file's size, resumes at its own, not refused."""
+    root = tmp_path / "imgs"
+    for c in ("a", "b"):
+        (root / c).mkdir(parents=True)
+        for i in range(8):
+            Image.new("RGB", (8, 8) if i == 0 else (12, 12), (40 * i, 0, 0)).save(root / c / f"{i}.png")
+    flags = ["--dataset", "imagefolder", "--data-dir", root, "--device", "cpu", "--workers", "0", "--batch-size", "4",
+             "--epochs", "2", "--knn-every", "0", "--output-dir", tmp_path / "run"]
+    run_script("simclr.py", *flags, "--image-size", "8", "--max-steps", "2")  # as the first file's size gave it
+    proc = run_script("simclr.py", *flags, "--max-steps", "4")
+    assert "resumed from" in proc.stdout and "at 8 px" in proc.stdout
+    assert load(tmp_path / "run" / "last.pt")["step"] == 4
+
+
+def test_args_json_that_cannot_be_written_is_one_line(tmp_path):
+    """args.json is written as the checkpoints are: a temporary file renamed over it; a failed write
+    is one line, and leaves no temporary file."""
+    (tmp_path / "args.json").mkdir()  # a folder in its place: the rename fails
+    proc = run_script("simclr.py", *ARGS, "--max-steps", "1", "--output-dir", tmp_path, check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"error: could not write {tmp_path / 'args.json'} (")
+    assert not list(tmp_path.glob("args.json.*.tmp"))
 
 
 @pytest.mark.parametrize("script,flag,value,message", [
