@@ -463,13 +463,18 @@ def _scan(root):
                   "unlabeled (no kNN, no linear probe); move those images into the class folders if it has "
                   "classes", file=sys.stderr, flush=True)
         return _list_images(root), None, None
-    files, labels, classes = [], [], []
+    files, labels, classes, empty = [], [], [], []
     for d in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
         found = _list_images(d)
         if found:
             files += found
             labels += [len(classes)] * len(found)
             classes.append(d.name)
+        else:
+            empty.append(d.name)
+    if empty and classes:  # torchvision's ImageFolder stops there; a class left out shifts the labels after it
+        print(f"warning: {', '.join(empty)} in {root} hold{'s' if len(empty) == 1 else ''} no images: not a class "
+              f"(the {len(classes)} classes are the folders with images)", file=sys.stderr, flush=True)
     return files, np.array(labels, dtype=np.int64), classes
 
 

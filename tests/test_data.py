@@ -301,6 +301,17 @@ def test_imagefolder_flat_folder_is_unlabeled(tmp_path, capsys):
     assert "its sub-folders are not classes" in capsys.readouterr().err
 
 
+def test_imagefolder_class_folder_without_images_is_named(tmp_path, capsys):
+    """An empty class folder (ImageFolder stops on it) is no class: the labels count the others, and a
+    line names it, as the pack's classes.json names the classes."""
+    class_folder(tmp_path, {"a": ["0.png", "1.png"], "c": ["0.png", "1.png"]})
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "notes.txt").write_text("x")
+    data = common.load_data(make_args("imagefolder", tmp_path, val_fraction=0.25))
+    assert data.num_classes == 2 and data.train.classes == ["a", "c"]
+    assert f"warning: b in {tmp_path} holds no images: not a class (the 2 classes" in capsys.readouterr().err
+
+
 def test_imagefolder_with_one_class_folder_is_unlabeled(tmp_path):
     """ImageFolder's usual way to hold unlabeled images (one dummy class): a kNN or a probe on one
     class would report 100% for nothing."""
