@@ -27,10 +27,10 @@ zero_init_residual, which no flag here does). Expected, from the sources, not me
 and about 82% kNN after 200 epochs (lightly's benchmark, batch 512).
 Measured with this script: see README.md.
 
-Reading order: the method is in Arguments, Model, Loss and Training (about 375 lines). The blocks
+Reading order: the method is in Arguments, Model, Loss and Training (about 390 lines). The blocks
 marked `# SHARED: identical in every script` (backbone, LARS and schedules, distributed setup,
 gathers with gradients and global BatchNorm, checkpoints, logging, preemption, kNN monitor;
-about 685 lines) are the same in every script: read them once, in any of them.
+about 715 lines) are the same in every script: read them once, in any of them.
 """
 import argparse
 import csv

@@ -21,10 +21,10 @@ measured: --color-strength 1.0 --blur-prob 0.5). Expected, from the sources, not
 about 90.7% top-1 (solo-learn, online linear probe, 1000 epochs) and about 85% kNN after 200 epochs
 (lightly's benchmark, batch 512). Measured with this script: see README.md.
 
-Reading order: the method is in Arguments, Model, Loss and Training (about 365 lines). The blocks
+Reading order: the method is in Arguments, Model, Loss and Training (about 380 lines). The blocks
 marked `# SHARED: identical in every script` (backbone, LARS and schedules, distributed setup,
 gathers with gradients and global BatchNorm, checkpoints, logging, preemption, kNN monitor;
-about 685 lines) are the same in every script: read them once, in any of them.
+about 715 lines) are the same in every script: read them once, in any of them.
 """
 import argparse
 import csv
