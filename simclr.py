@@ -705,7 +705,7 @@ def peak_memory_mb(device):
     """Peak GPU memory allocated by tensors, or the process's peak resident memory on CPU, in MiB."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**20 if sys.platform == "darwin" else 1024)  # B, KiB
 
 
 def log_row(run, args, kind, knn=None):

@@ -484,3 +484,17 @@ def test_the_readmes_code_for_using_a_trained_backbone_runs(pretrained):
     proc = subprocess.run([sys.executable, "-c", check], cwd=REPO, env=clean_env(), capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stdout + proc.stderr
+
+
+def test_peak_memory_on_a_cpu_is_in_mib_on_linux_and_macos(monkeypatch):
+    """getrusage's ru_maxrss is in KiB on Linux and in bytes on macOS (a laptop): the log's MiB were
+    1024 times too large there."""
+    import simclr
+
+    class Usage:
+        ru_maxrss = 2**30
+    monkeypatch.setattr(simclr.resource, "getrusage", lambda who: Usage)
+    monkeypatch.setattr(simclr.sys, "platform", "darwin")
+    assert simclr.peak_memory_mb(torch.device("cpu")) == 1024
+    monkeypatch.setattr(simclr.sys, "platform", "linux")
+    assert simclr.peak_memory_mb(torch.device("cpu")) == 2**20

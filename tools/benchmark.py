@@ -157,8 +157,9 @@ def bench(method, opts):
             del it  # PIL: its loader processes stop before the batched turn
     out["aug_pil_img_s"], out["aug_batched_img_s"] = images["cpu"] / seconds["cpu"], images["auto"] / seconds["auto"]
     out["aug_batched_over_pil"] = out["aug_batched_img_s"] / out["aug_pil_img_s"]
+    rss_unit = 1 if sys.platform == "darwin" else 1024  # getrusage's ru_maxrss: bytes on macOS, KiB on Linux
     out["peak_mem_bytes"] = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
-                             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+                             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * rss_unit)
     return out
 
 
