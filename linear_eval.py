@@ -883,7 +883,7 @@ def save_state(path, raw_head, optimizer, run, args):
             "rng": rng_states(), "elapsed": run.elapsed + time.time() - run.t_start,
             "epoch_loss": [run.losses[1].tolist(), run.n_epoch],
             "backbone": run.backbone.state_dict(), "backbone_meta": run.backbone_meta,
-            "num_images": run.num_images, "write_id": run.write_id}, path)
+            "num_images": run.num_images, "data_fingerprint": run.data_fingerprint, "write_id": run.write_id}, path)
         # The flags of the last.pt just written: another run started in the same folder (which stops at its
         # first save, above) wrote its own at its start.
         write_args(args, Path(path).parent)
@@ -1037,6 +1037,13 @@ def main(args):
     if ckpt and ckpt.get("num_images", len(data.train)) != len(data.train):  # another --data-dir, same flags
         common.fail(f"{resume_from} is a probe trained on {ckpt['num_images']} images, these data hold "
                     f"{len(data.train)}: use the same images to resume, or another --output-dir")
+    # As many images, yet others (another npz file, class folders renamed): the old linear layer must not be
+    # scored on them. A probe saved before fingerprints: its number of classes at least.
+    data_id, head_classes = common.fingerprint(data.train, data.test), ckpt and ckpt["head"]["1.weight"].shape[0]
+    if ckpt and (ckpt.get("data_fingerprint", data_id) != data_id or head_classes != data.num_classes):
+        what = (f"of {head_classes} classes, these data have {data.num_classes}" if head_classes != data.num_classes
+                else f"trained on other images or labels than --dataset {args.dataset} --data-dir {args.data_dir}")
+        common.fail(f"{resume_from} is a probe {what}: use the same data to resume, or another --output-dir")
     memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     backbone = backbone.to(device, memory_format=memory_format).eval().requires_grad_(False)
     # MAE's linear probe (He et al. 2022, appendix A.1): BatchNorm without affine parameters
@@ -1081,7 +1088,7 @@ def main(args):
         base_lr=args.lr * args.batch_size / 256, total_steps=args.epochs * steps_per_epoch,
         steps_per_epoch=steps_per_epoch,
         warmup_steps=args.warmup_epochs * steps_per_epoch, preemption=preemption,
-        backbone=backbone, backbone_meta=backbone_meta, num_images=len(data.train),
+        backbone=backbone, backbone_meta=backbone_meta, num_images=len(data.train), data_fingerprint=data_id,
         write_id=ckpt.get("write_id") if resume_from is last else None)
     run.end_step = min(run.total_steps, args.max_steps or run.total_steps)
     if ckpt:
@@ -1141,7 +1148,9 @@ def main(args):
     with torch.no_grad():
         top = raw_head.eval()(test_feats).topk(min(5, data.num_classes), dim=1).indices == test_labels[:, None]
     # Percentages to 4 decimals (float32 noise beyond); top-5 of 5 classes or fewer is 100% whatever the probe
-    results = {"ckpt": args.ckpt, "arch": meta["arch"], "dataset": args.dataset, "mode": args.mode,
+    results = {"ckpt": args.ckpt, "arch": meta["arch"], "dataset": args.dataset, "data_dir": args.data_dir,
+               "image_size": data.image_size, "num_classes": data.num_classes, "train_images": len(data.train),
+               "test_images": len(data.test), "data_fingerprint": data_id, "mode": args.mode,
                "epochs": args.epochs, "steps": run.step, "total_steps": run.total_steps,
                "top1": round(top[:, 0].float().mean().item() * 100, 4),
                "top5": round(top.any(1).float().mean().item() * 100, 4) if data.num_classes > 5 else None,

@@ -6,6 +6,7 @@ import argparse
 import csv
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -118,6 +119,57 @@ def test_top_5_is_not_reported_with_5_classes_or_fewer(tmp_path):
     results = json.loads((tmp_path / "probe" / "results.json").read_text())
     assert results["top5"] is None and 0 <= results["top1"] <= 100 and results["steps"] == results["total_steps"] == 4
     assert "linear top-1" in proc.stdout and "top-5" not in proc.stdout and "--max-steps" not in proc.stdout
+
+
+def test_a_probe_resumes_only_on_its_own_data(tmp_path):
+    """A probe folder given another npz file of as many images resumed the old linear layer and scored
+    it on the new test split, with a note only; with another number of classes, a traceback. Both are one
+    line now, and results.json says which data it scored."""
+    rng = np.random.default_rng(0)
+    for name, classes in (("a", 2), ("b", 2), ("c", 3)):
+        np.savez(tmp_path / f"{name}.npz", train_images=rng.integers(0, 255, (32, 8, 8, 3), np.uint8),
+                 train_labels=np.arange(32) % classes, test_images=rng.integers(0, 255, (16, 8, 8, 3), np.uint8),
+                 test_labels=np.arange(16) % classes)
+    flags = ["--ckpt", "random", "--dataset", "npz", "--mode", "fast", "--epochs", "1", "--batch-size", "16",
+             "--device", "cpu", "--workers", "0", "--knn-every", "0", "--output-dir", tmp_path / "probe"]
+    run_script("linear_eval.py", *flags, "--data-dir", tmp_path / "a.npz")
+    results = json.loads((tmp_path / "probe" / "results.json").read_text())
+    assert (results["data_dir"], results["num_classes"], results["train_images"], results["test_images"]) == (
+        str(tmp_path / "a.npz"), 2, 32, 16) and results["image_size"] == 8 and len(results["data_fingerprint"]) == 16
+    before = (tmp_path / "probe" / "last.pt").read_bytes()
+    for name, message in (("b", f"trained on other images or labels than --dataset npz --data-dir {tmp_path}/b.npz"),
+                          ("c", "of 2 classes, these data have 3")):
+        proc = run_script("linear_eval.py", *flags, "--data-dir", tmp_path / f"{name}.npz", check=False)
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+        last = tmp_path / "probe" / "last.pt"
+        assert proc.stderr.strip().splitlines()[-1] == (f"error: {last} is a probe {message}: use the same data to "
+                                                        "resume, or another --output-dir")
+    assert (tmp_path / "probe" / "last.pt").read_bytes() == before
+    (tmp_path / "moved").mkdir()
+    (tmp_path / "a.npz").rename(tmp_path / "moved" / "a.npz")  # the same data, moved: resumed
+    assert "resumed from" in run_script("linear_eval.py", *flags, "--data-dir", tmp_path / "moved" / "a.npz").stdout
+
+
+def test_data_fingerprint_tells_image_folders_apart_by_their_files_not_their_place(tmp_path):
+    """Files are not read: their names and sizes (and the labels) tell two folders of as many images apart;
+    a copy elsewhere has the same fingerprint."""
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    for c in ("a", "b"):
+        (tmp_path / "one" / c).mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray(rng.integers(0, 255, (8, 8 + i * (c == "a"), 3), np.uint8)).save(
+                tmp_path / "one" / c / f"{i}.png")
+    shutil.copytree(tmp_path / "one", tmp_path / "copy")
+    (tmp_path / "one" / "a").rename(tmp_path / "one" / "x")  # classes swapped: a's images are now b's, b's a's
+    (tmp_path / "one" / "b").rename(tmp_path / "one" / "a")
+    (tmp_path / "one" / "x").rename(tmp_path / "one" / "b")
+
+    def fp(root):
+        train, _, test, _ = common._image_folder(root, 0.25)
+        return common.fingerprint(train, test)
+    shutil.copytree(tmp_path / "copy", tmp_path / "copy2")
+    assert fp(tmp_path / "copy") == fp(tmp_path / "copy2") != fp(tmp_path / "one")
 
 
 def test_the_documented_protocol_is_the_default():
