@@ -998,6 +998,10 @@ def main(args):
     wait_for_rank0(world_size, preemption.group)
     data = common.load_data(args)
     args.image_size = data.image_size
+    if ckpt and ckpt["args"].get("mode", args.mode) != args.mode:  # until 2026-12-01 both modes shared linear_eval/
+        old = ckpt["args"]["mode"]
+        common.fail(f"{resume_from} is a probe of --mode {old}: to go on with it, give --mode {old} --output-dir "
+                    f"{out}; for a --mode {args.mode} probe, give another --output-dir")
     if ckpt:  # a probe resumes only the same evaluation; its optimizer's state carries weight decay, eta, clip
         common.check_same_flags(resume_from, ckpt["args"], args, (
             *(("arch",) if args.ckpt == "random" else ()), "patch_size", "dataset", "val_fraction",

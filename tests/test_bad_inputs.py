@@ -564,7 +564,11 @@ def test_linear_eval_resume_with_other_settings(tmp_path, pretrained):
             "--device", "cpu", "--workers", "0", "--output-dir", tmp_path / "probe"]
     run_script("linear_eval.py", *args, "--max-steps", "1")
     assert "--weight-decay 0.0, not 0.1" in fails("linear_eval.py", *args, "--weight-decay", "0.1")
-    assert "--mode fast, not linear" in fails("linear_eval.py", *args, "--mode", "linear")
+    # A fast probe where a linear one goes now (until 2026-12-01 both modes shared linear_eval/): "use the same
+    # value" sent the user to the fast probe's new default folder, where a new probe started
+    assert fails("linear_eval.py", *args, "--mode", "linear") == (
+        f"error: {tmp_path / 'probe' / 'last.pt'} is a probe of --mode fast: to go on with it, give --mode fast "
+        f"--output-dir {tmp_path / 'probe'}; for a --mode linear probe, give another --output-dir")
     assert "--image-size 8, not 32" in fails("linear_eval.py", *args, "--image-size", "32")
     assert "--batch-size 32, not 16" in fails("linear_eval.py", *args, "--batch-size", "16")
     assert "--seed 0, not 1" in fails("linear_eval.py", *args, "--seed", "1")

@@ -148,6 +148,18 @@ def test_finished_run_with_its_epoch_end_postponed_keeps_its_flags_too(tmp_path)
     assert load(tmp_path / "last.pt")["args"]["lr"] == load(tmp_path / "backbone.pt")["args"]["lr"] == 0.4
 
 
+def test_dino_resnet_run_of_before_the_drop_path_rule_resumes_without_a_note(tmp_path):
+    """Until 2026-12-07 a DINO ResNet run recorded --drop-path 0.1, which a ResNet ignores (now 0.0): the
+    same command after a git pull was told that its drop path changed."""
+    flags = [*ARGS, *METHODS["dino.py"], "--output-dir", tmp_path]
+    run_script("dino.py", *flags, "--max-steps", "2")
+    ckpt = load(tmp_path / "last.pt")
+    ckpt["args"]["drop_path"] = 0.1
+    torch.save(ckpt, tmp_path / "last.pt")
+    proc = run_script("dino.py", *flags, "--max-steps", "4")
+    assert "resumed from" in proc.stdout and "drop-path" not in proc.stdout, proc.stdout
+
+
 def test_resumed_run_keeps_the_image_size_of_its_checkpoint(tmp_path):
     """The default --image-size of an image folder became the median of its images (it was the first
     file's): a run begun before, at the first file's size, resumes at its own, not refused."""
