@@ -1147,8 +1147,9 @@ def main(args):
     ckpt = load_checkpoint(resume_from) if resume_from else None
     if ckpt:  # before the data: a folder resumed without its --dataset would download or load another
         common.check_same_flags(resume_from, ckpt.get("args", {}), args, ("dataset",))
-        if not str(ckpt.get("args", {}).get("arch")).startswith("vit"):  # recorded as 0.1 until 2026-12-07: ignored
-            ckpt["args"]["drop_path"] = 0.0
+        saved = ckpt.get("args", {})
+        if "arch" in saved and not saved["arch"].startswith("vit"):  # recorded as 0.1 until 2026-12-07: ignored
+            saved["drop_path"] = 0.0
         if args.image_size is None:  # the checkpoint's, not the data's default (its rule may have changed)
             args.image_size = ckpt.get("args", {}).get("image_size")
 

@@ -979,7 +979,7 @@ def main(args):
     suffix = "_fast" if args.mode == "fast" else ""
     default_out = (Path(args.ckpt).parent / f"linear_eval{suffix}" if args.ckpt != "random"
                    else Path(f"runs/linear_eval_random_{args.dataset}_{meta['arch']}{suffix}"))
-    out = Path(args.output_dir or default_out)
+    out, out_given = Path(args.output_dir or default_out), args.output_dir is not None
     args.output_dir, last = str(out), out / "last.pt"
     if is_main:
         check_writable(out)
@@ -991,6 +991,19 @@ def main(args):
         common.fail(f"{resume_from} was written by {ckpt.get('method')}.py, not linear_eval.py: "
                     + ("give another --output-dir" if resume_from == last else "--resume takes a probe's last.pt (the "
                        "pretraining checkpoint goes to --ckpt); change or drop it"))
+    if ckpt and ckpt.get("args", {}).get("mode", args.mode) != args.mode:  # until 2026-12-01 both modes shared a folder
+        old = ckpt["args"]["mode"]
+        common.fail(f"{resume_from} is a probe of --mode {old}: to go on with it, give --mode {old}"
+                    + (f" --output-dir {out}; for a --mode {args.mode} probe, give another --output-dir"
+                       if resume_from == last else f"; for a --mode {args.mode} probe, drop --resume"))
+    old_fast = default_out.parent / "linear_eval" / "last.pt"  # where a fast probe went until 2026-12-01
+    if is_main and not ckpt and not out_given and args.mode == "fast" and args.ckpt != "random" and old_fast.exists():
+        try:
+            if torch.load(old_fast, map_location="cpu", weights_only=True, mmap=True)["args"]["mode"] == "fast":
+                print(f"note: {old_fast} is a fast probe of an older version, which wrote there: to go on with it, "
+                      f"give --output-dir {old_fast.parent}; this one starts in {out}", flush=True)
+        except (OSError, RuntimeError, KeyError, TypeError, pickle.UnpicklingError):  # no probe: nothing to point at
+            pass
 
     # 4. Data --------------------------------------------------------------------------------
     if is_main:
@@ -998,10 +1011,6 @@ def main(args):
     wait_for_rank0(world_size, preemption.group)
     data = common.load_data(args)
     args.image_size = data.image_size
-    if ckpt and ckpt["args"].get("mode", args.mode) != args.mode:  # until 2026-12-01 both modes shared linear_eval/
-        old = ckpt["args"]["mode"]
-        common.fail(f"{resume_from} is a probe of --mode {old}: to go on with it, give --mode {old} --output-dir "
-                    f"{out}; for a --mode {args.mode} probe, give another --output-dir")
     if ckpt:  # a probe resumes only the same evaluation; its optimizer's state carries weight decay, eta, clip
         common.check_same_flags(resume_from, ckpt["args"], args, (
             *(("arch",) if args.ckpt == "random" else ()), "patch_size", "dataset", "val_fraction",
@@ -1043,7 +1052,8 @@ def main(args):
                     f"{len(data.train)}: use the same images to resume, or another --output-dir")
     # As many images, yet others (another npz file, class folders renamed): the old linear layer must not be
     # scored on them. A probe saved before fingerprints: its number of classes at least.
-    data_id, head_classes = common.fingerprint(data.train, data.test), ckpt and ckpt["head"]["1.weight"].shape[0]
+    data_id = common.fingerprint(data.train, data.test)
+    head_classes = ckpt and len(ckpt["head"].get("1.weight", ()))  # the linear layer's rows
     if ckpt and (ckpt.get("data_fingerprint", data_id) != data_id or head_classes != data.num_classes):
         what = (f"of {head_classes} classes, these data have {data.num_classes}" if head_classes != data.num_classes
                 else f"trained on other images or labels than --dataset {args.dataset} --data-dir {args.data_dir}")
@@ -1152,7 +1162,8 @@ def main(args):
     with torch.no_grad():
         top = raw_head.eval()(test_feats).topk(min(5, data.num_classes), dim=1).indices == test_labels[:, None]
     # Percentages to 4 decimals (float32 noise beyond); top-5 of 5 classes or fewer is 100% whatever the probe
-    results = {"ckpt": args.ckpt, "arch": meta["arch"], "dataset": args.dataset, "data_dir": args.data_dir,
+    results = {"ckpt": args.ckpt, "arch": meta["arch"], "dataset": args.dataset,
+               "data_dir": None if args.dataset == "synthetic" else str(Path(args.data_dir).resolve()),
                "image_size": data.image_size, "num_classes": data.num_classes, "train_images": len(data.train),
                "test_images": len(data.test), "data_fingerprint": data_id, "mode": args.mode,
                "epochs": args.epochs, "steps": run.step, "total_steps": run.total_steps,

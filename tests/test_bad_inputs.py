@@ -569,6 +569,10 @@ def test_linear_eval_resume_with_other_settings(tmp_path, pretrained):
     assert fails("linear_eval.py", *args, "--mode", "linear") == (
         f"error: {tmp_path / 'probe' / 'last.pt'} is a probe of --mode fast: to go on with it, give --mode fast "
         f"--output-dir {tmp_path / 'probe'}; for a --mode linear probe, give another --output-dir")
+    # The same probe given by --resume to another folder: what blocks a linear probe there is --resume
+    assert fails("linear_eval.py", *args[:-1], tmp_path / "elsewhere", "--resume", tmp_path / "probe" / "last.pt",
+                 "--mode", "linear") == (f"error: {tmp_path / 'probe' / 'last.pt'} is a probe of --mode fast: to go on "
+                                         "with it, give --mode fast; for a --mode linear probe, drop --resume")
     assert "--image-size 8, not 32" in fails("linear_eval.py", *args, "--image-size", "32")
     assert "--batch-size 32, not 16" in fails("linear_eval.py", *args, "--batch-size", "16")
     assert "--seed 0, not 1" in fails("linear_eval.py", *args, "--seed", "1")

@@ -151,15 +151,15 @@ def test_a_probe_resumes_only_on_its_own_data(tmp_path):
 
 
 def test_data_fingerprint_tells_image_folders_apart_by_their_files_not_their_place(tmp_path):
-    """Files are not read: their names and sizes (and the labels) tell two folders of as many images apart;
-    a copy elsewhere has the same fingerprint."""
+    """Files are not decoded: their names and first and last 4 KB (and the labels) tell two folders of as
+    many images apart, also of BMPs (one file size for every image of one size); a copy elsewhere has the
+    same fingerprint."""
     from PIL import Image
     rng = np.random.default_rng(0)
     for c in ("a", "b"):
         (tmp_path / "one" / c).mkdir(parents=True)
         for i in range(4):
-            Image.fromarray(rng.integers(0, 255, (8, 8 + i * (c == "a"), 3), np.uint8)).save(
-                tmp_path / "one" / c / f"{i}.png")
+            Image.fromarray(rng.integers(0, 255, (48, 48, 3), np.uint8)).save(tmp_path / "one" / c / f"{i}.bmp")
     shutil.copytree(tmp_path / "one", tmp_path / "copy")
     (tmp_path / "one" / "a").rename(tmp_path / "one" / "x")  # classes swapped: a's images are now b's, b's a's
     (tmp_path / "one" / "b").rename(tmp_path / "one" / "a")
@@ -170,6 +170,20 @@ def test_data_fingerprint_tells_image_folders_apart_by_their_files_not_their_pla
         return common.fingerprint(train, test)
     shutil.copytree(tmp_path / "copy", tmp_path / "copy2")
     assert fp(tmp_path / "copy") == fp(tmp_path / "copy2") != fp(tmp_path / "one")
+
+
+def test_a_fast_probe_in_the_folder_of_an_older_version_is_pointed_at(tmp_path, pretrained):
+    """Until 2026-12-01 a fast probe went to linear_eval/ beside the checkpoint, now linear_eval_fast/: the
+    old command started a new probe there, leaving the old one behind without a word."""
+    shutil.copy(pretrained / "backbone.pt", tmp_path / "backbone.pt")
+    flags = ["--ckpt", tmp_path / "backbone.pt", "--mode", "fast", "--epochs", "1", "--batch-size", "32",
+             "--device", "cpu", "--workers", "0", "--knn-every", "0"]
+    run_script("linear_eval.py", *flags, "--max-steps", "1", "--output-dir", tmp_path / "linear_eval")  # its place
+    proc = run_script("linear_eval.py", *flags)
+    assert (f"note: {tmp_path / 'linear_eval' / 'last.pt'} is a fast probe of an older version, which wrote there: "
+            f"to go on with it, give --output-dir {tmp_path / 'linear_eval'}; this one starts in "
+            f"{tmp_path / 'linear_eval_fast'}") in proc.stdout, proc.stdout
+    assert "note:" not in run_script("linear_eval.py", *flags).stdout  # resumed in its own folder: nothing to say
 
 
 def test_the_documented_protocol_is_the_default():
