@@ -29,7 +29,7 @@ README.md). Expected for ResNet-18 on CIFAR-10, from the sources, not measured h
 top-1 (solo-learn's recipe, online linear probe, 1000 epochs) and about 81% kNN after 200 epochs
 (lightly's benchmark, batch 512). Measured here: see README.md.
 
-Reading order: the method is in Arguments, Model, Loss and Training (about 545 lines). The blocks
+Reading order: the method is in Arguments, Model, Loss and Training (about 550 lines). The blocks
 marked `# SHARED: identical in every script` (backbone, LARS and schedules, distributed setup,
 gathers with gradients and global BatchNorm, checkpoints, logging, preemption, kNN monitor;
 about 715 lines) are the same in every script: read them once, in any of them.

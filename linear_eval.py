@@ -23,7 +23,7 @@ kNN: weighted, k=200, temperature 0.1, on L2-normalised features (as lightly's b
 Features: a ResNet's pooled output, a ViT's final CLS token (DINO's eval_linear.py concatenates the
 CLS tokens of the last 4 blocks for ViT-S, so its ViT figures are not directly comparable).
 
-Reading order: the evaluation is in Arguments and Training (about 430 lines). The blocks
+Reading order: the evaluation is in Arguments and Training (about 455 lines). The blocks
 marked `# SHARED: identical in every script` (backbone, LARS and schedules, distributed setup,
 gathers with gradients and global BatchNorm, checkpoints, logging, preemption, kNN monitor;
 about 715 lines) are the same in every script: read them once, in any of them.
